@@ -1,0 +1,125 @@
+"""Forward pre-hooks on ``o_proj`` and ``down_proj``: masks and activation statistics.
+
+A mask multiplies a unit's output: a query head's attention output before ``o_proj``, an FFN
+channel's ``act(gate) * up`` before ``down_proj``. Hooking the *inputs* of those two projections
+does that for every family without copying model code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from mptool.families import get_adapter
+from mptool.shapes import Dims
+from mptool.surgery import LayerKeep
+
+
+@dataclass
+class HookSet:
+    """Registered hooks; ``remove()`` restores the plain model."""
+
+    handles: list[Any] = field(default_factory=list)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+    def __enter__(self) -> "HookSet":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+def _projections(model: Any) -> list[tuple[torch.nn.Module, torch.nn.Module]]:
+    a = get_adapter(model.config)
+    return [
+        (getattr(a.attention(layer), a.o), getattr(a.ffn(layer), a.down))
+        for layer in a.decoder_layers(model)
+    ]
+
+
+def apply_masks(model: Any, head_masks: Callable[[int], torch.Tensor] | Sequence[torch.Tensor],
+                ffn_masks: Callable[[int], torch.Tensor] | Sequence[torch.Tensor]) -> HookSet:
+    """Multiply o_proj inputs by per-head masks and down_proj inputs by per-channel masks.
+
+    Args:
+        head_masks: per layer, a ``[num_heads]`` mask (or a callable ``layer -> mask``, evaluated
+            at every forward, so trainable masks and schedules work).
+        ffn_masks: per layer, an ``[intermediate_size]`` mask (or such a callable).
+    """
+    d = Dims.from_config(model.config)
+    get_h = head_masks if callable(head_masks) else head_masks.__getitem__
+    get_f = ffn_masks if callable(ffn_masks) else ffn_masks.__getitem__
+    hooks = HookSet()
+    for i, (o_proj, down) in enumerate(_projections(model)):
+
+        def o_hook(mod: Any, args: tuple, i: int = i) -> tuple:
+            x = args[0]
+            m = get_h(i).to(x.dtype).repeat_interleave(d.head_dim)
+            return (x * m,) + args[1:]
+
+        def d_hook(mod: Any, args: tuple, i: int = i) -> tuple:
+            x = args[0]
+            return (x * get_f(i).to(x.dtype),) + args[1:]
+
+        hooks.handles.append(o_proj.register_forward_pre_hook(o_hook))
+        hooks.handles.append(down.register_forward_pre_hook(d_hook))
+    return hooks
+
+
+def keeps_to_masks(d: Dims, keeps: Sequence[LayerKeep]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Binary per-layer head and FFN masks equivalent to a keep spec."""
+    heads, ffn = [], []
+    for k in keeps:
+        h = torch.zeros(d.num_heads)
+        h[k.query_heads(d.heads_per_group)] = 1.0
+        f = torch.zeros(d.intermediate_size)
+        f[k.ffn] = 1.0
+        heads.append(h)
+        ffn.append(f)
+    return heads, ffn
+
+
+@dataclass
+class InputStats:
+    """Running per-column statistics of a projection's input (float64 accumulators)."""
+
+    n: int = 0
+    sum: torch.Tensor | None = None
+    sumsq: torch.Tensor | None = None
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).double()
+        s, q = x.sum(0), (x * x).sum(0)
+        self.sum = s if self.sum is None else self.sum + s
+        self.sumsq = q if self.sumsq is None else self.sumsq + q
+        self.n += x.shape[0]
+
+    @property
+    def l2(self) -> torch.Tensor:
+        """Per-column L2 norm of the input over all tokens seen."""
+        return self.sumsq.sqrt()
+
+    @property
+    def var(self) -> torch.Tensor:
+        """Per-column variance over tokens (FLAP's fluctuation)."""
+        mean = self.sum / self.n
+        return (self.sumsq / self.n - mean * mean).clamp_min(0)
+
+
+def collect_stats(model: Any) -> tuple[HookSet, list[InputStats], list[InputStats]]:
+    """Hooks that accumulate input statistics of every o_proj and down_proj."""
+    hooks = HookSet()
+    o_stats, d_stats = [], []
+    for o_proj, down in _projections(model):
+        so, sd = InputStats(), InputStats()
+        o_stats.append(so)
+        d_stats.append(sd)
+        hooks.handles.append(o_proj.register_forward_pre_hook(lambda m, a, s=so: s.update(a[0])))
+        hooks.handles.append(down.register_forward_pre_hook(lambda m, a, s=sd: s.update(a[0])))
+    return hooks, o_stats, d_stats

@@ -1,0 +1,369 @@
+"""Uniform target shapes, parameter counts and the engine-legality rules, kept as data.
+
+A *target* is the per-layer shape every decoder layer will have after pruning: the number of KV
+groups kept, the query heads kept per group and the FFN width. ``head_dim``, the hidden size,
+the vocabulary and the depth never change, so the result stays a plain checkpoint of its family.
+
+Each legality rule is a :class:`Rule` in :data:`RULES` with the engine that imposes it and the
+reason; :func:`check` returns the reasons a target is refused, :func:`nearest_legal` the legal
+targets closest in parameter count, :func:`candidates` the legal targets near a ratio.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Iterable
+
+from mptool.errors import MptoolError
+from mptool.families import get_adapter
+
+
+@dataclass(frozen=True)
+class Dims:
+    """The shape facts of a model config that pruning and counting need."""
+
+    model_type: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    tied: bool
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    qk_norm: bool
+
+    @classmethod
+    def from_config(cls, config: Any) -> "Dims":
+        adapter = get_adapter(config)
+        heads = config.num_attention_heads
+        kv = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        attention_bias = bool(getattr(config, "attention_bias", False))
+        return cls(
+            model_type=config.model_type,
+            hidden_size=config.hidden_size,
+            num_layers=config.num_hidden_layers,
+            num_heads=heads,
+            num_kv_heads=kv,
+            head_dim=head_dim,
+            intermediate_size=config.intermediate_size,
+            vocab_size=config.vocab_size,
+            tied=bool(getattr(config, "tie_word_embeddings", False)),
+            qkv_bias=adapter.qkv_bias or attention_bias,
+            o_bias=attention_bias and not adapter.qkv_bias,
+            mlp_bias=bool(getattr(config, "mlp_bias", False)),
+            qk_norm=adapter.qk_norm,
+        )
+
+    @property
+    def heads_per_group(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    def dense_target(self) -> "Target":
+        return Target(self.num_kv_heads, self.heads_per_group, self.intermediate_size)
+
+
+@dataclass(frozen=True, order=True)
+class Target:
+    """The uniform per-layer shape: KV groups kept, query heads per group, FFN channels."""
+
+    kv_heads: int
+    heads_per_group: int
+    ffn: int
+
+    @property
+    def heads(self) -> int:
+        return self.kv_heads * self.heads_per_group
+
+    def as_config(self) -> dict[str, int]:
+        return {
+            "num_attention_heads": self.heads,
+            "num_key_value_heads": self.kv_heads,
+            "intermediate_size": self.ffn,
+        }
+
+    def __str__(self) -> str:
+        return f"kv_heads={self.kv_heads} heads_per_group={self.heads_per_group} ffn={self.ffn}"
+
+
+# ---------------------------------------------------------------- parameter counts
+
+
+def attention_params(d: Dims, kv_heads: float, heads: float) -> float:
+    """Prunable attention parameters of one layer (q, k, v, o weights and the q/k/v biases)."""
+    hd, h = d.head_dim, d.hidden_size
+    q = h * heads * hd + (heads * hd if d.qkv_bias else 0)
+    kv = 2 * (h * kv_heads * hd + (kv_heads * hd if d.qkv_bias else 0))
+    o = heads * hd * h
+    return q + kv + o
+
+
+def ffn_params(d: Dims, ffn: float) -> float:
+    """Prunable FFN parameters of one layer (gate, up, down weights and gate/up biases)."""
+    return 3 * d.hidden_size * ffn + (2 * ffn if d.mlp_bias else 0)
+
+
+def prunable_params(d: Dims, t: Target) -> int:
+    """Prunable parameters of the whole model at target ``t``."""
+    per_layer = attention_params(d, t.kv_heads, t.heads) + ffn_params(d, t.ffn)
+    return int(d.num_layers * per_layer)
+
+
+def fixed_params(d: Dims) -> int:
+    """Parameters pruning never touches: embeddings, LM head, norms, o/down biases."""
+    h = d.hidden_size
+    per_layer = 2 * h + (2 * d.head_dim if d.qk_norm else 0)
+    per_layer += h if d.o_bias else 0
+    per_layer += h if d.mlp_bias else 0
+    head = 0 if d.tied else d.vocab_size * h
+    return d.vocab_size * h + head + h + d.num_layers * per_layer
+
+
+def total_params(d: Dims, t: Target | None = None) -> int:
+    """Total parameter count of the model at target ``t`` (dense when ``None``)."""
+    return fixed_params(d) + prunable_params(d, t or d.dense_target())
+
+
+def kept_fraction(d: Dims, t: Target) -> float:
+    return prunable_params(d, t) / prunable_params(d, d.dense_target())
+
+
+# ---------------------------------------------------------------- legality rules as data
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One engine's constraint on a uniform target.
+
+    ``check(d, t, tp)`` returns ``None`` when the target is accepted, else the reason.
+    """
+
+    name: str
+    engine: str
+    doc: str
+    check: Callable[[Dims, Target, int], str | None]
+
+
+def _kv_tp(d: Dims, t: Target, tp: int) -> str | None:
+    if t.kv_heads >= tp and t.kv_heads % tp:
+        return f"vLLM tensor parallel {tp}: {t.kv_heads} KV heads are not divisible by {tp}"
+    if t.kv_heads < tp and tp % t.kv_heads:
+        return f"vLLM tensor parallel {tp}: {tp} is not a multiple of {t.kv_heads} KV heads"
+    return None
+
+
+# head sizes vLLM's CPU attention backend supports (vllm/v1/attention/backends/cpu_attn.py).
+VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+RULES: tuple[Rule, ...] = (
+    Rule(
+        "positive",
+        "all",
+        "every kept count is at least 1",
+        lambda d, t, tp: None
+        if min(t.kv_heads, t.heads_per_group, t.ffn) >= 1
+        else f"every count must be >= 1, got {t}",
+    ),
+    Rule(
+        "within_dense",
+        "all",
+        "a target cannot exceed the dense model",
+        lambda d, t, tp: None
+        if t.kv_heads <= d.num_kv_heads
+        and t.heads_per_group <= d.heads_per_group
+        and t.ffn <= d.intermediate_size
+        else f"target {t} exceeds the dense model {d.dense_target()}",
+    ),
+    Rule(
+        "gqa_integer_ratio",
+        "all",
+        "num_attention_heads % num_key_value_heads == 0 (every KV group keeps the same heads)",
+        lambda d, t, tp: None if t.heads % t.kv_heads == 0 else "heads not divisible by KV heads",
+    ),
+    Rule(
+        "ffn_multiple",
+        "kernels",
+        "FFN width a multiple of the kernel tile (64 by default; --ffn-multiple)",
+        None,  # type: ignore[arg-type]  # filled by check(): it needs the multiple
+    ),
+    Rule(
+        "tp_heads",
+        "vllm",
+        "tensor parallel t: num_attention_heads % t == 0",
+        lambda d, t, tp: None
+        if t.heads % tp == 0
+        else f"vLLM tensor parallel {tp}: {t.heads} attention heads are not divisible by {tp}",
+    ),
+    Rule(
+        "tp_kv_heads",
+        "vllm",
+        "tensor parallel t: KV heads % t == 0 when KV >= t, else t % KV == 0",
+        _kv_tp,
+    ),
+    Rule(
+        "tp_ffn",
+        "vllm",
+        "tensor parallel t: intermediate_size % t == 0",
+        lambda d, t, tp: None
+        if t.ffn % tp == 0
+        else f"vLLM tensor parallel {tp}: FFN {t.ffn} is not divisible by {tp}",
+    ),
+    Rule(
+        "vllm_cpu_head_size",
+        "vllm-cpu",
+        f"vLLM's CPU attention supports head sizes {VLLM_CPU_HEAD_SIZES} (16 is refused)",
+        lambda d, t, tp: None
+        if d.head_dim in VLLM_CPU_HEAD_SIZES
+        else f"vLLM CPU attention refuses head_dim {d.head_dim}",
+    ),
+    Rule(
+        "llama_bias_as_mistral",
+        "transformers",
+        "a Llama target whose head count does not divide hidden_size is written as Mistral "
+        "(LlamaConfig rejects it); Mistral has no attention bias, so that needs attention_bias off",
+        lambda d, t, tp: None
+        if not (d.model_type == "llama" and d.hidden_size % t.heads and (d.qkv_bias or d.o_bias))
+        else f"{t.heads} heads do not divide hidden {d.hidden_size} and the Llama model has "
+        "attention biases, which the Mistral architecture cannot hold",
+    ),
+)
+
+
+def check(d: Dims, t: Target, tp: Iterable[int] = (1,), ffn_multiple: int = 64,
+          engines: Iterable[str] | None = None) -> list[str]:
+    """Return every reason ``t`` is refused (empty when legal for all ``tp`` sizes).
+
+    Args:
+        d: the dense model's dims.
+        t: the uniform target.
+        tp: tensor-parallel sizes the checkpoint must support in vLLM.
+        ffn_multiple: the FFN width must be a multiple of this (or equal the dense width).
+        engines: restrict to rules of these engines (``None``: all rules).
+    """
+    wanted = None if engines is None else set(engines) | {"all"}
+    problems: list[str] = []
+    for rule in RULES:
+        if wanted is not None and rule.engine not in wanted:
+            continue
+        if rule.name == "ffn_multiple":
+            if t.ffn % ffn_multiple and t.ffn != d.intermediate_size:
+                problems.append(f"FFN {t.ffn} is not a multiple of {ffn_multiple}")
+            continue
+        if rule.engine == "vllm":
+            for size in tp:
+                reason = rule.check(d, t, size)
+                if reason:
+                    problems.append(reason)
+            continue
+        reason = rule.check(d, t, 1)
+        if reason:
+            problems.append(reason)
+    # A failing structural rule makes the rest meaningless noise.
+    return list(dict.fromkeys(problems))
+
+
+def is_legal(d: Dims, t: Target, tp: Iterable[int] = (1,), ffn_multiple: int = 64) -> bool:
+    return not check(d, t, tp, ffn_multiple)
+
+
+def all_legal(d: Dims, tp: Iterable[int] = (1,), ffn_multiple: int = 64) -> list[Target]:
+    """Every legal uniform target of a model, smallest first."""
+    tp = tuple(tp)
+    widths = list(range(ffn_multiple, d.intermediate_size + 1, ffn_multiple))
+    if d.intermediate_size not in widths:
+        widths.append(d.intermediate_size)
+    out = [
+        Target(g, r, f)
+        for g in range(1, d.num_kv_heads + 1)
+        for r in range(1, d.heads_per_group + 1)
+        for f in widths
+    ]
+    out = [t for t in out if is_legal(d, t, tp, ffn_multiple)]
+    return sorted(out, key=lambda t: prunable_params(d, t))
+
+
+def nearest_legal(d: Dims, t: Target, tp: Iterable[int] = (1,), ffn_multiple: int = 64,
+                  n: int = 3) -> list[Target]:
+    """The ``n`` legal targets closest to ``t`` (by prunable parameters, then by shape)."""
+    want = prunable_params(d, t)
+    legal = all_legal(d, tp, ffn_multiple)
+    return sorted(
+        legal,
+        key=lambda c: (
+            abs(prunable_params(d, c) - want),
+            abs(c.kv_heads - t.kv_heads) + abs(c.heads_per_group - t.heads_per_group),
+        ),
+    )[:n]
+
+
+def validate_target(d: Dims, t: Target, tp: Iterable[int] = (1,), ffn_multiple: int = 64) -> None:
+    """Raise a one-line :class:`MptoolError` naming the problems and the nearest legal targets."""
+    problems = check(d, t, tp, ffn_multiple)
+    if not problems:
+        return
+    near = nearest_legal(d, t, tp, ffn_multiple)
+    hint = "; ".join(f"({n})" for n in near) if near else "none"
+    raise MptoolError(f"illegal target {t}: {'; '.join(problems)}. Nearest legal: {hint}")
+
+
+def check_ratio(ratio: float) -> None:
+    if not 0.0 < ratio < 1.0:
+        raise MptoolError(
+            f"--ratio {ratio} is outside (0, 1): give the fraction of prunable parameters to "
+            "remove, e.g. 0.25 or 0.5"
+        )
+
+
+def candidates(d: Dims, ratio: float, tp: Iterable[int] = (1,), ffn_multiple: int = 64) -> list[Target]:
+    """Legal targets at a pruning ratio: for each attention shape, the widest FFN in budget.
+
+    ``ratio`` is the fraction of prunable parameters removed; each returned target keeps at most
+    ``1 - ratio`` of them. Sorted by kept parameters, largest (closest to the budget) first.
+    """
+    check_ratio(ratio)
+    budget = (1.0 - ratio) * prunable_params(d, d.dense_target())
+    best: dict[tuple[int, int], Target] = {}
+    for t in all_legal(d, tp, ffn_multiple):
+        if prunable_params(d, t) <= budget:
+            key = (t.kv_heads, t.heads_per_group)
+            if key not in best or t.ffn > best[key].ffn:
+                best[key] = t
+    return sorted(best.values(), key=lambda t: -prunable_params(d, t))
+
+
+def balanced_target(d: Dims, ratio: float, tp: Iterable[int] = (1,), ffn_multiple: int = 64) -> Target:
+    """The fixed-rule split one-shot baselines use for ``--ratio``.
+
+    Among legal targets within the budget (and using at least 95% of it when possible), pick the
+    one whose kept attention fraction is closest to its kept FFN fraction, preferring more KV
+    groups: the classic "same fraction of every unit type" rule, snapped to legal shapes.
+    """
+    cands = candidates(d, ratio, tp, ffn_multiple)
+    if not cands:
+        raise MptoolError(f"no legal target keeps at most {1 - ratio:.0%} of prunable parameters")
+    budget = (1.0 - ratio) * prunable_params(d, d.dense_target())
+    full = [c for c in cands if prunable_params(d, c) >= 0.95 * budget] or cands
+    dense_attn = attention_params(d, d.num_kv_heads, d.num_heads)
+
+    def imbalance(c: Target) -> tuple[float, int]:
+        attn = attention_params(d, c.kv_heads, c.heads) / dense_attn
+        ffn = c.ffn / d.intermediate_size
+        return (abs(attn - ffn), -c.kv_heads)
+
+    return min(full, key=imbalance)
+
+
+def describe(d: Dims, t: Target) -> dict[str, Any]:
+    """A JSON-able summary of a target: shape, parameter counts, kept fraction."""
+    return {
+        **asdict(t),
+        "num_attention_heads": t.heads,
+        "head_dim": d.head_dim,
+        "prunable_params": prunable_params(d, t),
+        "total_params": total_params(d, t),
+        "prunable_kept": round(kept_fraction(d, t), 4),
+    }
