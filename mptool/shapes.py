@@ -262,7 +262,8 @@ def check(d: Dims, t: Target, tp: Iterable[int] = (1,), ffn_multiple: int = 64,
         reason = rule.check(d, t, 1)
         if reason:
             problems.append(reason)
-    # A failing structural rule makes the rest meaningless noise.
+            if rule.engine == "all":  # a structural failure makes the other rules noise
+                break
     return list(dict.fromkeys(problems))
 
 

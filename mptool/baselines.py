@@ -1,0 +1,114 @@
+"""One-shot uniform pruning scores: magnitude, Wanda-sp and FLAP (no training).
+
+Each method gives a score per unit per layer (query heads, KV groups, FFN channels); selection
+keeps the same count in every layer (:func:`select`). They are the baselines MaskPrune is
+measured against and its optional mask initialisation.
+
+* ``magnitude``: weight norms only. FFN channel ``c``: ``|gate_c| * |up_c| * |down_{:,c}|``;
+  head ``h``: ``|W_q[h]| * |W_o[:, h]|``.
+* ``wanda-sp`` (structured Wanda, as in the FLAP paper's baseline): for each input column ``j``
+  of ``o_proj`` / ``down_proj``, ``sum_i |W_ij| * ||X_j||_2`` over calibration tokens, summed
+  over a unit's columns.
+* ``flap``: the fluctuation metric ``Var(X_j) * ||W_{:,j}||^2``, summed over a unit's columns.
+  FLAP's bias compensation is not applied: it would add biases to ``o_proj``/``down_proj``,
+  which Llama-family checkpoints cannot hold, and the result must stay a plain checkpoint.
+
+A KV group's score is the sum of its query heads' scores (plus its k/v norms for magnitude).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from mptool.errors import MptoolError
+from mptool.families import get_adapter
+from mptool.hooks import InputStats, collect_stats
+from mptool.masks import group_topk, mask_indices, topk_mask
+from mptool.shapes import Dims, Target
+from mptool.surgery import LayerKeep
+
+METHODS = ("magnitude", "wanda-sp", "flap")
+
+
+@dataclass
+class Scores:
+    """Per-layer unit scores: heads ``[L, G, R]``, groups ``[L, G]``, FFN ``[L, I]``."""
+
+    heads: torch.Tensor
+    groups: torch.Tensor
+    ffn: torch.Tensor
+
+
+def _per_head(col_scores: torch.Tensor, d: Dims) -> torch.Tensor:
+    return col_scores.reshape(d.num_kv_heads, d.heads_per_group, d.head_dim).sum(-1)
+
+
+def _layer_weights(model: Any):
+    a = get_adapter(model.config)
+    for layer in a.decoder_layers(model):
+        attn, mlp = a.attention(layer), a.ffn(layer)
+        yield (getattr(attn, a.q).weight, getattr(attn, a.k).weight, getattr(attn, a.v).weight,
+               getattr(attn, a.o).weight, getattr(mlp, a.gate).weight, getattr(mlp, a.up).weight,
+               getattr(mlp, a.down).weight)
+
+
+@torch.no_grad()
+def calibrate(model: Any, blocks: torch.Tensor, batch_size: int = 4,
+              progress: Callable[[int], None] | None = None) -> tuple[list[InputStats], list[InputStats]]:
+    """Run calibration blocks through the model; return input stats of o_proj and down_proj."""
+    hooks, o_stats, d_stats = collect_stats(model)
+    with hooks:
+        for start in range(0, len(blocks), batch_size):
+            model(blocks[start:start + batch_size])
+            if progress:
+                progress(min(batch_size, len(blocks) - start))
+    return o_stats, d_stats
+
+
+@torch.no_grad()
+def score(model: Any, method: str, o_stats: list[InputStats] | None = None,
+          d_stats: list[InputStats] | None = None) -> Scores:
+    """Unit scores for ``method``; activation-aware methods need the calibration stats."""
+    if method not in METHODS:
+        raise MptoolError(f"unknown method {method!r}; one-shot methods are {', '.join(METHODS)}")
+    if method != "magnitude" and (o_stats is None or d_stats is None):
+        raise ValueError(f"{method} needs calibration statistics")
+    d = Dims.from_config(model.config)
+    heads, groups, ffn = [], [], []
+    for i, (wq, wk, wv, wo, wg, wu, wd) in enumerate(_layer_weights(model)):
+        wo, wd = wo.double(), wd.double()
+        if method == "magnitude":
+            q = wq.double().reshape(d.num_heads, -1).norm(dim=1)
+            o = wo.reshape(d.hidden_size, d.num_heads, d.head_dim).norm(dim=(0, 2))
+            h = (q * o).reshape(d.num_kv_heads, d.heads_per_group)
+            kv = (wk.double().reshape(d.num_kv_heads, -1).norm(dim=1)
+                  * wv.double().reshape(d.num_kv_heads, -1).norm(dim=1))
+            g = h.sum(-1) + kv
+            f = wg.double().norm(dim=1) * wu.double().norm(dim=1) * wd.norm(dim=0)
+        elif method == "wanda-sp":
+            h = _per_head(wo.abs().sum(0) * o_stats[i].l2, d)
+            g = h.sum(-1)
+            f = wd.abs().sum(0) * d_stats[i].l2
+        else:  # flap
+            h = _per_head(o_stats[i].var * wo.pow(2).sum(0), d)
+            g = h.sum(-1)
+            f = d_stats[i].var * wd.pow(2).sum(0)
+        heads.append(h)
+        groups.append(g)
+        ffn.append(f)
+    return Scores(torch.stack(heads).float(), torch.stack(groups).float(), torch.stack(ffn).float())
+
+
+def select(scores: Scores, t: Target) -> list[LayerKeep]:
+    """Keep the top units of each layer: the same counts everywhere (uniform by construction)."""
+    gmask, hmask = group_topk(scores.groups, scores.heads, t.kv_heads, t.heads_per_group)
+    fmask = topk_mask(scores.ffn, t.ffn)
+    keeps = []
+    for layer in range(scores.ffn.shape[0]):
+        groups = mask_indices(gmask[layer])
+        keeps.append(LayerKeep(groups, [mask_indices(hmask[layer, g]) for g in groups],
+                               mask_indices(fmask[layer])))
+    return keeps

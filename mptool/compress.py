@@ -1,0 +1,179 @@
+"""`mptool compress`: model + data -> uniform target -> kept units -> sliced plain checkpoint."""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mptool.config import CompressConfig, save_config, to_dict
+from mptool.errors import MptoolError
+from mptool.evaluate import PplProtocol, perplexity
+from mptool.io import atomic_dir
+from mptool.progress import console, step
+from mptool.shapes import (Dims, Target, balanced_target, check_ratio, describe, validate_target)
+from mptool.surgery import LayerKeep, materialize, save_keeps
+
+ONE_SHOT = ("magnitude", "wanda-sp", "flap")
+METHODS = ONE_SHOT
+
+
+def validate(cfg: CompressConfig) -> None:
+    """Checks that need no model: run before anything heavy."""
+    problems = []
+    if cfg.method not in METHODS:
+        problems.append(f"--method {cfg.method!r} is not one of {', '.join(METHODS)}")
+    if cfg.ratio is not None and cfg.target.is_set():
+        problems.append("give either --ratio or an explicit target (--kv-heads/--heads-per-group/--ffn), not both")
+    if cfg.ratio is not None:
+        try:
+            check_ratio(cfg.ratio)
+        except MptoolError as e:
+            problems.append(str(e))
+    for name in ("kv_heads", "heads_per_group", "ffn"):
+        value = getattr(cfg.target, name)
+        if value is not None and value < 1:
+            problems.append(f"--{name.replace('_', '-')} {value} must be >= 1")
+    if not cfg.tp or any(t < 1 for t in cfg.tp):
+        problems.append(f"--tp {cfg.tp} must list positive tensor-parallel sizes, e.g. 1,2,4")
+    for path in (cfg.data.train, cfg.data.eval):
+        if path is not None and _looks_like_path(path) and not Path(path).exists():
+            problems.append(f"data path {path} does not exist (give a .txt, .jsonl, a folder or a datasets folder)")
+    out = Path(cfg.out)
+    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
+        problems.append(f"output folder {cfg.out} exists and is not empty; pass --overwrite or another --out")
+    if problems:
+        raise MptoolError("; ".join(problems))
+
+
+def _looks_like_path(s: str) -> bool:
+    return s.startswith((".", "/", "~")) or Path(s).suffix in (".txt", ".jsonl", ".json") or Path(s).exists()
+
+
+def resolve_target(cfg: CompressConfig, d: Dims) -> Target:
+    """The uniform target: explicit (validated against the engine rules) or from the ratio."""
+    if cfg.target.is_set():
+        t = Target(
+            cfg.target.kv_heads or d.num_kv_heads,
+            cfg.target.heads_per_group or d.heads_per_group,
+            cfg.target.ffn or d.intermediate_size,
+        )
+        validate_target(d, t, cfg.tp, cfg.ffn_multiple)
+        return t
+    ratio = cfg.ratio if cfg.ratio is not None else CompressConfig.DEFAULT_RATIO
+    return balanced_target(d, ratio, cfg.tp, cfg.ffn_multiple)
+
+
+def load_eval_ids(tokenizer: Any, cfg_data: Any, ppl: Any) -> tuple[torch.Tensor, str]:
+    from mptool.data import default_texts, eval_token_stream, load_texts
+
+    if cfg_data.eval is None:
+        text, name = default_texts()[1], "austen:persuasion"
+    else:
+        text, name = "\n\n".join(load_texts(cfg_data.eval)), cfg_data.eval
+    return eval_token_stream(tokenizer, text, ppl.max_tokens), name
+
+
+def load_train_blocks(tokenizer: Any, cfg_data: Any, max_tokens: int) -> torch.Tensor:
+    from mptool.data import default_texts, load_texts, token_blocks
+
+    texts = [default_texts()[0]] if cfg_data.train is None else load_texts(cfg_data.train)
+    return token_blocks(tokenizer, texts, cfg_data.seq_len, max_tokens)
+
+
+def measure_ppl(model: Any, ids: torch.Tensor, protocol: PplProtocol, label: str) -> dict[str, Any]:
+    with step(f"perplexity ({label})", total=min(ids.numel(), protocol.max_tokens)) as advance:
+        return perplexity(model, ids, protocol, progress=advance)
+
+
+def one_shot_keeps(model: Any, method: str, blocks: torch.Tensor, target: Target) -> list[LayerKeep]:
+    from mptool.baselines import calibrate, score, select
+
+    o_stats = d_stats = None
+    if method != "magnitude":
+        with step(f"calibrate ({len(blocks)} x {blocks.shape[1]} tokens)", total=len(blocks)) as advance:
+            o_stats, d_stats = calibrate(model, blocks, progress=advance)
+    return select(score(model, method, o_stats, d_stats), target)
+
+
+def param_count(model: Any) -> int:
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def compress(cfg: CompressConfig) -> dict[str, Any]:
+    """Run the whole compress job; returns the report (also written to ``<out>/report.json``)."""
+    from mptool.models import load_model
+
+    validate(cfg)
+    torch.manual_seed(cfg.seed)
+    started = time.perf_counter()
+    with console.status("loading model"):
+        model, tokenizer = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    d = Dims.from_config(model.config)
+    target = resolve_target(cfg, d)
+    console.print(f"dense {d.dense_target()} -> target {target}")
+    eval_ids, eval_name = load_eval_ids(tokenizer, cfg.data, cfg.ppl)
+    protocol = PplProtocol(cfg.ppl.window, cfg.ppl.stride, cfg.ppl.max_tokens, eval_name)
+    blocks = load_train_blocks(tokenizer, cfg.data, cfg.data.calib_tokens)
+
+    dense_ppl = measure_ppl(model, eval_ids, protocol, "dense")
+    keeps = one_shot_keeps(model, cfg.method, blocks, target)
+    pruned = materialize(model, keeps)
+    pruned_ppl = measure_ppl(pruned, eval_ids, protocol, "pruned")
+
+    report = build_report(cfg, d, target, model, pruned, dense_ppl, pruned_ppl,
+                          {"total_s": round(time.perf_counter() - started, 1)})
+    with atomic_dir(cfg.out) as tmp:
+        pruned.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        save_keeps(keeps, tmp / "keeps.json")
+        save_config(cfg, tmp / "mptool-config.yaml")
+        (tmp / "report.json").write_text(json.dumps(report, indent=2))
+    print_report(report)
+    return report
+
+
+def build_report(cfg: CompressConfig, d: Dims, target: Target, dense: Any, pruned: Any,
+                 dense_ppl: dict, pruned_ppl: dict, timings: dict) -> dict[str, Any]:
+    import transformers
+
+    dense_desc, pruned_desc = describe(d, d.dense_target()), describe(d, target)
+    dense_desc["params_counted"] = param_count(dense)
+    pruned_desc["params_counted"] = param_count(pruned)
+    return {
+        "mptool_report": 1,
+        "command": " ".join(sys.argv) if sys.argv and "mptool" in sys.argv[0] else None,
+        "model": cfg.model or "embedded:SmolLM2-135M-Instruct",
+        "method": cfg.method,
+        "ratio_requested": cfg.ratio if cfg.ratio is not None else (None if cfg.target.is_set() else CompressConfig.DEFAULT_RATIO),
+        "architecture": pruned.config.architectures[0],
+        "dense": {**dense_desc, "perplexity": dense_ppl},
+        "pruned": {**pruned_desc, "perplexity": pruned_ppl},
+        "prunable_removed": round(1 - pruned_desc["prunable_params"] / dense_desc["prunable_params"], 4),
+        "ppl_ratio": round(pruned_ppl["ppl"] / dense_ppl["ppl"], 4),
+        "config": to_dict(cfg),
+        "timings": timings,
+        "environment": {"python": platform.python_version(), "torch": torch.__version__,
+                        "transformers": transformers.__version__, "threads": torch.get_num_threads()},
+    }
+
+
+def print_report(report: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"mptool compress ({report['method']})")
+    for col in ("", "KV heads", "heads/group", "heads", "FFN", "params", "prunable", "ppl"):
+        table.add_column(col, justify="right")
+    for name in ("dense", "pruned"):
+        r = report[name]
+        table.add_row(name, str(r["kv_heads"]), str(r["heads_per_group"]), str(r["num_attention_heads"]),
+                      str(r["ffn"]), f"{r['total_params']:,}", f"{r['prunable_params']:,}",
+                      f"{r['perplexity']['ppl']:.2f}")
+    console.print(table)
+    console.print(f"removed {report['prunable_removed']:.1%} of prunable parameters; "
+                  f"perplexity x{report['ppl_ratio']:.2f} on {report['pruned']['perplexity']['protocol']['text']}")

@@ -1,0 +1,199 @@
+"""Typed configs, one per command, shared by the CLI, YAML recipes and the Python API.
+
+``load_config(CompressConfig, "recipe.yaml", {"target.ffn": 768})`` and
+``CompressConfig(target=TargetConfig(ffn=768))`` build the same object. Unknown keys are
+refused with the list of accepted ones; the resolved config is saved beside every artefact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from mptool.errors import MptoolError
+
+T = TypeVar("T")
+
+
+@dataclass
+class TargetConfig:
+    """An explicit uniform target; unset fields keep the dense size."""
+
+    kv_heads: int | None = None
+    """KV groups kept per layer (whole-group granularity: smaller KV cache)."""
+    heads_per_group: int | None = None
+    """Query heads kept in each kept KV group (head granularity; keeps the KV cache)."""
+    ffn: int | None = None
+    """FFN channels (intermediate size) kept per layer."""
+
+    def is_set(self) -> bool:
+        return any(v is not None for v in (self.kv_heads, self.heads_per_group, self.ffn))
+
+
+@dataclass
+class DataConfig:
+    """Training/calibration text and the held-out evaluation text."""
+
+    train: str | None = None
+    """Plain text, folder of .txt, JSONL (field "text"), a `datasets` folder, or a hub dataset
+    name. None: the embedded Austen corpus, five novels (Persuasion is held out)."""
+    eval: str | None = None
+    """Held-out evaluation text, same formats. None: Austen's Persuasion (never trained on)."""
+    seq_len: int = 512
+    """Tokens per training/calibration block."""
+    calib_tokens: int = 16384
+    """Calibration tokens for activation-aware scores (wanda-sp, flap)."""
+
+
+@dataclass
+class PplConfig:
+    """The perplexity protocol (see mptool.evaluate.PplProtocol)."""
+
+    window: int = 1024
+    stride: int = 1024
+    max_tokens: int = 16384
+
+
+@dataclass
+class CompressConfig:
+    """`mptool compress`: prune a model to a uniform target and write a plain checkpoint."""
+
+    model: str | None = None
+    """HF model folder (config.json + *.safetensors) or hub id; None: embedded SmolLM2-135M."""
+    method: str = "wanda-sp"
+    """Pruning method: magnitude, wanda-sp or flap (one-shot)."""
+    ratio: float | None = None
+    """Fraction of prunable parameters to remove, in (0, 1); used when no explicit target."""
+    target: TargetConfig = field(default_factory=TargetConfig)
+    tp: list[int] = field(default_factory=lambda: [1])
+    """Tensor-parallel sizes the result must load with in vLLM."""
+    ffn_multiple: int = 64
+    """FFN widths are multiples of this (kernel-friendly)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    ppl: PplConfig = field(default_factory=PplConfig)
+    out: str = "runs/compressed"
+    """Output folder (written atomically)."""
+    overwrite: bool = False
+    """Replace an existing output folder."""
+    seed: int = 0
+    trust_remote_code: bool = False
+    """Allow custom model code from the model folder or hub (only when you trust it)."""
+
+    DEFAULT_RATIO = 0.2
+
+
+@dataclass
+class EvalConfig:
+    """`mptool eval`: held-out perplexity and optional lm-eval tasks."""
+
+    model: str | None = None
+    data: str | None = None
+    """Evaluation text; None: Austen's Persuasion."""
+    ppl: PplConfig = field(default_factory=PplConfig)
+    tasks: list[str] = field(default_factory=list)
+    """lm-eval task names (online) or paths to local task YAML files/folders."""
+    limit: int | None = None
+    """Examples per lm-eval task (None: all)."""
+    out: str | None = None
+    """JSON file for the results (default: <model>/eval.json when the model is a folder)."""
+    trust_remote_code: bool = False
+
+
+@dataclass
+class ShapesConfig:
+    """`mptool shapes`: legal uniform targets near a ratio."""
+
+    model: str | None = None
+    ratio: float = 0.5
+    tp: list[int] = field(default_factory=lambda: [1])
+    ffn_multiple: int = 64
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], where)
+    if _is_dataclass_type(tp):
+        if not isinstance(value, dict):
+            raise MptoolError(f"{where} must be a mapping, got {value!r}")
+        return from_dict(tp, value, where + ".")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise MptoolError(f"{where} must be a list, got {value!r}")
+        return [_coerce(v, item, where) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise MptoolError(f"{where} must be true or false, got {value!r}")
+    if tp in (int, float, str):
+        try:
+            out = tp(value)
+        except (TypeError, ValueError):
+            raise MptoolError(f"{where} must be {tp.__name__}, got {value!r}") from None
+        if tp is int and isinstance(value, float) and value != out:
+            raise MptoolError(f"{where} must be an integer, got {value!r}")
+        return out
+    return value
+
+
+def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    """Build ``cls`` from a (nested) dict; unknown keys are a user error."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise MptoolError(
+            f"unknown config key(s) {', '.join(prefix + u for u in unknown)}; accepted: "
+            f"{', '.join(prefix + n for n in sorted(names))}"
+        )
+    return cls(**{k: _coerce(v, hints[k], prefix + k) for k, v in data.items()})
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def load_config(cls: type[T], path: str | Path | None = None,
+                overrides: dict[str, Any] | None = None) -> T:
+    """Defaults, then a YAML recipe, then non-None dotted overrides (CLI flags)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise MptoolError(f"config file {path} does not exist; give a YAML recipe file")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise MptoolError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise MptoolError(f"config file {path} must hold a mapping of config keys")
+        data = loaded or {}
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return from_dict(cls, data)
+
+
+def save_config(cfg: Any, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,115 @@
+"""Held-out perplexity with a declared protocol, and lm-eval-harness tasks."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from mptool.errors import MptoolError
+
+
+@dataclass(frozen=True)
+class PplProtocol:
+    """How perplexity is measured; written next to every number it produces.
+
+    Attributes:
+        window: tokens per forward pass (the context length).
+        stride: tokens the window advances; each token is scored once, with up to
+            ``window - stride`` tokens of extra context when ``stride < window``.
+        max_tokens: tokens of the evaluation text used (from its start).
+        text: a name for the text (e.g. ``austen:persuasion``).
+    """
+
+    window: int = 1024
+    stride: int = 1024
+    max_tokens: int = 16384
+    text: str = "austen:persuasion"
+
+
+@torch.no_grad()
+def perplexity(model: Any, ids: torch.Tensor, protocol: PplProtocol,
+               progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Perplexity of ``model`` on the 1-D token stream ``ids`` under ``protocol``.
+
+    Returns a JSON-able dict: ``ppl``, ``nll`` (mean per scored token), ``tokens`` (scored),
+    the protocol, and the wall time.
+    """
+    if protocol.stride > protocol.window or protocol.stride < 1:
+        raise MptoolError(f"stride {protocol.stride} must be in [1, window={protocol.window}]")
+    ids = ids[: protocol.max_tokens]
+    if ids.numel() < 2:
+        raise MptoolError("evaluation text has fewer than 2 tokens")
+    device = next(model.parameters()).device
+    start_time = time.perf_counter()
+    nll_sum, scored, prev_end = 0.0, 0, 0
+    for begin in range(0, ids.numel(), protocol.stride):
+        end = min(begin + protocol.window, ids.numel())
+        new = end - prev_end  # tokens not scored by an earlier window
+        chunk = ids[begin:end].unsqueeze(0).to(device)
+        logits = model(chunk).logits[0, :-1].float()
+        targets = chunk[0, 1:]
+        losses = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+        take = losses[-new:] if begin else losses  # the first token has no prediction
+        nll_sum += take.double().sum().item()
+        scored += take.numel()
+        prev_end = end
+        if progress:
+            progress(new)
+        if end == ids.numel():
+            break
+    nll = nll_sum / scored
+    return {"ppl": math.exp(nll), "nll": nll, "tokens": scored, "protocol": asdict(protocol),
+            "seconds": round(time.perf_counter() - start_time, 2)}
+
+
+def run_tasks(model_dir: str | Path, tasks: Sequence[str], limit: int | None = None,
+              batch_size: int = 8) -> dict[str, Any]:
+    """Run lm-eval-harness tasks on a model folder.
+
+    Each entry of ``tasks`` is a registered task name (hub data; needs network) or a path to a
+    local task YAML file or a folder of them (offline), whose task names are then used.
+    """
+    try:
+        from lm_eval import simple_evaluate
+        from lm_eval.tasks import TaskManager
+    except ImportError as e:  # pragma: no cover - part of the standard environment
+        raise MptoolError(f"--tasks needs lm-eval: pip install 'lm_eval[hf]==0.4.13' ({e})") from e
+    import yaml
+
+    include, names = [], []
+    for task in tasks:
+        path = Path(task)
+        if path.suffix in (".yaml", ".yml") or path.is_dir():
+            if not path.exists():
+                raise MptoolError(f"task file {task} does not exist; give a task YAML or a registered task name")
+            include.append(str(path if path.is_dir() else path.parent))
+            files = sorted(path.glob("*.y*ml")) if path.is_dir() else [path]
+            for f in files:
+                spec = yaml.safe_load(f.read_text()) or {}
+                if "task" in spec:
+                    names.append(spec["task"])
+        else:
+            names.append(task)
+    if not names:
+        raise MptoolError(f"no lm-eval task found in {list(tasks)}")
+    manager = TaskManager(include_path=include or None)
+    results = simple_evaluate(
+        model="hf",
+        model_args={"pretrained": str(model_dir), "dtype": "float32"},
+        tasks=names,
+        batch_size=batch_size,
+        device="cpu",
+        limit=limit,
+        task_manager=manager,
+        log_samples=False,
+        bootstrap_iters=0,
+    )
+    if results is None:  # non-zero ranks in distributed runs
+        return {}
+    return {name: {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+            for name, metrics in results["results"].items()}

@@ -1,0 +1,102 @@
+"""Printing and JSON for `shapes` and `eval`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from mptool.config import EvalConfig, ShapesConfig, save_config, to_dict
+from mptool.errors import MptoolError
+from mptool.progress import console
+
+
+def load_dims(model: str | None, trust_remote_code: bool = False):
+    """Dims of a model from its config alone (no weights loaded)."""
+    from transformers import AutoConfig
+
+    from mptool.models import resolve_model
+    from mptool.shapes import Dims
+
+    path = resolve_model(model)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise MptoolError(f"cannot read a model config from {path}: {str(e).splitlines()[0]}") from None
+    return Dims.from_config(config)
+
+
+def shapes_rows(cfg: ShapesConfig) -> dict[str, Any]:
+    from mptool.shapes import RULES, candidates, check_ratio, describe
+
+    check_ratio(cfg.ratio)
+    d = load_dims(cfg.model)
+    rows = [describe(d, t) for t in candidates(d, cfg.ratio, cfg.tp, cfg.ffn_multiple)]
+    return {
+        "model": cfg.model or "embedded:SmolLM2-135M-Instruct",
+        "dense": describe(d, d.dense_target()),
+        "ratio": cfg.ratio,
+        "tp": cfg.tp,
+        "ffn_multiple": cfg.ffn_multiple,
+        "budget_prunable_params": int((1 - cfg.ratio) * describe(d, d.dense_target())["prunable_params"]),
+        "targets": rows,
+        "rules": [{"name": r.name, "engine": r.engine, "rule": r.doc} for r in RULES],
+    }
+
+
+def shapes_table(cfg: ShapesConfig, as_json: bool = False) -> dict[str, Any]:
+    from rich.console import Console
+    from rich.table import Table
+
+    result = shapes_rows(cfg)
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return result
+    dense = result["dense"]
+    table = Table(title=f"legal uniform targets removing ~{cfg.ratio:.0%} of prunable parameters "
+                        f"(tp {','.join(map(str, cfg.tp))}, FFN multiple of {cfg.ffn_multiple})")
+    for col in ("KV heads", "heads/group", "heads", "FFN", "total params", "prunable params", "% prunable kept"):
+        table.add_column(col, justify="right")
+    table.add_row(str(dense["kv_heads"]), str(dense["heads_per_group"]), str(dense["num_attention_heads"]),
+                  str(dense["ffn"]),
+                  f"{dense['total_params']:,}", f"{dense['prunable_params']:,}", "100.0 (dense)")
+    for r in result["targets"]:
+        table.add_row(str(r["kv_heads"]), str(r["heads_per_group"]), str(r["num_attention_heads"]), str(r["ffn"]),
+                      f"{r['total_params']:,}", f"{r['prunable_params']:,}", f"{100 * r['prunable_kept']:.1f}")
+    Console(width=140).print(table)
+    if not result["targets"]:
+        console.print("no legal target within that budget; try a smaller --ratio or fewer --tp sizes")
+    return result
+
+
+def run_eval(cfg: EvalConfig) -> dict[str, Any]:
+    from mptool.compress import load_eval_ids, measure_ppl
+    from mptool.config import DataConfig
+    from mptool.evaluate import PplProtocol, run_tasks
+    from mptool.models import load_model, resolve_model
+
+    if cfg.ppl.stride > cfg.ppl.window:
+        raise MptoolError(f"--stride {cfg.ppl.stride} must be <= --window {cfg.ppl.window}")
+    if cfg.data is not None and not Path(cfg.data).exists() and cfg.data.startswith((".", "/", "~")):
+        raise MptoolError(f"data path {cfg.data} does not exist (give a .txt, .jsonl, a folder or a datasets folder)")
+    for task in cfg.tasks:
+        if task.endswith((".yaml", ".yml")) and not Path(task).is_file():
+            raise MptoolError(f"task file {task} does not exist; give a task YAML or a registered task name")
+    path = resolve_model(cfg.model)
+    with console.status("loading model"):
+        model, tokenizer = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    ids, name = load_eval_ids(tokenizer, DataConfig(eval=cfg.data), cfg.ppl)
+    protocol = PplProtocol(cfg.ppl.window, min(cfg.ppl.stride, cfg.ppl.window), cfg.ppl.max_tokens, name)
+    result: dict[str, Any] = {"model": str(path), "perplexity": measure_ppl(model, ids, protocol, "eval")}
+    if cfg.tasks:
+        with console.status(f"lm-eval: {', '.join(cfg.tasks)}"):
+            result["tasks"] = run_tasks(path, cfg.tasks, cfg.limit)
+    result["config"] = to_dict(cfg)
+    out = Path(cfg.out) if cfg.out else (Path(path) / "eval.json" if Path(path).is_dir() else None)
+    text = json.dumps(result, indent=2)
+    if out is not None:
+        tmp = out.with_suffix(out.suffix + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(out)
+    print(text)
+    return result
