@@ -7,6 +7,7 @@ Every option defaults to None so it only overrides a YAML recipe when given.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any, Callable, Optional
 
 import typer
@@ -27,7 +28,11 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        # mptool shows its own rich progress; the libraries' tqdm bars would bury errors.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         try:
+            _quiet_libraries()
             return fn(*args, **kwargs)
         except MptoolError as e:
             from rich.markup import escape
@@ -38,6 +43,15 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise typer.Exit(2) from None
 
     return wrapper
+
+
+def _quiet_libraries() -> None:
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    disable_progress_bars()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
 
 
 ModelArg = typer.Argument(None, help="HF model folder (config.json + *.safetensors) or hub id; "
@@ -67,9 +81,11 @@ def compress(
     heads_per_group: Optional[int] = typer.Option(None, help="Explicit target: query heads per kept group."),
     ffn: Optional[int] = typer.Option(None, help="Explicit target: FFN channels per layer."),
     tp: Optional[str] = typer.Option(None, help="Tensor-parallel sizes the result must support, e.g. 1,2,4."),
+    ffn_multiple: Optional[int] = typer.Option(None, help="FFN widths are multiples of this (default 64)."),
     data: Optional[str] = typer.Option(None, help="Training/calibration text (.txt, .jsonl, folder, datasets folder, hub name)."),
     eval_data: Optional[str] = typer.Option(None, help="Held-out evaluation text (default: Austen's Persuasion)."),
     calib_tokens: Optional[int] = typer.Option(None, help="Calibration tokens for wanda-sp/flap."),
+    seq_len: Optional[int] = typer.Option(None, help="Tokens per calibration/training block (default 512)."),
     eval_tokens: Optional[int] = typer.Option(None, help="Held-out tokens for perplexity."),
     out: Optional[str] = typer.Option(None, help="Output folder (written atomically)."),
     overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Replace an existing output folder."),
@@ -82,7 +98,7 @@ def compress(
 
     cfg = load_config(CompressConfig, config, {
         "model": model, "method": method, "ratio": ratio, "target.kv_heads": kv_heads,
-        "target.heads_per_group": heads_per_group, "target.ffn": ffn, "tp": _tp(tp),
+        "target.heads_per_group": heads_per_group, "target.ffn": ffn, "tp": _tp(tp), "ffn_multiple": ffn_multiple, "data.seq_len": seq_len,
         "data.train": data, "data.eval": eval_data, "data.calib_tokens": calib_tokens,
         "ppl.max_tokens": eval_tokens, "out": out, "overwrite": overwrite, "seed": seed,
         "trust_remote_code": trust_remote_code,

@@ -55,6 +55,20 @@ def _looks_like_path(s: str) -> bool:
     return s.startswith((".", "/", "~")) or Path(s).suffix in (".txt", ".jsonl", ".json") or Path(s).exists()
 
 
+def model_dims(model: str | None, trust_remote_code: bool = False) -> Dims:
+    """Dims of a model from its config alone (no weights read); refuses unsupported families."""
+    from transformers import AutoConfig
+
+    from mptool.models import resolve_model
+
+    path = resolve_model(model)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise MptoolError(f"cannot read a model config from {path}: {str(e).splitlines()[0]}") from None
+    return Dims.from_config(config)
+
+
 def resolve_target(cfg: CompressConfig, d: Dims) -> Target:
     """The uniform target: explicit (validated against the engine rules) or from the ratio."""
     if cfg.target.is_set():
@@ -69,21 +83,24 @@ def resolve_target(cfg: CompressConfig, d: Dims) -> Target:
     return balanced_target(d, ratio, cfg.tp, cfg.ffn_multiple)
 
 
-def load_eval_ids(tokenizer: Any, cfg_data: Any, ppl: Any) -> tuple[torch.Tensor, str]:
-    from mptool.data import default_texts, eval_token_stream, load_texts
+def eval_text_for(path: str | None) -> tuple[str, str]:
+    """(held-out text, its name): the user's evaluation text, or Austen's Persuasion."""
+    from mptool.data import default_texts, load_texts
 
-    if cfg_data.eval is None:
-        text, name = default_texts()[1], "austen:persuasion"
-    else:
-        text, name = "\n\n".join(load_texts(cfg_data.eval)), cfg_data.eval
-    return eval_token_stream(tokenizer, text, ppl.max_tokens), name
+    if path is None:
+        return default_texts()[1], "austen:persuasion"
+    return "\n\n".join(load_texts(path)), path
 
 
-def load_train_blocks(tokenizer: Any, cfg_data: Any, max_tokens: int) -> torch.Tensor:
-    from mptool.data import default_texts, load_texts, token_blocks
+def load_texts_for(cfg_data: Any) -> tuple[list[str], str, str]:
+    """(training texts, evaluation text, evaluation text name).
 
-    texts = [default_texts()[0]] if cfg_data.train is None else load_texts(cfg_data.train)
-    return token_blocks(tokenizer, texts, cfg_data.seq_len, max_tokens)
+    Training data is read first so a bad ``--data`` fails before anything else is loaded.
+    """
+    from mptool.data import default_texts, load_texts
+
+    train = load_texts(cfg_data.train) if cfg_data.train is not None else [default_texts()[0]]
+    return (train, *eval_text_for(cfg_data.eval))
 
 
 def measure_ppl(model: Any, ids: torch.Tensor, protocol: PplProtocol, label: str) -> dict[str, Any]:
@@ -107,19 +124,21 @@ def param_count(model: Any) -> int:
 
 def compress(cfg: CompressConfig) -> dict[str, Any]:
     """Run the whole compress job; returns the report (also written to ``<out>/report.json``)."""
+    from mptool.data import eval_token_stream, token_blocks
     from mptool.models import load_model
 
     validate(cfg)
     torch.manual_seed(cfg.seed)
     started = time.perf_counter()
+    texts, eval_text, eval_name = load_texts_for(cfg.data)
+    target = resolve_target(cfg, model_dims(cfg.model, cfg.trust_remote_code))
     with console.status("loading model"):
         model, tokenizer = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
     d = Dims.from_config(model.config)
-    target = resolve_target(cfg, d)
     console.print(f"dense {d.dense_target()} -> target {target}")
-    eval_ids, eval_name = load_eval_ids(tokenizer, cfg.data, cfg.ppl)
+    eval_ids = eval_token_stream(tokenizer, eval_text, cfg.ppl.max_tokens)
     protocol = PplProtocol(cfg.ppl.window, cfg.ppl.stride, cfg.ppl.max_tokens, eval_name)
-    blocks = load_train_blocks(tokenizer, cfg.data, cfg.data.calib_tokens)
+    blocks = token_blocks(tokenizer, texts, cfg.data.seq_len, cfg.data.calib_tokens)
 
     dense_ppl = measure_ppl(model, eval_ids, protocol, "dense")
     keeps = one_shot_keeps(model, cfg.method, blocks, target)

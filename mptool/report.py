@@ -11,26 +11,13 @@ from mptool.errors import MptoolError
 from mptool.progress import console
 
 
-def load_dims(model: str | None, trust_remote_code: bool = False):
-    """Dims of a model from its config alone (no weights loaded)."""
-    from transformers import AutoConfig
-
-    from mptool.models import resolve_model
-    from mptool.shapes import Dims
-
-    path = resolve_model(model)
-    try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise MptoolError(f"cannot read a model config from {path}: {str(e).splitlines()[0]}") from None
-    return Dims.from_config(config)
-
-
 def shapes_rows(cfg: ShapesConfig) -> dict[str, Any]:
     from mptool.shapes import RULES, candidates, check_ratio, describe
 
+    from mptool.compress import model_dims
+
     check_ratio(cfg.ratio)
-    d = load_dims(cfg.model)
+    d = model_dims(cfg.model)
     rows = [describe(d, t) for t in candidates(d, cfg.ratio, cfg.tp, cfg.ffn_multiple)]
     return {
         "model": cfg.model or "embedded:SmolLM2-135M-Instruct",
@@ -70,8 +57,8 @@ def shapes_table(cfg: ShapesConfig, as_json: bool = False) -> dict[str, Any]:
 
 
 def run_eval(cfg: EvalConfig) -> dict[str, Any]:
-    from mptool.compress import load_eval_ids, measure_ppl
-    from mptool.config import DataConfig
+    from mptool.compress import eval_text_for, measure_ppl
+    from mptool.data import eval_token_stream
     from mptool.evaluate import PplProtocol, run_tasks
     from mptool.models import load_model, resolve_model
 
@@ -83,9 +70,10 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         if task.endswith((".yaml", ".yml")) and not Path(task).is_file():
             raise MptoolError(f"task file {task} does not exist; give a task YAML or a registered task name")
     path = resolve_model(cfg.model)
+    text, name = eval_text_for(cfg.data)
     with console.status("loading model"):
         model, tokenizer = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    ids, name = load_eval_ids(tokenizer, DataConfig(eval=cfg.data), cfg.ppl)
+    ids = eval_token_stream(tokenizer, text, cfg.ppl.max_tokens)
     protocol = PplProtocol(cfg.ppl.window, min(cfg.ppl.stride, cfg.ppl.window), cfg.ppl.max_tokens, name)
     result: dict[str, Any] = {"model": str(path), "perplexity": measure_ppl(model, ids, protocol, "eval")}
     if cfg.tasks:

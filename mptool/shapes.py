@@ -233,6 +233,11 @@ RULES: tuple[Rule, ...] = (
 )
 
 
+# Rules applied unless the caller names engines: vLLM-CPU's head-size rule is about the dense
+# model (pruning never changes head_dim), so it is checked only where a CPU vLLM load is asked.
+DEFAULT_ENGINES = ("all", "kernels", "vllm", "transformers")
+
+
 def check(d: Dims, t: Target, tp: Iterable[int] = (1,), ffn_multiple: int = 64,
           engines: Iterable[str] | None = None) -> list[str]:
     """Return every reason ``t`` is refused (empty when legal for all ``tp`` sizes).
@@ -242,12 +247,12 @@ def check(d: Dims, t: Target, tp: Iterable[int] = (1,), ffn_multiple: int = 64,
         t: the uniform target.
         tp: tensor-parallel sizes the checkpoint must support in vLLM.
         ffn_multiple: the FFN width must be a multiple of this (or equal the dense width).
-        engines: restrict to rules of these engines (``None``: all rules).
+        engines: apply the rules of these engines (``None``: :data:`DEFAULT_ENGINES`).
     """
-    wanted = None if engines is None else set(engines) | {"all"}
+    wanted = set(DEFAULT_ENGINES if engines is None else engines) | {"all"}
     problems: list[str] = []
     for rule in RULES:
-        if wanted is not None and rule.engine not in wanted:
+        if rule.engine not in wanted:
             continue
         if rule.name == "ffn_multiple":
             if t.ffn % ffn_multiple and t.ffn != d.intermediate_size:
@@ -291,7 +296,7 @@ def nearest_legal(d: Dims, t: Target, tp: Iterable[int] = (1,), ffn_multiple: in
                   n: int = 3) -> list[Target]:
     """The ``n`` legal targets closest to ``t`` (by prunable parameters, then by shape)."""
     want = prunable_params(d, t)
-    legal = all_legal(d, tp, ffn_multiple)
+    legal = [c for c in all_legal(d, tp, ffn_multiple) if c != d.dense_target()]
     return sorted(
         legal,
         key=lambda c: (

@@ -1,0 +1,192 @@
+"""The CLI end to end on tiny models, and every bad input: one line, non-zero exit, nothing left."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import tiny_model
+from mptool.cli import app
+
+runner = CliRunner()
+
+
+def save_tiny(family: str, tokenizer_dir: Path, out: Path, **overrides) -> Path:
+    from transformers import AutoTokenizer
+
+    model = tiny_model(family, **overrides)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
+    return out
+
+
+def run(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture
+def tiny_dir(tmp_path, tokenizer_dir) -> Path:
+    return save_tiny("llama", tokenizer_dir, tmp_path / "tiny-llama")
+
+
+def small(text_file: Path) -> list[str]:
+    return ["--data", str(text_file), "--eval-data", str(text_file), "--calib-tokens", "512",
+            "--seq-len", "128", "--eval-tokens", "512"]
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda-sp", "flap"])
+def test_compress_writes_a_plain_uniform_checkpoint(method, tiny_dir, text_file, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "pruned"
+    res = run("compress", tiny_dir, "--method", method, "--kv-heads", "2", "--heads-per-group", "1",
+              "--ffn", "128", *small(text_file), "--out", out)
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "report.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(out)
+    n = sum(p.numel() for p in model.parameters())
+    assert n == report["pruned"]["total_params"] == report["pruned"]["params_counted"]
+    assert report["dense"]["total_params"] == report["dense"]["params_counted"]
+    for layer in model.model.layers:
+        assert layer.self_attn.q_proj.out_features == 2 * 16
+        assert layer.self_attn.k_proj.out_features == 2 * 16
+        assert layer.mlp.down_proj.in_features == 128
+    assert report["pruned"]["perplexity"]["ppl"] > 1 and report["dense"]["perplexity"]["tokens"] > 100
+    keeps = json.loads((out / "keeps.json").read_text())
+    assert len(keeps) == 2 and all(len(k["ffn"]) == 128 for k in keeps)
+    assert (out / "mptool-config.yaml").is_file() and (out / "tokenizer.json").is_file()
+
+
+def test_compress_with_ratio_and_yaml_recipe(tiny_dir, text_file, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"method: flap\nratio: 0.5\nffn_multiple: 32\ndata:\n  train: {text_file}\n"
+                      f"  eval: {text_file}\n  calib_tokens: 512\n  seq_len: 128\nppl:\n  max_tokens: 512\n")
+    out = tmp_path / "r"
+    res = run("compress", tiny_dir, "--config", recipe, "--method", "wanda-sp", "--out", out)
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["method"] == "wanda-sp"  # the flag overrides the recipe
+    assert report["config"]["ffn_multiple"] == 32  # the recipe overrides the default
+    assert 0.45 <= report["prunable_removed"] <= 0.55
+
+
+def test_shapes_lists_legal_targets_as_json(tiny_dir):
+    res = run("shapes", tiny_dir, "--ratio", "0.5", "--tp", "1,2", "--ffn-multiple", "32", "--json")
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert data["targets"] and data["dense"]["num_attention_heads"] == 8
+    for t in data["targets"]:
+        assert t["prunable_params"] <= data["budget_prunable_params"]
+        assert t["num_attention_heads"] % 2 == 0 and t["ffn"] % 32 == 0
+
+
+def test_eval_writes_json(tiny_dir, text_file, tmp_path):
+    out = tmp_path / "eval.json"
+    res = run("eval", tiny_dir, "--data", text_file, "--eval-tokens", "300", "--window", "128",
+              "--stride", "64", "--out", out)
+    assert res.exit_code == 0, res.output
+    data = json.loads(out.read_text())
+    p = data["perplexity"]
+    assert p["tokens"] == 299 and p["protocol"]["stride"] == 64 and p["ppl"] > 1
+
+
+def test_help_has_examples():
+    for cmd in ("compress", "shapes", "eval"):
+        res = run(cmd, "--help")
+        assert res.exit_code == 0 and "Example: mptool " + cmd in res.output
+
+
+# ------------------------------------------------------------------- bad inputs
+
+
+def assert_clean_failure(res, out: Path, *needles: str) -> None:
+    assert res.exit_code == 2, res.output
+    lines = [line for line in res.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, res.output
+    assert lines[0].startswith("error:")
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    assert not out.exists()
+    assert not list(out.parent.glob(f".{out.name}.tmp-*"))
+
+
+def test_missing_model_path(tmp_path, text_file):
+    out = tmp_path / "o"
+    res = run("compress", tmp_path / "nope", *small(text_file), "--out", out)
+    assert_clean_failure(res, out, "does not exist")
+
+
+def test_folder_without_weights(tmp_path, text_file, tiny_dir):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_text((tiny_dir / "config.json").read_text())
+    out = tmp_path / "o"
+    res = run("compress", bare, *small(text_file), "--out", out)
+    assert_clean_failure(res, out, "safetensors")
+
+
+def test_pickle_weights_are_refused(tmp_path, text_file, tiny_dir):
+    pkl = tmp_path / "pkl"
+    pkl.mkdir()
+    (pkl / "config.json").write_text((tiny_dir / "config.json").read_text())
+    torch.save({}, pkl / "pytorch_model.bin")
+    out = tmp_path / "o"
+    assert_clean_failure(run("compress", pkl, *small(text_file), "--out", out), out, "safetensors")
+
+
+def test_unsupported_architecture(tmp_path, text_file, tokenizer_dir):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=320)).save_pretrained(gpt)
+    out = tmp_path / "o"
+    res = run("compress", gpt, *small(text_file), "--out", out)
+    assert_clean_failure(res, out, "unsupported architecture 'gpt2'", "llama", "qwen3")
+
+
+def test_target_larger_than_dense(tiny_dir, text_file, tmp_path):
+    out = tmp_path / "o"
+    res = run("compress", tiny_dir, "--ffn", "4096", *small(text_file), "--out", out)
+    assert_clean_failure(res, out, "exceeds the dense model")
+
+
+def test_illegal_target_names_nearest(tiny_dir, text_file, tmp_path):
+    out = tmp_path / "o"
+    res = run("compress", tiny_dir, "--ffn", "100", *small(text_file), "--out", out)
+    assert_clean_failure(res, out, "not a multiple of 64", "Nearest legal")
+
+
+@pytest.mark.parametrize("ratio", ["0", "1", "1.5", "-0.2"])
+def test_ratio_outside_unit_interval(tiny_dir, text_file, tmp_path, ratio):
+    out = tmp_path / "o"
+    res = run("compress", tiny_dir, "--ratio", ratio, *small(text_file), "--out", out)
+    assert_clean_failure(res, out, "outside (0, 1)")
+
+
+def test_empty_text_file(tiny_dir, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n\n ")
+    out = tmp_path / "o"
+    res = run("compress", tiny_dir, "--data", empty, "--out", out)
+    assert_clean_failure(res, out, "empty")
+
+
+def test_unknown_recipe_key(tiny_dir, tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("rato: 0.5\n")
+    out = tmp_path / "o"
+    res = run("compress", tiny_dir, "--config", recipe, "--out", out)
+    assert_clean_failure(res, out, "unknown config key(s) rato", "accepted:")
+
+
+def test_existing_output_is_not_overwritten(tiny_dir, text_file, tmp_path):
+    out = tmp_path / "keep"
+    out.mkdir()
+    (out / "precious.txt").write_text("x")
+    res = run("compress", tiny_dir, *small(text_file), "--out", out)
+    assert res.exit_code == 2 and "--overwrite" in res.output
+    assert (out / "precious.txt").read_text() == "x"
