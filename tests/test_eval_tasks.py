@@ -1,0 +1,36 @@
+"""`mptool eval --tasks` with a local lm-eval task YAML (offline, no hub)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from mptool.cli import app
+from test_cli import save_tiny
+
+TASKS = Path(__file__).parent / "data" / "tasks"
+
+
+def test_local_multiple_choice_task(tmp_path, tokenizer_dir, text_file):
+    model = save_tiny("llama", tokenizer_dir, tmp_path / "m")
+    # lm-eval resolves data_files against the working directory: point the copy at this checkout.
+    yaml_text = (TASKS / "austen_mc.yaml").read_text().replace(
+        "tests/data/tasks/austen_mc.jsonl", str(TASKS / "austen_mc.jsonl"))
+    task = tmp_path / "austen_mc.yaml"
+    task.write_text(yaml_text)
+    out = tmp_path / "eval.json"
+    res = CliRunner().invoke(app, ["eval", str(model), "--data", str(text_file), "--eval-tokens", "256",
+                                   "--tasks", str(task), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    data = json.loads(out.read_text())
+    acc = data["tasks"]["austen_mc"]["acc,none"]
+    assert 0.0 <= acc <= 1.0 and acc * 6 == round(acc * 6)  # 6 questions: a multiple of 1/6
+    assert data["perplexity"]["tokens"] == 255
+
+
+def test_missing_task_file(tmp_path, tokenizer_dir):
+    model = save_tiny("llama", tokenizer_dir, tmp_path / "m")
+    res = CliRunner().invoke(app, ["eval", str(model), "--tasks", str(tmp_path / "nope.yaml")])
+    assert res.exit_code == 2 and "does not exist" in res.output
