@@ -45,3 +45,51 @@ def group_topk(group_scores: torch.Tensor, head_scores: torch.Tensor, kv_keep: i
 def mask_indices(mask: torch.Tensor) -> list[int]:
     """Ascending indices where a 1-D binary mask is set."""
     return torch.nonzero(mask > 0.5).flatten().tolist()
+
+
+def proximal_step(z: torch.Tensor, step: torch.Tensor | float, y: torch.Tensor | float) -> torch.Tensor:
+    """Proximal operator of the penalty ``y * sum(z)`` on the box ``[0, 1]``.
+
+    For ``y >= 0`` the penalty is linear on the box, so its prox is a shift by ``step * y``
+    followed by clipping: a soft threshold that drives the least supported units to exactly 0.
+    ``y`` broadcasts against ``z`` (one multiplier per layer: shape ``[layers, 1]``).
+    """
+    return (z - step * y).clamp(0.0, 1.0)
+
+
+def dual_update(y: torch.Tensor, violation: torch.Tensor, rho: float) -> torch.Tensor:
+    """Projected dual ascent ``y <- max(0, y + rho * violation)``."""
+    return (y + rho * violation).clamp_min(0.0)
+
+
+def violation(z: torch.Tensor, target: torch.Tensor | float) -> torch.Tensor:
+    """Normalised constraint violation per row: ``(sum(z) - s) / units`` (positive: too many kept)."""
+    return (z.sum(-1) - target) / z.shape[-1]
+
+
+def anneal(dense: float, final: float, step: int, warmup: int) -> float:
+    """Linear schedule of a target from the dense size to ``final`` over ``warmup`` steps, then hold."""
+    if warmup <= 0:
+        return final
+    frac = min(1.0, max(0.0, step / warmup))
+    return dense + (final - dense) * frac
+
+
+def straight_through(soft: torch.Tensor, hard: torch.Tensor) -> torch.Tensor:
+    """Forward ``hard * soft`` (only kept units, at their learned scale); backward as ``soft``.
+
+    Units outside the top-k still get gradients, so they can win their place back.
+    """
+    return soft + (hard * soft - soft).detach()
+
+
+def binarity(z: torch.Tensor, low: float = 0.05, high: float = 0.95) -> float:
+    """Fraction of mask values strictly between ``low`` and ``high`` (0: fully binary)."""
+    return ((z > low) & (z < high)).float().mean().item()
+
+
+def init_from_scores(scores: torch.Tensor, low: float = 0.5) -> torch.Tensor:
+    """Mask initialisation from one-shot scores: rank-linear in ``[low, 1]`` per row (best = 1)."""
+    n = scores.shape[-1]
+    ranks = scores.argsort(-1, descending=True).argsort(-1).float()
+    return 1.0 - (1.0 - low) * ranks / max(n - 1, 1)

@@ -1,0 +1,151 @@
+"""Loading user text and cutting it into token blocks (offline, tiny tokenizer)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import SAMPLE_TEXT
+from mptool import data
+from mptool.data import EVAL_BOOK, TRAIN_BOOKS, eval_token_stream, load_texts, token_blocks
+from mptool.errors import MptoolError
+
+
+@pytest.fixture
+def tokenizer(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+def test_txt_file_is_one_document(text_file):
+    texts = load_texts(str(text_file))
+    assert texts == [SAMPLE_TEXT * 40]
+
+
+def test_folder_of_txt_files_sorted(tmp_path):
+    (tmp_path / "b.txt").write_text("second")
+    (tmp_path / "a.txt").write_text("first")
+    (tmp_path / "c.txt").write_text("  \n")  # whitespace-only documents are dropped
+    (tmp_path / "notes.md").write_text("ignored")
+    assert load_texts(tmp_path) == ["first", "second"]
+
+
+def test_jsonl_text_field(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text("\n".join(json.dumps({"text": t, "id": i}) for i, t in enumerate("xyz")) + "\n\n")
+    assert load_texts(str(p)) == ["x", "y", "z"]
+
+
+def test_jsonl_without_text_field(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps({"content": "no"}) + "\n")
+    with pytest.raises(MptoolError, match='line 2 .* no "text" field'):
+        load_texts(str(p))
+
+
+@pytest.mark.parametrize("as_dict", [False, True])
+def test_saved_datasets_folder(tmp_path, as_dict):
+    import datasets
+
+    ds = datasets.Dataset.from_dict({"text": ["one", "two", ""], "n": [1, 2, 3]})
+    if as_dict:
+        ds = datasets.DatasetDict({"train": ds, "test": ds.select([0])})
+    ds.save_to_disk(str(tmp_path / "ds"))
+    assert load_texts(str(tmp_path / "ds")) == ["one", "two"]
+
+
+def test_saved_dataset_without_text_column(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_dict({"body": ["x"]}).save_to_disk(str(tmp_path / "ds"))
+    with pytest.raises(MptoolError, match='no "text" column'):
+        load_texts(str(tmp_path / "ds"))
+
+
+def test_empty_file(tmp_path):
+    p = tmp_path / "empty.txt"
+    p.write_text(" \n\t\n")
+    with pytest.raises(MptoolError, match="data .*empty.txt is empty"):
+        load_texts(str(p))
+
+
+@pytest.mark.parametrize(
+    "name", ["./nope.txt", "/no/such/corpus", "~/no-such-corpus-dir", "x.jsonl"]
+)
+def test_missing_path(name):
+    with pytest.raises(MptoolError, match="does not exist; give a .txt file") as err:
+        load_texts(name)
+    assert "\n" not in str(err.value)
+
+
+def test_unsupported_file(tmp_path):
+    p = tmp_path / "d.csv"
+    p.write_text("text\nhello\n")
+    with pytest.raises(MptoolError, match="not .txt or .jsonl"):
+        load_texts(str(p))
+
+
+def test_token_blocks_shapes(tokenizer):
+    text = SAMPLE_TEXT * 40
+    full = eval_token_stream(tokenizer, text, None)
+    blocks = token_blocks(tokenizer, text, seq_len=32, max_tokens=320)
+    assert blocks.dtype == torch.long and blocks.shape == (10, 32)
+    assert torch.equal(blocks.flatten(), full[:320])
+    # partial last block dropped; offset skips tokens; no cap uses everything
+    blocks = token_blocks(tokenizer, text, seq_len=50, max_tokens=149, offset_tokens=7)
+    assert blocks.shape == (2, 50) and torch.equal(blocks.flatten(), full[7:107])
+    blocks = token_blocks(tokenizer, text, seq_len=64, max_tokens=None)
+    assert blocks.shape == (full.numel() // 64, 64)
+
+
+def test_token_blocks_prefix_matches_full_tokenization(tokenizer):
+    """A capped call tokenizes only a prefix of long text, with the same ids as the full text."""
+    text = SAMPLE_TEXT * 400  # ~280 k characters
+    full = eval_token_stream(tokenizer, text, None)
+    for offset in (0, 1, 5000):
+        blocks = token_blocks(tokenizer, text, seq_len=128, max_tokens=1000, offset_tokens=offset)
+        assert torch.equal(blocks.flatten(), full[offset : offset + 896])
+
+
+def test_token_blocks_joins_documents_with_eos(tokenizer):
+    blocks = token_blocks(tokenizer, ["Emma Woodhouse", "Sir Walter"], seq_len=1, max_tokens=None)
+    assert tokenizer.eos_token_id in blocks.flatten().tolist()
+    assert tokenizer.decode(blocks.flatten()) == "Emma Woodhouse</s>Sir Walter"
+
+
+def test_token_blocks_too_short(tokenizer):
+    with pytest.raises(MptoolError, match="need at least one block of 4096"):
+        token_blocks(tokenizer, "a short text", seq_len=4096, max_tokens=None)
+    with pytest.raises(MptoolError, match="after skipping"):
+        token_blocks(tokenizer, SAMPLE_TEXT, seq_len=8, max_tokens=100, offset_tokens=10**6)
+
+
+def test_eval_token_stream(tokenizer):
+    ids = eval_token_stream(tokenizer, SAMPLE_TEXT * 10, 100)
+    assert ids.shape == (100,) and ids.dtype == torch.long
+    with pytest.raises(MptoolError, match="at least 2"):
+        eval_token_stream(tokenizer, "", None)
+
+
+def test_split_is_fixed():
+    assert EVAL_BOOK == "persuasion"
+    assert EVAL_BOOK not in TRAIN_BOOKS and len(TRAIN_BOOKS) == 5
+    assert set(TRAIN_BOOKS) | {EVAL_BOOK} == set(data.BOOKS)
+
+
+@pytest.mark.slow
+def test_default_corpus():
+    """Needs apt-get (network on first use); later runs reuse the cache."""
+    folder = data.default_corpus_dir()
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert set(manifest["books"]) == set(data.BOOKS)
+    for book, info in manifest["books"].items():
+        text = (folder / f"{book}.txt").read_text(encoding="utf-8")
+        assert len(text) == info["chars"] and text.count("\n") + 1 == info["lines"]
+    train, held_out = data.default_texts()
+    assert held_out.startswith("Persuasion") and "Sir Walter Elliot" in held_out
+    assert "Sir Walter Elliot" not in train and "Emma Woodhouse" in train
+    assert len(train) > 3_000_000 and len(held_out) > 400_000
