@@ -183,6 +183,7 @@ def build_report(cfg: CompressConfig, d: Dims, target: Target, dense: Any, prune
 
 
 def print_report(report: dict[str, Any]) -> None:
+    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"mptool compress ({report['method']})")
@@ -193,6 +194,6 @@ def print_report(report: dict[str, Any]) -> None:
         table.add_row(name, str(r["kv_heads"]), str(r["heads_per_group"]), str(r["num_attention_heads"]),
                       str(r["ffn"]), f"{r['total_params']:,}", f"{r['prunable_params']:,}",
                       f"{r['perplexity']['ppl']:.2f}")
-    console.print(table)
+    Console(width=120).print(table)
     console.print(f"removed {report['prunable_removed']:.1%} of prunable parameters; "
                   f"perplexity x{report['ppl_ratio']:.2f} on {report['pruned']['perplexity']['protocol']['text']}")

@@ -373,3 +373,27 @@ def describe(d: Dims, t: Target) -> dict[str, Any]:
         "total_params": total_params(d, t),
         "prunable_kept": round(kept_fraction(d, t), 4),
     }
+
+
+def continuous_params(d: Dims, kv_heads: float, heads_per_group: float, ffn: float) -> float:
+    """Prunable parameters at a continuous (relaxed) target, for the budget constraint P(s)."""
+    return d.num_layers * (attention_params(d, kv_heads, kv_heads * heads_per_group) + ffn_params(d, ffn))
+
+
+def snap(d: Dims, kv_heads: float, heads_per_group: float, ffn: float, budget: float,
+         tp: Iterable[int] = (1,), ffn_multiple: int = 64) -> Target:
+    """The legal target within ``budget`` (prunable parameters) nearest a continuous target.
+
+    Distance is measured in fractions of each dense size, so no unit type dominates; ties go
+    to the target that keeps more parameters.
+    """
+    legal = [t for t in all_legal(d, tp, ffn_multiple) if prunable_params(d, t) <= budget]
+    if not legal:
+        raise MptoolError(f"no legal target keeps at most {budget:,.0f} prunable parameters")
+
+    def distance(t: Target) -> tuple[float, float]:
+        return (((t.kv_heads - kv_heads) / d.num_kv_heads) ** 2
+                + ((t.heads_per_group - heads_per_group) / d.heads_per_group) ** 2
+                + ((t.ffn - ffn) / d.intermediate_size) ** 2, -prunable_params(d, t))
+
+    return min(legal, key=distance)

@@ -1,0 +1,461 @@
+"""MaskPrune: uniform structured masks learned by a minimax (Lagrangian) optimisation.
+
+The stateful part: hooks, optimisers, schedules, checkpoints. The maths lives in
+:mod:`mptool.masks`. Per decoder layer ``l`` there are masks on KV groups ``zg[l, g]``, on query
+heads inside each group ``zh[l, g, r]`` and on FFN channels ``zf[l, c]``; a head's effective
+mask is ``zg * zh``. The problem solved is
+
+    min_{z in [0,1], LoRA, s}  max_{y >= 0, mu >= 0}
+        KD(teacher || student_z) + sum_{k,l} y_{k,l} (sum_i z_{k,l,i} - s_k) + mu (P(s) - B)
+
+* the KD loss is KL at temperature T between the dense model (LoRA disabled, masks at 1: no
+  second copy of the weights) and the masked model with LoRA; an LM loss can be added;
+* masks take a gradient step on the KD loss (normalised by one running RMS shared by all mask
+  types, so their relative importance survives), then the proximal step of the penalty
+  (``z <- clip(z - lr * y, 0, 1)``);
+* multipliers take projected dual-ascent steps, ``y <- max(0, y + rho * violation)``;
+* targets ``s`` anneal from dense to final over the warm-up. With ``--ratio`` the final
+  targets are learned: gradient steps on the Lagrangian in ``s`` (``-sum y + mu dP/ds``)
+  under the parameter budget, snapped to the nearest legal shape when the warm-up ends;
+* after the warm-up (``hard_frac`` of the steps) the forward pass uses the hard top-``s_k``
+  mask of each layer times the mask values, with straight-through gradients, so the trained
+  structure is exactly the one kept.
+
+Finish: binarise top-k per layer, merge LoRA, fold the kept mask values into ``o_proj`` /
+``down_proj`` columns, slice with :func:`mptool.surgery.materialize`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from mptool import masks as M
+from mptool.families import get_adapter
+from mptool.hooks import apply_masks
+from mptool.shapes import Dims, Target, continuous_params, prunable_params, snap
+from mptool.surgery import LayerKeep
+
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclass
+class MaskPruneConfig:
+    """Knobs of mask learning (see docs/maskprune.md for what each does)."""
+
+    steps: int = 60
+    """Optimisation steps of mask learning."""
+    max_tokens: int | None = None
+    """Token budget: stop once this many training tokens were seen (None: steps decide)."""
+    batch_size: int = 4
+    lr_mask: float = 0.05
+    """Step size of the masks (on the RMS-normalised KD gradient) and of the proximal shift."""
+    lr_lora: float = 3e-4
+    lora_r: int = 8
+    lora_alpha: int = 16
+    temperature: float = 2.0
+    lm_weight: float = 0.0
+    """Weight of the next-token loss added to the KD loss."""
+    rho: float = 0.5
+    """Dual-ascent step of the per-layer multipliers (on the normalised violation)."""
+    fixed_multiplier: float | None = None
+    """Ablation: hold every multiplier at this value instead of dual ascent."""
+    lr_target: float = 0.05
+    """Multiplicative step of the learned targets when --ratio is used (value-per-parameter
+    reallocation between unit types, then projection onto the annealed budget)."""
+    warmup_frac: float = 0.5
+    """Fraction of steps over which the targets anneal from dense to final."""
+    hard_frac: float = 0.5
+    """Fraction of steps after which the forward pass uses the hard top-k masks."""
+    init: str = "wanda-sp"
+    """Mask initialisation: "wanda-sp" (one-shot scores, rank-linear in [0.5, 1]) or "ones"."""
+    checkpoint_every: int = 20
+    """Save a resumable checkpoint every N steps (0: never)."""
+    kd_distill: bool = True
+    """Ablation: False trains with the LM loss only (LoRA only, no teacher)."""
+
+
+@dataclass
+class MaskState:
+    """Everything that changes during mask learning (what a checkpoint holds, with LoRA)."""
+
+    zg: torch.Tensor
+    zh: torch.Tensor
+    zf: torch.Tensor
+    yg: torch.Tensor
+    yh: torch.Tensor
+    yf: torch.Tensor
+    s: list[float]  # continuous targets (kv_heads, heads_per_group, ffn)
+    mu: float = 0.0
+    grad_sq: float = 0.0
+    step: int = 0
+    tokens: int = 0
+    snapped: list[int] | None = None  # the legal target once fixed
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {k: getattr(self, k) for k in ("zg", "zh", "zf", "yg", "yh", "yf")}
+
+
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher || student) per token at temperature T, scaled by T^2 (Hinton et al.)."""
+    t = temperature
+    logp_s = F.log_softmax(student.float() / t, dim=-1)
+    logp_t = F.log_softmax(teacher.float() / t, dim=-1)
+    kl = (logp_t.exp() * (logp_t - logp_s)).sum(-1)
+    return kl.mean() * t * t
+
+
+def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+
+
+class MaskPrune:
+    """Mask learning on one model. ``run()`` trains; ``keeps()`` and ``finish()`` produce the result."""
+
+    def __init__(self, model: Any, blocks: torch.Tensor, cfg: MaskPruneConfig, *,
+                 target: Target | None = None, budget: float | None = None,
+                 tp: tuple[int, ...] = (1,), ffn_multiple: int = 64,
+                 init_scores: Any = None, seed: int = 0) -> None:
+        from peft import LoraConfig, get_peft_model
+
+        if (target is None) == (budget is None):
+            raise ValueError("give exactly one of target (fixed) or budget (learned targets)")
+        self.cfg, self.blocks, self.seed = cfg, blocks, seed
+        self.d = d = Dims.from_config(model.config)
+        self.target, self.budget, self.tp, self.ffn_multiple = target, budget, tp, ffn_multiple
+        self.dense_prunable = prunable_params(d, d.dense_target())
+        adapter = get_adapter(model.config)
+        torch.manual_seed(seed)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        names = [getattr(adapter, n) for n in LORA_TARGETS]
+        self.model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                                                      lora_dropout=0.0, target_modules=names))
+        L, G, R, I = d.num_layers, d.num_kv_heads, d.heads_per_group, d.intermediate_size
+        if cfg.init == "wanda-sp" and init_scores is not None:
+            zg, zh, zf = (M.init_from_scores(init_scores.groups), M.init_from_scores(init_scores.heads),
+                          M.init_from_scores(init_scores.ffn))
+        elif cfg.init in ("ones", "wanda-sp"):
+            zg, zh, zf = torch.ones(L, G), torch.ones(L, G, R), torch.ones(L, I)
+        else:
+            raise ValueError(f"unknown mask init {cfg.init!r}")
+        final = target or d.dense_target()
+        self.state = MaskState(zg=zg.clone(), zh=zh.clone(), zf=zf.clone(), yg=torch.zeros(L),
+                               yh=torch.zeros(L, G), yf=torch.zeros(L),
+                               s=[float(final.kv_heads), float(final.heads_per_group), float(final.ffn)],
+                               snapped=[final.kv_heads, final.heads_per_group, final.ffn] if target else None)
+        self.lora_params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.lora_params, lr=cfg.lr_lora, weight_decay=0.0)
+        self._masks_on = True
+        self._heads: list[torch.Tensor] = []
+        self._ffn: list[torch.Tensor] = []
+        self.hooks = apply_masks(self.model.base_model.model, self._head_mask, self._ffn_mask)
+
+    # ------------------------------------------------------------------ masks in the forward
+
+    def _head_mask(self, layer: int) -> torch.Tensor:
+        return self._heads[layer] if self._masks_on else torch.ones(self.d.num_heads)
+
+    def _ffn_mask(self, layer: int) -> torch.Tensor:
+        return self._ffn[layer] if self._masks_on else torch.ones(self.d.intermediate_size)
+
+    def current_targets(self) -> tuple[float, float, float]:
+        """The per-layer targets at the current step (annealed from dense during the warm-up)."""
+        d, st = self.d, self.state
+        warm = self._warmup_steps()
+        dense = (d.num_kv_heads, d.heads_per_group, d.intermediate_size)
+        final = st.snapped if st.snapped is not None and st.step >= warm else st.s
+        return tuple(M.anneal(a, b, st.step, warm) for a, b in zip(dense, final))  # type: ignore[return-value]
+
+    def _warmup_steps(self) -> int:
+        return max(1, int(self.cfg.warmup_frac * self.cfg.steps))
+
+    def _hard(self) -> bool:
+        return self.state.step >= int(self.cfg.hard_frac * self.cfg.steps)
+
+    def _effective(self, zg: torch.Tensor, zh: torch.Tensor, zf: torch.Tensor) -> None:
+        """Compute every layer's head and FFN mask for this step (soft, or hard straight-through)."""
+        d = self.d
+        if self._hard():
+            kv, hpg, ffn = self.final_target_counts()
+            gmask, hmask = M.group_topk(zg.detach(), zh.detach(), kv, hpg)
+            g = M.straight_through(zg, gmask)
+            h = M.straight_through(zh, (hmask > 0).float())
+            f = M.straight_through(zf, M.topk_mask(zf.detach(), ffn))
+        else:
+            g, h, f = zg, zh, zf
+        heads = (g.unsqueeze(-1) * h).reshape(d.num_layers, d.num_heads)
+        self._heads = list(heads.unbind(0))
+        self._ffn = list(f.unbind(0))
+
+    def final_target_counts(self) -> tuple[int, int, int]:
+        st = self.state
+        if st.snapped is None:
+            self._snap()
+        return tuple(st.snapped)  # type: ignore[return-value]
+
+    def _snap(self) -> None:
+        st = self.state
+        t = snap(self.d, *st.s, budget=self.budget, tp=self.tp, ffn_multiple=self.ffn_multiple)
+        st.snapped = [t.kv_heads, t.heads_per_group, t.ffn]
+
+    # ------------------------------------------------------------------ one step
+
+    def _batch(self) -> torch.Tensor:
+        n, bs = len(self.blocks), self.cfg.batch_size
+        start = (self.state.step * bs) % n
+        idx = [(start + i) % n for i in range(bs)]
+        return self.blocks[idx]
+
+    def step(self) -> dict[str, float]:
+        cfg, st, d = self.cfg, self.state, self.d
+        ids = self._batch()
+        teacher = None
+        if cfg.kd_distill:
+            self._masks_on = False
+            with torch.no_grad(), self.model.disable_adapter():
+                teacher = self.model(ids).logits
+            self._masks_on = True
+        zg, zh, zf = (st.zg.clone().requires_grad_(True), st.zh.clone().requires_grad_(True),
+                      st.zf.clone().requires_grad_(True))
+        self._effective(zg, zh, zf)
+        logits = self.model(ids).logits
+        kd = kd_loss(logits, teacher, cfg.temperature) if teacher is not None else torch.zeros(())
+        lm = lm_loss(logits, ids) if (cfg.lm_weight or teacher is None) else torch.zeros(())
+        loss = kd + (cfg.lm_weight if teacher is not None else 1.0) * lm
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+
+        with torch.no_grad():
+            grads = [zg.grad, zh.grad, zf.grad]
+            sq = sum(float((g * g).sum()) for g in grads) / sum(g.numel() for g in grads)
+            st.grad_sq = sq if st.step == 0 else 0.9 * st.grad_sq + 0.1 * sq
+            rms = math.sqrt(st.grad_sq) + 1e-12
+            s_kv, s_h, s_f = self.current_targets()
+            y = self._multipliers()
+            st.zg = M.proximal_step(st.zg - cfg.lr_mask * zg.grad / rms, cfg.lr_mask, y["g"].unsqueeze(-1))
+            st.zh = M.proximal_step(st.zh - cfg.lr_mask * zh.grad / rms, cfg.lr_mask, y["h"].unsqueeze(-1))
+            st.zf = M.proximal_step(st.zf - cfg.lr_mask * zf.grad / rms, cfg.lr_mask, y["f"].unsqueeze(-1))
+            vg, vh, vf = (M.violation(st.zg, s_kv), M.violation(st.zh, s_h), M.violation(st.zf, s_f))
+            if cfg.fixed_multiplier is None:
+                st.yg = M.dual_update(st.yg, vg, cfg.rho)
+                st.yh = M.dual_update(st.yh, vh, cfg.rho)
+                st.yf = M.dual_update(st.yf, vf, cfg.rho)
+            if self.budget is not None and st.snapped is None:
+                self._target_step()
+        st.step += 1
+        st.tokens += ids.numel()
+        if self.budget is not None and st.snapped is None and st.step >= self._warmup_steps():
+            self._snap()
+        hard_v = self._hard_violation()
+        return {
+            "step": st.step, "tokens": st.tokens, "loss": loss.item(), "kd": kd.item(), "lm": lm.item(),
+            "viol_kv": float(vg.clamp_min(0).max()), "viol_heads": float(vh.clamp_min(0).max()),
+            "viol_ffn": float(vf.clamp_min(0).max()), "hard_violation": hard_v,
+            "y_kv": float(st.yg.mean()), "y_heads": float(st.yh.mean()), "y_ffn": float(st.yf.mean()),
+            "y_max": float(max(st.yg.max(), st.yh.max(), st.yf.max())), "mu": st.mu,
+            "s_kv": s_kv, "s_heads": s_h, "s_ffn": s_f,
+            "binarity": M.binarity(torch.cat([st.zg.flatten(), st.zh.flatten(), st.zf.flatten()])),
+            "hard": self._hard(),
+        }
+
+    def _multipliers(self) -> dict[str, torch.Tensor]:
+        st, fixed = self.state, self.cfg.fixed_multiplier
+        if fixed is None:
+            return {"g": st.yg, "h": st.yh, "f": st.yf}
+        return {"g": torch.full_like(st.yg, fixed), "h": torch.full_like(st.yh, fixed),
+                "f": torch.full_like(st.yf, fixed)}
+
+    def _target_step(self) -> None:
+        """Move the continuous targets toward the unit type with the highest value per parameter.
+
+        A multiplier ``y`` is the marginal value of one more unit of its type (how hard the
+        distillation gradient pushes against the constraint); divided by the unit's parameter
+        cost it is a value per parameter. Targets grow where that value is above the
+        parameter-weighted mean and shrink where it is below, then are projected back onto the
+        (annealed) budget ``P(s) = B``: the budget multiplier is enforced exactly by the
+        projection, and ``mu`` is reported as the implied price (the weighted mean value).
+        """
+        d, st, cfg = self.d, self.state, self.cfg
+        kv, hpg, ffn = st.s
+        head = 2 * d.hidden_size * d.head_dim
+        cost = [head * (1 + hpg), head * kv, 3 * d.hidden_size]  # dP/ds_k per layer
+        value = [float(st.yg.mean()),
+                 float((st.yh * st.zg.clamp(0, 1)).sum(-1).mean()),
+                 float(st.yf.mean())]
+        per_param = [v / c for v, c in zip(value, cost)]
+        share = [c * s_k for c, s_k in zip(cost, st.s)]
+        mean = sum(p * w for p, w in zip(per_param, share)) / sum(share)
+        st.mu = mean
+        s_new = list(st.s)
+        if mean > 0:
+            s_new = [s_k * math.exp(cfg.lr_target * max(-3.0, min(3.0, p / mean - 1.0)))
+                     for s_k, p in zip(st.s, per_param)]
+        budget_now = M.anneal(self.dense_prunable, self.budget, st.step + 1, self._warmup_steps())
+        st.s = self._project(s_new, budget_now)
+
+    def _project(self, s: list[float], budget: float) -> list[float]:
+        """Scale all targets by one factor (clipped to [1, dense]) so that P(s) = budget."""
+        d = self.d
+        dense = (d.num_kv_heads, d.heads_per_group, d.intermediate_size)
+
+        def at(alpha: float) -> list[float]:
+            return [min(float(n), max(1.0, v * alpha)) for v, n in zip(s, dense)]
+
+        lo, hi = 0.0, 1.0
+        while continuous_params(d, *at(hi)) < budget and hi < 1e6:
+            hi *= 2
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if continuous_params(d, *at(mid)) < budget else (lo, mid)
+        return at(lo)
+
+    def _hard_violation(self) -> float:
+        """Max over layers of |units kept by the hard top-k - target| / units (0 once uniform)."""
+        if self.state.snapped is None:
+            return float("nan")
+        keeps = self.keeps()
+        kv, hpg, ffn = self.state.snapped
+        worst = 0.0
+        for k in keeps:
+            worst = max(worst, abs(len(k.kv_groups) - kv) / self.d.num_kv_heads,
+                        abs(len(k.ffn) - ffn) / self.d.intermediate_size,
+                        max((abs(len(h) - hpg) for h in k.heads), default=0) / self.d.heads_per_group)
+        return worst
+
+    # ------------------------------------------------------------------ results
+
+    def keeps(self) -> list[LayerKeep]:
+        """Binarise: per layer, the top units by mask value, exactly the target everywhere."""
+        kv, hpg, ffn = self.final_target_counts()
+        gmask, hmask = M.group_topk(self.state.zg, self.state.zh, kv, hpg)
+        fmask = M.topk_mask(self.state.zf, ffn)
+        out = []
+        for layer in range(self.d.num_layers):
+            groups = M.mask_indices(gmask[layer])
+            out.append(LayerKeep(groups, [M.mask_indices(hmask[layer, g]) for g in groups],
+                                 M.mask_indices(fmask[layer])))
+        return out
+
+    def finish(self) -> tuple[Any, list[LayerKeep]]:
+        """Merge LoRA, fold the kept mask values into o_proj/down_proj, slice. Returns (model, keeps)."""
+        from mptool.surgery import materialize
+
+        keeps = self.keeps()
+        self.hooks.remove()
+        base = self.model.merge_and_unload()
+        d, st = self.d, self.state
+        adapter = get_adapter(base.config)
+        heads = (st.zg.unsqueeze(-1) * st.zh).reshape(d.num_layers, d.num_heads)
+        with torch.no_grad():
+            for layer, (mod, k) in enumerate(zip(adapter.decoder_layers(base), keeps)):
+                o = getattr(adapter.attention(mod), adapter.o)
+                o.weight.mul_(heads[layer].repeat_interleave(d.head_dim).to(o.weight.dtype))
+                down = getattr(adapter.ffn(mod), adapter.down)
+                down.weight.mul_(st.zf[layer].to(down.weight.dtype))
+        for p in base.parameters():
+            p.requires_grad_(False)
+        return materialize(base, keeps), keeps
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self, folder: Path) -> None:
+        """Masks, multipliers, targets, LoRA weights, optimiser and RNG states; written atomically."""
+        from peft import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        from mptool.io import atomic_dir
+
+        st = self.state
+        with atomic_dir(folder) as tmp:
+            tensors = {f"mask.{k}": v.contiguous() for k, v in st.tensors().items()}
+            tensors.update({f"lora.{k}": v.contiguous()
+                            for k, v in get_peft_model_state_dict(self.model).items()})
+            save_file(tensors, str(tmp / "state.safetensors"))
+            opt = self.opt.state_dict()
+            opt_tensors, opt_meta = {}, {"param_groups": opt["param_groups"], "state": {}}
+            for pid, s in opt["state"].items():
+                opt_meta["state"][str(pid)] = {}
+                for key, val in s.items():
+                    if torch.is_tensor(val):
+                        opt_tensors[f"{pid}.{key}"] = val.contiguous()
+                    else:
+                        opt_meta["state"][str(pid)][key] = val
+            save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+            scalars = {k: v for k, v in asdict(st).items() if k not in st.tensors()}
+            rng = {"python": _jsonable_rng(random.getstate()), "torch": torch.get_rng_state().tolist()}
+            (tmp / "trainer.json").write_text(json.dumps(
+                {"state": scalars, "optimizer": opt_meta, "rng": rng, "config": asdict(self.cfg)}))
+
+    def load_checkpoint(self, folder: Path) -> None:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        data = load_file(str(folder / "state.safetensors"))
+        meta = json.loads((folder / "trainer.json").read_text())
+        st = self.state
+        for key in st.tensors():
+            setattr(st, key, data[f"mask.{key}"].clone())
+        for key, val in meta["state"].items():
+            setattr(st, key, val)
+        set_peft_model_state_dict(self.model, {k[5:]: v for k, v in data.items() if k.startswith("lora.")})
+        opt_tensors = load_file(str(folder / "optimizer.safetensors"))
+        state = {}
+        for pid, extra in meta["optimizer"]["state"].items():
+            entry = dict(extra)
+            for key, val in opt_tensors.items():
+                p, name = key.split(".", 1)
+                if p == pid:
+                    entry[name] = val
+            state[int(pid)] = entry
+        self.opt.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
+        random.setstate(_tuple_rng(meta["rng"]["python"]))
+        torch.set_rng_state(torch.tensor(meta["rng"]["torch"], dtype=torch.uint8))
+
+    # ------------------------------------------------------------------ loop
+
+    def run(self, metrics_path: Path | None = None, checkpoint_dir: Path | None = None,
+            progress: Callable[..., None] | None = None,
+            stop_after: int | None = None) -> list[dict[str, float]]:
+        """Train until ``cfg.steps`` (or the token budget); checkpoint every ``checkpoint_every``.
+
+        ``stop_after`` ends the loop early at that step (tests use it to simulate a kill).
+        """
+        cfg, st = self.cfg, self.state
+        history = []
+        self.model.train()
+        while st.step < cfg.steps and (cfg.max_tokens is None or st.tokens < cfg.max_tokens):
+            t0 = time.perf_counter()
+            row = self.step()
+            row["step_s"] = round(time.perf_counter() - t0, 3)
+            history.append(row)
+            if metrics_path is not None:
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+            if progress:
+                progress(1, info=f"kd {row['kd']:.3f} viol {max(row['viol_kv'], row['viol_heads'], row['viol_ffn']):.3f} "
+                                 f"s=({row['s_kv']:.2f},{row['s_heads']:.2f},{row['s_ffn']:.0f}) "
+                                 f"bin {row['binarity']:.2f}")
+            if checkpoint_dir is not None and cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0:
+                self.save_checkpoint(checkpoint_dir)
+            if stop_after is not None and st.step >= stop_after:
+                break
+        self.model.eval()
+        return history
+
+
+def _jsonable_rng(state: tuple) -> list:
+    return [state[0], list(state[1]), state[2]]
+
+
+def _tuple_rng(state: list) -> tuple:
+    return (state[0], tuple(state[1]), state[2])
