@@ -71,11 +71,11 @@ def _tp(value: Optional[str]) -> Optional[list[int]]:
     return sizes
 
 
-@app.command(epilog="Example: mptool compress --method wanda-sp --ratio 0.25 --out runs/smol-25")
+@app.command(epilog="Example: mptool compress --ratio 0.5 --max-steps 60 --out runs/smol-50")
 @user_errors
 def compress(
     model: Optional[str] = ModelArg,
-    method: Optional[str] = typer.Option(None, help="magnitude | wanda-sp | flap"),
+    method: Optional[str] = typer.Option(None, help="maskprune (default) | magnitude | wanda-sp | flap"),
     ratio: Optional[float] = typer.Option(None, help="Fraction of prunable parameters to remove, in (0, 1)."),
     kv_heads: Optional[int] = typer.Option(None, help="Explicit target: KV groups kept per layer."),
     heads_per_group: Optional[int] = typer.Option(None, help="Explicit target: query heads per kept group."),
@@ -91,17 +91,33 @@ def compress(
     overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Replace an existing output folder."),
     seed: Optional[int] = typer.Option(None),
     trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code", help="Allow the model's custom code."),
+    max_steps: Optional[int] = typer.Option(None, help="MaskPrune: mask-learning steps (default 60)."),
+    max_tokens: Optional[int] = typer.Option(None, help="MaskPrune: token budget of mask learning."),
+    recovery_steps: Optional[int] = typer.Option(None, help="LoRA + KD recovery steps after slicing (0: none)."),
+    resume: Optional[str] = typer.Option(None, help="Continue an interrupted run from its <out>.ckpt folder."),
     config: Optional[str] = ConfigOpt,
 ) -> None:
     """Prune a model to a uniform shape and write a plain checkpoint with report.json."""
+    from pathlib import Path
+
     from mptool.config import CompressConfig, load_config
 
+    if resume is not None:
+        saved = Path(resume) / "compress-config.yaml"
+        if not saved.is_file():
+            raise MptoolError(f"--resume {resume} is not a mptool checkpoint folder (no compress-config.yaml); "
+                              "give the <out>.ckpt folder of an interrupted run")
+        from mptool.compress import compress as run
+
+        run(load_config(CompressConfig, saved, {"overwrite": overwrite}), resume=resume)
+        return
     cfg = load_config(CompressConfig, config, {
         "model": model, "method": method, "ratio": ratio, "target.kv_heads": kv_heads,
         "target.heads_per_group": heads_per_group, "target.ffn": ffn, "tp": _tp(tp), "ffn_multiple": ffn_multiple, "data.seq_len": seq_len,
         "data.train": data, "data.eval": eval_data, "data.calib_tokens": calib_tokens,
         "ppl.max_tokens": eval_tokens, "out": out, "overwrite": overwrite, "seed": seed,
-        "trust_remote_code": trust_remote_code,
+        "trust_remote_code": trust_remote_code, "maskprune.steps": max_steps,
+        "maskprune.max_tokens": max_tokens, "recovery.steps": recovery_steps,
     })
     from mptool.compress import compress as run
 

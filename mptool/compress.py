@@ -4,23 +4,26 @@ from __future__ import annotations
 
 import json
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from mptool.config import CompressConfig, save_config, to_dict
 from mptool.errors import MptoolError
 from mptool.evaluate import PplProtocol, perplexity
 from mptool.io import atomic_dir
 from mptool.progress import console, step
-from mptool.shapes import (Dims, Target, balanced_target, check_ratio, describe, validate_target)
+from mptool.shapes import (Dims, Target, balanced_target, check_ratio, describe, prunable_params,
+                           validate_target)
 from mptool.surgery import LayerKeep, materialize, save_keeps
 
 ONE_SHOT = ("magnitude", "wanda-sp", "flap")
-METHODS = ONE_SHOT
+METHODS = ("maskprune", *ONE_SHOT)
 
 
 def validate(cfg: CompressConfig) -> None:
@@ -122,47 +125,162 @@ def param_count(model: Any) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
-def compress(cfg: CompressConfig) -> dict[str, Any]:
-    """Run the whole compress job; returns the report (also written to ``<out>/report.json``)."""
+def plan_target(cfg: CompressConfig, d: Dims) -> tuple[Target | None, float | None]:
+    """(fixed target, None) or, for MaskPrune with a ratio, (None, parameter budget) to learn under."""
+    if cfg.method == "maskprune" and not cfg.target.is_set():
+        ratio = cfg.ratio if cfg.ratio is not None else CompressConfig.DEFAULT_RATIO
+        return None, (1.0 - ratio) * prunable_params(d, d.dense_target())
+    return resolve_target(cfg, d), None
+
+
+def checkpoint_dir(cfg: CompressConfig) -> Path:
+    out = Path(cfg.out)
+    return out.parent / f"{out.name}.ckpt"
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str, Any]:
+    """Run the whole compress job; returns the report (also written to ``<out>/report.json``).
+
+    Stages: dense perplexity -> kept units (MaskPrune or a one-shot score) -> slice ->
+    recovery (LoRA + KD, optional) -> held-out perplexity -> atomic write of checkpoint, report,
+    metrics and plots. MaskPrune checkpoints every ``maskprune.checkpoint_every`` steps into
+    ``<out>.ckpt``; ``resume`` continues from such a folder.
+    """
     from mptool.data import eval_token_stream, token_blocks
     from mptool.models import load_model
 
     validate(cfg)
     torch.manual_seed(cfg.seed)
+    timings: dict[str, float] = {}
     started = time.perf_counter()
     texts, eval_text, eval_name = load_texts_for(cfg.data)
-    target = resolve_target(cfg, model_dims(cfg.model, cfg.trust_remote_code))
+    fixed, budget = plan_target(cfg, model_dims(cfg.model, cfg.trust_remote_code))
     with console.status("loading model"):
         model, tokenizer = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
     d = Dims.from_config(model.config)
-    console.print(f"dense {d.dense_target()} -> target {target}")
+    dense_count = param_count(model)
+    console.print(f"dense {d.dense_target()} -> " + (f"target {fixed}" if fixed else
+                  f"learned target within {budget:,.0f} prunable parameters"))
     eval_ids = eval_token_stream(tokenizer, eval_text, cfg.ppl.max_tokens)
     protocol = PplProtocol(cfg.ppl.window, cfg.ppl.stride, cfg.ppl.max_tokens, eval_name)
-    blocks = token_blocks(tokenizer, texts, cfg.data.seq_len, cfg.data.calib_tokens)
-
+    calib = token_blocks(tokenizer, texts, cfg.data.seq_len, cfg.data.calib_tokens)
     dense_ppl = measure_ppl(model, eval_ids, protocol, "dense")
-    keeps = one_shot_keeps(model, cfg.method, blocks, target)
-    pruned = materialize(model, keeps)
-    pruned_ppl = measure_ppl(pruned, eval_ids, protocol, "pruned")
 
-    report = build_report(cfg, d, target, model, pruned, dense_ppl, pruned_ppl,
-                          {"total_s": round(time.perf_counter() - started, 1)})
+    ckpt = Path(resume) if resume else checkpoint_dir(cfg)
+    ckpt_parent = ckpt.parent / f".{ckpt.name}.work"
+    ckpt_parent.mkdir(parents=True, exist_ok=True)
+    metrics = ckpt_parent / "metrics.jsonl"
+    history: list[dict] = []
+    extra: dict[str, Any] = {}
+    mask_cfg, rec_cfg = cfg.maskprune, cfg.recovery
+    train_tokens = max(mask_cfg.steps * mask_cfg.batch_size if cfg.method == "maskprune" else 0,
+                        rec_cfg.steps * rec_cfg.batch_size) * cfg.data.seq_len
+    blocks = token_blocks(tokenizer, texts, cfg.data.seq_len, max(train_tokens, cfg.data.seq_len))
+
+    t0 = time.perf_counter()
+    if cfg.method == "maskprune":
+        from mptool.baselines import calibrate, score
+        from mptool.maskprune import MaskPrune
+
+        scores = None
+        if mask_cfg.init == "wanda-sp":
+            with step(f"calibrate ({len(calib)} x {calib.shape[1]} tokens)", total=len(calib)) as advance:
+                o_stats, d_stats = calibrate(model, calib, progress=advance)
+            scores = score(model, "wanda-sp", o_stats, d_stats)
+        trainer = MaskPrune(model, blocks, mask_cfg, target=fixed, budget=budget, tp=tuple(cfg.tp),
+                            ffn_multiple=cfg.ffn_multiple, init_scores=scores, seed=cfg.seed)
+        trainer.extra_files = {"compress-config.yaml": yaml.safe_dump(to_dict(cfg), sort_keys=False)}
+        if resume:
+            trainer.load_checkpoint(ckpt)
+            kept = [r for r in _read_jsonl(metrics) if r.get("step", 0) <= trainer.state.step]
+            metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            console.print(f"resumed from {ckpt} at step {trainer.state.step}")
+        else:
+            metrics.unlink(missing_ok=True)
+        with step("mask learning", total=mask_cfg.steps) as advance:
+            advance(trainer.state.step)
+            history = trainer.run(metrics, ckpt, progress=advance)
+        pruned, keeps = trainer.finish()
+        history = _read_jsonl(metrics) or history
+        extra["maskprune"] = {
+            "steps": trainer.state.step, "tokens": trainer.state.tokens,
+            "final_violation": history[-1]["hard_violation"] if history else None,
+            "binarity": history[-1]["binarity"] if history else None,
+            "learned_targets": history[-1] and [history[-1]["s_kv"], history[-1]["s_heads"], history[-1]["s_ffn"]],
+            "step_s_median": _median([r["step_s"] for r in history]),
+        }
+        del trainer
+    else:
+        keeps = one_shot_keeps(model, cfg.method, calib, fixed)
+        pruned = materialize(model, keeps)
+    timings["prune_s"] = round(time.perf_counter() - t0, 1)
+    target = keeps[0].target()
+
+    if rec_cfg.steps > 0:
+        from mptool.recover import recover
+
+        extra["before_recovery"] = measure_ppl(pruned, eval_ids, protocol, "pruned, before recovery")
+        t0 = time.perf_counter()
+        if cfg.method == "maskprune":  # the trainer merged into the dense weights: reload the teacher
+            model = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)[0]
+        with step(f"recovery (LoRA + KD, teacher in {rec_cfg.teacher})", total=rec_cfg.steps) as advance:
+            pruned, rec_history = recover(pruned, blocks, rec_cfg, teacher=model,
+                                          cache_path=ckpt_parent / "teacher-topk.safetensors",
+                                          metrics_path=metrics, progress=advance)
+        history += rec_history
+        timings["recovery_s"] = round(time.perf_counter() - t0, 1)
+        extra["recovery"] = {"steps": len(rec_history), "tokens": rec_history[-1]["tokens"] if rec_history else 0,
+                             "step_s_median": _median([r["step_s"] for r in rec_history])}
+    del model
+    pruned_ppl = measure_ppl(pruned, eval_ids, protocol, "pruned")
+    timings["total_s"] = round(time.perf_counter() - started, 1)
+    timings["peak_rss_mb"] = round(peak_rss_mb(), 1)
+
+    report = build_report(cfg, d, target, dense_count, pruned, dense_ppl, pruned_ppl, timings)
+    report.update(extra)
     with atomic_dir(cfg.out) as tmp:
         pruned.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         save_keeps(keeps, tmp / "keeps.json")
         save_config(cfg, tmp / "mptool-config.yaml")
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
+        if history:
+            from mptool.plots import training_curves
+
+            (tmp / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+            training_curves(history, tmp / "training.png")
+        from mptool.plots import kept_heatmap
+
+        kept_heatmap(keeps, d.num_kv_heads, d.heads_per_group, d.intermediate_size, tmp / "kept_units.png")
+    shutil.rmtree(ckpt, ignore_errors=True)
+    shutil.rmtree(ckpt_parent, ignore_errors=True)
     print_report(report)
     return report
 
 
-def build_report(cfg: CompressConfig, d: Dims, target: Target, dense: Any, pruned: Any,
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _median(xs: list[float]) -> float | None:
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if xs else None
+
+
+def build_report(cfg: CompressConfig, d: Dims, target: Target, dense_count: int, pruned: Any,
                  dense_ppl: dict, pruned_ppl: dict, timings: dict) -> dict[str, Any]:
     import transformers
 
     dense_desc, pruned_desc = describe(d, d.dense_target()), describe(d, target)
-    dense_desc["params_counted"] = param_count(dense)
+    dense_desc["params_counted"] = dense_count
     pruned_desc["params_counted"] = param_count(pruned)
     return {
         "mptool_report": 1,

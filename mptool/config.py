@@ -18,6 +18,10 @@ import yaml
 
 from mptool.errors import MptoolError
 
+if typing.TYPE_CHECKING:
+    from mptool.maskprune import MaskPruneConfig
+    from mptool.recover import RecoveryConfig
+
 T = TypeVar("T")
 
 
@@ -60,14 +64,26 @@ class PplConfig:
     max_tokens: int = 16384
 
 
+def _maskprune_config():
+    from mptool.maskprune import MaskPruneConfig
+
+    return MaskPruneConfig()
+
+
+def _recovery_config():
+    from mptool.recover import RecoveryConfig
+
+    return RecoveryConfig()
+
+
 @dataclass
 class CompressConfig:
     """`mptool compress`: prune a model to a uniform target and write a plain checkpoint."""
 
     model: str | None = None
     """HF model folder (config.json + *.safetensors) or hub id; None: embedded SmolLM2-135M."""
-    method: str = "wanda-sp"
-    """Pruning method: magnitude, wanda-sp or flap (one-shot)."""
+    method: str = "maskprune"
+    """Pruning method: maskprune (learned masks, the default), or one-shot magnitude, wanda-sp, flap."""
     ratio: float | None = None
     """Fraction of prunable parameters to remove, in (0, 1); used when no explicit target."""
     target: TargetConfig = field(default_factory=TargetConfig)
@@ -77,6 +93,9 @@ class CompressConfig:
     """FFN widths are multiples of this (kernel-friendly)."""
     data: DataConfig = field(default_factory=DataConfig)
     ppl: PplConfig = field(default_factory=PplConfig)
+    maskprune: "MaskPruneConfig" = field(default_factory=_maskprune_config)
+    recovery: "RecoveryConfig" = field(default_factory=_recovery_config)
+    """LoRA + distillation after slicing (any method; steps: 0 turns it off)."""
     out: str = "runs/compressed"
     """Output folder (written atomically)."""
     overwrite: bool = False
@@ -152,9 +171,17 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+def _hints(cls: type) -> dict[str, Any]:
+    from mptool.maskprune import MaskPruneConfig
+    from mptool.recover import RecoveryConfig
+
+    return typing.get_type_hints(cls, localns={"MaskPruneConfig": MaskPruneConfig,
+                                               "RecoveryConfig": RecoveryConfig})
+
+
 def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     """Build ``cls`` from a (nested) dict; unknown keys are a user error."""
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:

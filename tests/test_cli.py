@@ -35,7 +35,7 @@ def tiny_dir(tmp_path, tokenizer_dir) -> Path:
 
 def small(text_file: Path) -> list[str]:
     return ["--data", str(text_file), "--eval-data", str(text_file), "--calib-tokens", "512",
-            "--seq-len", "128", "--eval-tokens", "512"]
+            "--seq-len", "128", "--eval-tokens", "512", "--recovery-steps", "0"]
 
 
 @pytest.mark.parametrize("method", ["magnitude", "wanda-sp", "flap"])
@@ -63,7 +63,7 @@ def test_compress_writes_a_plain_uniform_checkpoint(method, tiny_dir, text_file,
 
 def test_compress_with_ratio_and_yaml_recipe(tiny_dir, text_file, tmp_path):
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(f"method: flap\nratio: 0.5\nffn_multiple: 32\ndata:\n  train: {text_file}\n"
+    recipe.write_text(f"method: flap\nratio: 0.5\nffn_multiple: 32\nrecovery:\n  steps: 0\ndata:\n  train: {text_file}\n"
                       f"  eval: {text_file}\n  calib_tokens: 512\n  seq_len: 128\nppl:\n  max_tokens: 512\n")
     out = tmp_path / "r"
     res = run("compress", tiny_dir, "--config", recipe, "--method", "wanda-sp", "--out", out)
@@ -72,6 +72,67 @@ def test_compress_with_ratio_and_yaml_recipe(tiny_dir, text_file, tmp_path):
     assert report["method"] == "wanda-sp"  # the flag overrides the recipe
     assert report["config"]["ffn_multiple"] == 32  # the recipe overrides the default
     assert 0.45 <= report["prunable_removed"] <= 0.55
+
+
+def maskprune_args(text_file: Path, tmp_path: Path) -> list[str]:
+    recipe = tmp_path / "mp.yaml"
+    recipe.write_text("maskprune:\n  steps: 8\n  batch_size: 2\n  checkpoint_every: 2\n  lr_mask: 0.2\n"
+                      "recovery:\n  steps: 2\n  batch_size: 2\n")
+    return [*small(text_file)[:-2], "--ratio", "0.5", "--ffn-multiple", "32", "--config", str(recipe)]
+
+
+def test_maskprune_is_the_default_and_reports_a_uniform_result(tiny_dir, text_file, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "mp"
+    res = run("compress", tiny_dir, *maskprune_args(text_file, tmp_path), "--out", out)
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["method"] == "maskprune"
+    assert report["maskprune"]["final_violation"] == 0.0 and report["maskprune"]["steps"] == 8
+    assert report["prunable_removed"] >= 0.5 and report["recovery"]["steps"] == 2
+    assert "before_recovery" in report
+    model = AutoModelForCausalLM.from_pretrained(out)
+    shapes = {(l.self_attn.q_proj.out_features, l.self_attn.k_proj.out_features, l.mlp.down_proj.in_features)
+              for l in model.model.layers}
+    assert len(shapes) == 1
+    assert sum(p.numel() for p in model.parameters()) == report["pruned"]["total_params"]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r.get("phase", "mask") == "mask"] == list(range(1, 9))
+    for png in ("training.png", "kept_units.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "mp.ckpt").exists()  # checkpoints go once the result is written
+
+
+def test_killed_run_resumes_to_the_same_result(tiny_dir, text_file, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from mptool.maskprune import MaskPrune
+
+    full = tmp_path / "full"
+    assert run("compress", tiny_dir, *maskprune_args(text_file, tmp_path), "--out", full).exit_code == 0
+
+    original = MaskPrune.step
+
+    def dying_step(self):
+        if self.state.step == 5:
+            raise KeyboardInterrupt  # a kill between checkpoints (saved at steps 2 and 4)
+        return original(self)
+
+    out = tmp_path / "killed"
+    monkeypatch.setattr(MaskPrune, "step", dying_step)
+    res = run("compress", tiny_dir, *maskprune_args(text_file, tmp_path), "--out", out)
+    assert res.exit_code != 0 and not out.exists()
+    ckpt = tmp_path / "killed.ckpt"
+    assert json.loads((ckpt / "trainer.json").read_text())["state"]["step"] == 4
+    monkeypatch.setattr(MaskPrune, "step", original)
+    res = run("compress", "--resume", ckpt)
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "keeps.json").read_text()) == json.loads((full / "keeps.json").read_text())
+    a, b = load_file(str(full / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
 
 
 def test_shapes_lists_legal_targets_as_json(tiny_dir):

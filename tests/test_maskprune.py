@@ -16,7 +16,7 @@ def blocks(vocab: int, n: int = 8, seq: int = 32) -> torch.Tensor:
 
 
 def cfg(**kw) -> MaskPruneConfig:
-    base = dict(steps=8, batch_size=2, lr_mask=0.1, checkpoint_every=0, init="ones")
+    base = dict(steps=8, batch_size=2, lr_mask=0.1, checkpoint_every=0, init="ones", bf16=False)
     base.update(kw)
     return MaskPruneConfig(**base)
 

@@ -1,0 +1,128 @@
+"""Recovery after slicing: LoRA (peft) + distillation from the dense teacher, then merge.
+
+The teacher is either the dense model kept in memory (``teacher="memory"``) or its top-k logits
+computed once and cached to disk as safetensors (``teacher="cache"``), so the dense model need
+not stay loaded while the student trains. The merged result is a plain checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from mptool.families import get_adapter
+from mptool.maskprune import LORA_TARGETS, autocast, kd_loss, lm_loss
+
+
+@dataclass
+class RecoveryConfig:
+    """Knobs of recovery (see docs/maskprune.md)."""
+
+    steps: int = 30
+    """Optimisation steps (0: no recovery)."""
+    max_tokens: int | None = None
+    """Token budget: stop once this many training tokens were seen."""
+    batch_size: int = 4
+    lr: float = 5e-4
+    lora_r: int = 16
+    lora_alpha: int = 32
+    temperature: float = 2.0
+    lm_weight: float = 0.0
+    """Weight of the next-token loss added to KD."""
+    kd: bool = True
+    """Ablation: False fine-tunes with the LM loss only (no teacher)."""
+    teacher: str = "memory"
+    """"memory": the dense model stays loaded; "cache": its top-k logits are cached to disk."""
+    cache_topk: int = 64
+    bf16: bool = True
+
+
+def _topk_kd(student: torch.Tensor, values: torch.Tensor, index: torch.Tensor, t: float) -> torch.Tensor:
+    """KD against cached top-k teacher logits (teacher renormalised over its top k)."""
+    logp_s = F.log_softmax(student.float() / t, dim=-1).gather(-1, index.long())
+    logp_t = F.log_softmax(values.float() / t, dim=-1)
+    return (logp_t.exp() * (logp_t - logp_s)).sum(-1).mean() * t * t
+
+
+def cache_teacher(teacher: Any, blocks: torch.Tensor, batch_size: int, k: int, path: Path,
+                  bf16: bool = True, progress: Callable[..., None] | None = None) -> None:
+    """Top-k teacher logits for every block, written once to ``path`` (safetensors)."""
+    from safetensors.torch import save_file
+
+    values, index = [], []
+    with torch.no_grad(), autocast(bf16):
+        for start in range(0, len(blocks), batch_size):
+            logits = teacher(blocks[start:start + batch_size]).logits.float()
+            top = logits.topk(k, dim=-1)
+            values.append(top.values.to(torch.bfloat16))
+            index.append(top.indices.to(torch.int32))
+            if progress:
+                progress(1)
+    save_file({"values": torch.cat(values), "index": torch.cat(index)}, str(path))
+
+
+def recover(student: Any, blocks: torch.Tensor, cfg: RecoveryConfig, teacher: Any = None,
+            cache_path: Path | None = None, metrics_path: Path | None = None,
+            progress: Callable[..., None] | None = None) -> tuple[Any, list[dict]]:
+    """Train LoRA on ``student`` against the teacher, merge, return ``(plain model, history)``."""
+    from peft import LoraConfig, get_peft_model
+
+    if cfg.teacher not in ("memory", "cache"):
+        raise ValueError(f"teacher must be 'memory' or 'cache', got {cfg.teacher!r}")
+    adapter = get_adapter(student.config)
+    for p in student.parameters():
+        p.requires_grad_(False)
+    model = get_peft_model(student, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                                               target_modules=[getattr(adapter, n) for n in LORA_TARGETS]))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    cached = None
+    if cfg.kd and cfg.teacher == "cache":
+        from safetensors.torch import load_file
+
+        n_blocks = min(len(blocks), cfg.steps * cfg.batch_size)
+        cache_teacher(teacher, blocks[:n_blocks], cfg.batch_size, cfg.cache_topk, cache_path,
+                      cfg.bf16)
+        cached = load_file(str(cache_path))
+    history, tokens = [], 0
+    model.train()
+    for step in range(cfg.steps):
+        if cfg.max_tokens is not None and tokens >= cfg.max_tokens:
+            break
+        t0 = time.perf_counter()
+        idx = [(step * cfg.batch_size + i) % len(blocks) for i in range(cfg.batch_size)]
+        ids = blocks[idx]
+        with autocast(cfg.bf16):
+            logits = model(ids).logits
+        loss_kd = torch.zeros(())
+        if cfg.kd and cached is not None:
+            loss_kd = _topk_kd(logits, cached["values"][idx], cached["index"][idx], cfg.temperature)
+        elif cfg.kd:
+            with torch.no_grad(), autocast(cfg.bf16):
+                t_logits = teacher(ids).logits
+            loss_kd = kd_loss(logits, t_logits, cfg.temperature)
+        loss_lm = lm_loss(logits, ids) if (cfg.lm_weight or not cfg.kd) else torch.zeros(())
+        loss = loss_kd + (cfg.lm_weight if cfg.kd else 1.0) * loss_lm
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        tokens += ids.numel()
+        row = {"phase": "recovery", "step": step + 1, "tokens": tokens, "loss": loss.item(),
+               "kd": loss_kd.item(), "lm": loss_lm.item(), "step_s": round(time.perf_counter() - t0, 3)}
+        history.append(row)
+        if metrics_path is not None:
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+        if progress:
+            progress(1, info=f"loss {row['loss']:.4f}")
+    model.eval()
+    merged = model.merge_and_unload()
+    for p in merged.parameters():
+        p.requires_grad_(False)
+    return merged, history
