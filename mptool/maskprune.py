@@ -56,7 +56,7 @@ class MaskPruneConfig:
     max_tokens: int | None = None
     """Token budget: stop once this many training tokens were seen (None: steps decide)."""
     batch_size: int = 4
-    lr_mask: float = 0.05
+    lr_mask: float = 0.1
     """Step size of the masks (on the RMS-normalised KD gradient) and of the proximal shift."""
     lr_lora: float = 3e-4
     lora_r: int = 8
@@ -64,7 +64,7 @@ class MaskPruneConfig:
     temperature: float = 2.0
     lm_weight: float = 0.0
     """Weight of the next-token loss added to the KD loss."""
-    rho: float = 0.5
+    rho: float = 2.0
     """Dual-ascent step of the per-layer multipliers (on the normalised violation)."""
     fixed_multiplier: float | None = None
     """Ablation: hold every multiplier at this value instead of dual ascent."""
@@ -96,6 +96,9 @@ class MaskState:
     yg: torch.Tensor
     yh: torch.Tensor
     yf: torch.Tensor
+    ig: torch.Tensor  # running first-order importance |z * dL/dz| of each unit (loss units)
+    ih: torch.Tensor
+    if_: torch.Tensor
     s: list[float]  # continuous targets (kv_heads, heads_per_group, ffn)
     mu: float = 0.0
     grad_sq: float = 0.0
@@ -104,7 +107,7 @@ class MaskState:
     snapped: list[int] | None = None  # the legal target once fixed
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {k: getattr(self, k) for k in ("zg", "zh", "zf", "yg", "yh", "yf")}
+        return {k: getattr(self, k) for k in ("zg", "zh", "zf", "yg", "yh", "yf", "ig", "ih", "if_")}
 
 
 def autocast(enabled: bool) -> Any:
@@ -158,6 +161,7 @@ class MaskPrune:
         final = target or d.dense_target()
         self.state = MaskState(zg=zg.clone(), zh=zh.clone(), zf=zf.clone(), yg=torch.zeros(L),
                                yh=torch.zeros(L, G), yf=torch.zeros(L),
+                               ig=torch.zeros(L, G), ih=torch.zeros(L, G, R), if_=torch.zeros(L, I),
                                s=[float(final.kv_heads), float(final.heads_per_group), float(final.ffn)],
                                snapped=[final.kv_heads, final.heads_per_group, final.ffn] if target else None)
         self.lora_params = [p for p in self.model.parameters() if p.requires_grad]
@@ -213,9 +217,31 @@ class MaskPrune:
         return tuple(st.snapped)  # type: ignore[return-value]
 
     def _snap(self) -> None:
-        st = self.state
-        t = snap(self.d, *st.s, budget=self.budget, tp=self.tp, ffn_multiple=self.ffn_multiple)
-        st.snapped = [t.kv_heads, t.heads_per_group, t.ffn]
+        """Fix the legal target within the budget that removes the least learned importance.
+
+        Every legal target within the budget is scored by the first-order importance it would
+        remove from each layer (dropped KV groups, dropped heads of kept groups, dropped FFN
+        channels); the continuous targets break ties (nearest first).
+        """
+        from mptool.shapes import all_legal
+
+        st, d = self.state, self.d
+        legal = [t for t in all_legal(d, self.tp, self.ffn_multiple) if prunable_params(d, t) <= self.budget]
+        if not legal:
+            snap(d, *st.s, budget=self.budget, tp=self.tp, ffn_multiple=self.ffn_multiple)  # raises
+        f_kept = st.if_.sort(-1, descending=True).values.cumsum(-1)  # [L, I]
+        h_kept = st.ih.sort(-1, descending=True).values.cumsum(-1)  # [L, G, R]
+        attn_total = (st.ig + st.ih.sum(-1)).sum(-1)  # [L]
+        f_total = st.if_.sum(-1)
+
+        def removed(t: Target) -> float:
+            keep_value = st.ig + h_kept[..., t.heads_per_group - 1]  # [L, G]: a kept group, best heads
+            attn_kept = keep_value.topk(t.kv_heads, dim=-1).values.sum(-1)
+            ffn_kept = f_kept[:, t.ffn - 1]
+            return float((attn_total - attn_kept + f_total - ffn_kept).sum())
+
+        best = min(legal, key=lambda t: (removed(t), abs(t.kv_heads - st.s[0]) + abs(t.heads_per_group - st.s[1])))
+        st.snapped = [best.kv_heads, best.heads_per_group, best.ffn]
 
     # ------------------------------------------------------------------ one step
 
@@ -248,6 +274,10 @@ class MaskPrune:
 
         with torch.no_grad():
             grads = [zg.grad, zh.grad, zf.grad]
+            beta = 0.0 if st.step == 0 else 0.9
+            st.ig = beta * st.ig + (1 - beta) * (zg * zg.grad).abs()
+            st.ih = beta * st.ih + (1 - beta) * (zh * zh.grad).abs()
+            st.if_ = beta * st.if_ + (1 - beta) * (zf * zf.grad).abs()
             sq = sum(float((g * g).sum()) for g in grads) / sum(g.numel() for g in grads)
             st.grad_sq = sq if st.step == 0 else 0.9 * st.grad_sq + 0.1 * sq
             rms = math.sqrt(st.grad_sq) + 1e-12
@@ -289,20 +319,19 @@ class MaskPrune:
     def _target_step(self) -> None:
         """Move the continuous targets toward the unit type with the highest value per parameter.
 
-        A multiplier ``y`` is the marginal value of one more unit of its type (how hard the
-        distillation gradient pushes against the constraint); divided by the unit's parameter
-        cost it is a value per parameter. Targets grow where that value is above the
-        parameter-weighted mean and shrink where it is below, then are projected back onto the
-        (annealed) budget ``P(s) = B``: the budget multiplier is enforced exactly by the
-        projection, and ``mu`` is reported as the implied price (the weighted mean value).
+        The value of one more unit of a type is the learned first-order importance
+        ``|z * dKD/dz|`` (in loss units, so comparable across types) of the marginal unit,
+        the one ranked ``s_k`` in its layer; divided by the unit's parameter cost it is a value
+        per parameter. Targets grow where that value is above the parameter-weighted mean and
+        shrink where it is below, then are projected back onto the (annealed) budget
+        ``P(s) = B``: the budget multiplier is enforced exactly by the projection, and ``mu``
+        is reported as the implied price (the weighted mean value per parameter).
         """
         d, st, cfg = self.d, self.state, self.cfg
         kv, hpg, ffn = st.s
         head = 2 * d.hidden_size * d.head_dim
         cost = [head * (1 + hpg), head * kv, 3 * d.hidden_size]  # dP/ds_k per layer
-        value = [float(st.yg.mean()),
-                 float((st.yh * st.zg.clamp(0, 1)).sum(-1).mean()),
-                 float(st.yf.mean())]
+        value = [_marginal(st.ig, kv), _marginal(st.ih.flatten(1), kv * hpg) * kv, _marginal(st.if_, ffn)]
         per_param = [v / c for v, c in zip(value, cost)]
         share = [c * s_k for c, s_k in zip(cost, st.s)]
         mean = sum(p * w for p, w in zip(per_param, share)) / sum(share)
@@ -464,6 +493,13 @@ class MaskPrune:
                 break
         self.model.eval()
         return history
+
+
+def _marginal(importance: torch.Tensor, s: float) -> float:
+    """Mean over layers of the importance of the unit ranked ``s`` (the marginal one)."""
+    ranked = importance.sort(-1, descending=True).values
+    k = min(ranked.shape[-1] - 1, max(0, int(math.ceil(s)) - 1))
+    return float(ranked[..., k].mean())
 
 
 def _jsonable_rng(state: tuple) -> list:
