@@ -214,6 +214,7 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
             "binarity": history[-1]["binarity"] if history else None,
             "learned_targets": history[-1] and [history[-1]["s_kv"], history[-1]["s_heads"], history[-1]["s_ffn"]],
             "step_s_median": _median([r["step_s"] for r in history]),
+            "candidate_kd": trainer.state.snap_scores,
         }
         del trainer
     else:

@@ -73,8 +73,9 @@ class MaskPruneConfig:
     reallocation between unit types, then projection onto the annealed budget)."""
     warmup_frac: float = 0.5
     """Fraction of steps over which the targets anneal from dense to final."""
-    hard_frac: float = 0.5
-    """Fraction of steps after which the forward pass uses the hard top-k masks."""
+    hard_frac: float = 0.0
+    """Fraction of steps after which the forward pass uses the hard top-k masks (of the annealed
+    counts). 0: hard from the start, so units leave one by one as the targets anneal."""
     init: str = "wanda-sp"
     """Mask initialisation: "wanda-sp" (one-shot scores, rank-linear in [0.5, 1]) or "ones"."""
     checkpoint_every: int = 20
@@ -105,6 +106,7 @@ class MaskState:
     step: int = 0
     tokens: int = 0
     snapped: list[int] | None = None  # the legal target once fixed
+    snap_scores: dict[str, float] | None = None  # KD loss of each candidate target when it was fixed
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {k: getattr(self, k) for k in ("zg", "zh", "zf", "yg", "yh", "yf", "ig", "ih", "if_")}
@@ -186,8 +188,15 @@ class MaskPrune:
         d, st = self.d, self.state
         warm = self._warmup_steps()
         dense = (d.num_kv_heads, d.heads_per_group, d.intermediate_size)
-        final = st.snapped if st.snapped is not None and st.step >= warm else st.s
-        return tuple(M.anneal(a, b, st.step, warm) for a, b in zip(dense, final))  # type: ignore[return-value]
+        if st.snapped is None:  # learned targets already follow the annealed budget
+            return tuple(st.s)  # type: ignore[return-value]
+        return tuple(M.anneal(a, b, st.step, warm) for a, b in zip(dense, st.snapped))  # type: ignore[return-value]
+
+    def hard_counts(self) -> tuple[int, int, int]:
+        """Integer per-layer counts of the hard forward mask at this step (ceil of the targets)."""
+        if self.state.snapped is not None and self.state.step >= self._warmup_steps():
+            return tuple(self.state.snapped)  # type: ignore[return-value]
+        return tuple(max(1, math.ceil(v - 1e-6)) for v in self.current_targets())  # type: ignore[return-value]
 
     def _warmup_steps(self) -> int:
         return max(1, int(self.cfg.warmup_frac * self.cfg.steps))
@@ -199,13 +208,17 @@ class MaskPrune:
         """Compute every layer's head and FFN mask for this step (soft, or hard straight-through)."""
         d = self.d
         if self._hard():
-            kv, hpg, ffn = self.final_target_counts()
+            kv, hpg, ffn = self.hard_counts()
             gmask, hmask = M.group_topk(zg.detach(), zh.detach(), kv, hpg)
             g = M.straight_through(zg, gmask)
             h = M.straight_through(zh, (hmask > 0).float())
             f = M.straight_through(zf, M.topk_mask(zf.detach(), ffn))
         else:
             g, h, f = zg, zh, zf
+        self._set_masks(g, h, f)
+
+    def _set_masks(self, g: torch.Tensor, h: torch.Tensor, f: torch.Tensor) -> None:
+        d = self.d
         heads = (g.unsqueeze(-1) * h).reshape(d.num_layers, d.num_heads)
         self._heads = list(heads.unbind(0))
         self._ffn = list(f.unbind(0))
@@ -217,31 +230,38 @@ class MaskPrune:
         return tuple(st.snapped)  # type: ignore[return-value]
 
     def _snap(self) -> None:
-        """Fix the legal target within the budget that removes the least learned importance.
+        """Fix the legal target: the candidate within the budget whose masks distil best.
 
-        Every legal target within the budget is scored by the first-order importance it would
-        remove from each layer (dropped KV groups, dropped heads of kept groups, dropped FFN
-        channels); the continuous targets break ties (nearest first).
+        Candidates are the legal targets within the budget with the widest FFN for each
+        attention shape (:func:`mptool.shapes.candidates`). Each is scored by the KD loss, on a
+        fixed probe batch, of the model with the current LoRA and the hard top-k of the
+        learned masks at that shape; the lowest wins. The scores go into the metrics.
         """
-        from mptool.shapes import all_legal
+        from mptool.shapes import candidates
 
         st, d = self.state, self.d
-        legal = [t for t in all_legal(d, self.tp, self.ffn_multiple) if prunable_params(d, t) <= self.budget]
-        if not legal:
+        ratio = 1.0 - self.budget / self.dense_prunable
+        cands = candidates(d, min(max(ratio, 1e-9), 1 - 1e-9), self.tp, self.ffn_multiple)
+        if not cands:
             snap(d, *st.s, budget=self.budget, tp=self.tp, ffn_multiple=self.ffn_multiple)  # raises
-        f_kept = st.if_.sort(-1, descending=True).values.cumsum(-1)  # [L, I]
-        h_kept = st.ih.sort(-1, descending=True).values.cumsum(-1)  # [L, G, R]
-        attn_total = (st.ig + st.ih.sum(-1)).sum(-1)  # [L]
-        f_total = st.if_.sum(-1)
-
-        def removed(t: Target) -> float:
-            keep_value = st.ig + h_kept[..., t.heads_per_group - 1]  # [L, G]: a kept group, best heads
-            attn_kept = keep_value.topk(t.kv_heads, dim=-1).values.sum(-1)
-            ffn_kept = f_kept[:, t.ffn - 1]
-            return float((attn_total - attn_kept + f_total - ffn_kept).sum())
-
-        best = min(legal, key=lambda t: (removed(t), abs(t.kv_heads - st.s[0]) + abs(t.heads_per_group - st.s[1])))
+        probe = self.blocks[: self.cfg.batch_size]
+        was_training = self.model.training
+        self.model.eval()
+        with torch.no_grad(), autocast(self.cfg.bf16):
+            self._masks_on = False
+            with self.model.disable_adapter():
+                teacher = self.model(probe).logits
+            self._masks_on = True
+            scores = {}
+            for t in cands:
+                gmask, hmask = M.group_topk(st.zg, st.zh, t.kv_heads, t.heads_per_group)
+                fmask = M.topk_mask(st.zf, t.ffn)
+                self._set_masks(gmask * st.zg, (hmask > 0).float() * st.zh, fmask * st.zf)
+                scores[t] = kd_loss(self.model(probe).logits, teacher, self.cfg.temperature).item()
+        self.model.train(was_training)
+        best = min(scores, key=scores.get)
         st.snapped = [best.kv_heads, best.heads_per_group, best.ffn]
+        st.snap_scores = {str(t): round(v, 4) for t, v in sorted(scores.items(), key=lambda kv: kv[1])}
 
     # ------------------------------------------------------------------ one step
 

@@ -1,0 +1,214 @@
+"""Quality benchmark: held-out perplexity of dense, one-shot, one-shot + recovery and MaskPrune.
+
+    python -m mptool.benchmarks.quality --ratios 0.2,0.5 --tokens 49152
+
+Every method that trains gets the same number of training tokens ``T`` in all:
+
+* ``<one-shot> + recovery``: the one-shot cut, then ``T`` tokens of LoRA + KD recovery;
+* ``maskprune``: ``T`` tokens of mask learning (LoRA + KD inside), no recovery;
+* ``maskprune + recovery``: ``T/2`` tokens of mask learning, ``T/2`` of recovery.
+
+One-shot rows use the fixed "same fraction of attention and FFN" split (their own rule) and,
+for comparison, the target MaskPrune learned at that ratio. Ablations (``--ablations``) at the
+largest ratio: fixed multipliers instead of dual ascent, and LoRA only (LM loss, no teacher)
+instead of LoRA + distillation, both with the same budget as ``maskprune + recovery``.
+Writes ``benchmarks/results/quality_<tag>.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mptool.baselines import METHODS, calibrate, score, select
+from mptool.compress import param_count, peak_rss_mb
+from mptool.data import default_texts, eval_token_stream, token_blocks
+from mptool.evaluate import PplProtocol, perplexity
+from mptool.maskprune import MaskPrune, MaskPruneConfig
+from mptool.models import load_model
+from mptool.progress import console, step
+from mptool.recover import RecoveryConfig, recover
+from mptool.shapes import Dims, Target, balanced_target, describe, prunable_params
+from mptool.surgery import materialize
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.model, self.tok = load_model(args.model)
+        self.d = Dims.from_config(self.model.config)
+        train, held_out = default_texts()
+        self.ids = eval_token_stream(self.tok, held_out, args.eval_tokens)
+        self.protocol = PplProtocol(max_tokens=args.eval_tokens, text="austen:persuasion")
+        n_blocks = args.tokens // args.seq_len
+        self.blocks = token_blocks(self.tok, [train], args.seq_len, n_blocks * args.seq_len)
+        self.calib = self.blocks[: args.calib_tokens // args.seq_len]
+        with step("calibrate", total=len(self.calib)) as adv:
+            o, dd = calibrate(self.model, self.calib, progress=adv)
+        self.scores = {m: score(self.model, m, o, dd) for m in METHODS}
+        self.rows: list[dict[str, Any]] = []
+        self.dense_ppl = self.ppl(self.model, "dense")
+        self.add("dense", 0.0, self.d.dense_target(), self.dense_ppl, tokens=0, seconds=0.0)
+
+    def ppl(self, model: Any, label: str) -> float:
+        with step(f"ppl {label}", total=self.ids.numel()) as adv:
+            return perplexity(model, self.ids, self.protocol, progress=adv)["ppl"]
+
+    def add(self, method: str, ratio: float, target: Target, ppl: float, tokens: int, seconds: float,
+            **extra: Any) -> None:
+        row = {"method": method, "ratio": ratio, **describe(self.d, target), "ppl": ppl,
+               "ppl_x_dense": ppl / self.dense_ppl, "train_tokens": tokens, "seconds": round(seconds, 1),
+               **extra}
+        self.rows.append(row)
+        console.print(f"[bold]{method}[/bold] @ {ratio}: {target} ppl {ppl:.2f} "
+                      f"(x{row['ppl_x_dense']:.2f}) {tokens} tokens {seconds:.0f} s")
+        self.save()
+
+    def steps(self, tokens: int) -> int:
+        return max(1, tokens // (self.args.batch_size * self.args.seq_len))
+
+    def rec_cfg(self, tokens: int, **kw: Any) -> RecoveryConfig:
+        return RecoveryConfig(steps=self.steps(tokens), batch_size=self.args.batch_size, **kw)
+
+    def recovered(self, pruned: Any, tokens: int, teacher: Any, **kw: Any) -> Any:
+        cfg = self.rec_cfg(tokens, **kw)
+        with step("recovery", total=cfg.steps) as adv:
+            out, _ = recover(pruned, self.blocks, cfg, teacher=teacher, progress=adv)
+        return out
+
+    def maskprune(self, ratio: float, tokens: int, **kw: Any) -> tuple[Any, Target, dict]:
+        model, _ = load_model(self.args.model)
+        cfg = MaskPruneConfig(steps=self.steps(tokens), batch_size=self.args.batch_size,
+                              checkpoint_every=0, **kw)
+        budget = (1 - ratio) * prunable_params(self.d, self.d.dense_target())
+        trainer = MaskPrune(model, self.blocks, cfg, budget=budget, init_scores=self.scores["wanda-sp"])
+        with step(f"mask learning @ {ratio}", total=cfg.steps) as adv:
+            hist = trainer.run(progress=adv)
+        pruned, keeps = trainer.finish()
+        info = {"final_violation": hist[-1]["hard_violation"], "binarity": hist[-1]["binarity"],
+                "step_s_median": sorted(r["step_s"] for r in hist)[len(hist) // 2]}
+        return pruned, keeps[0].target(), info
+
+    def run_ratio(self, ratio: float) -> None:
+        T, half = self.args.tokens, self.args.tokens // 2
+        t0 = time.perf_counter()
+        mp, learned, info = self.maskprune(ratio, T)
+        self.add("maskprune", ratio, learned, self.ppl(mp, "maskprune"), T, time.perf_counter() - t0, **info)
+        del mp
+        t0 = time.perf_counter()
+        mp, learned_half, info = self.maskprune(ratio, half)
+        before = self.ppl(mp, "maskprune (T/2)")
+        mp = self.recovered(mp, half, self.model)
+        self.add("maskprune + recovery", ratio, learned_half, self.ppl(mp, "maskprune + recovery"), T,
+                 time.perf_counter() - t0, ppl_before_recovery=before, **info)
+        del mp
+        fixed = balanced_target(self.d, ratio)
+        for method in METHODS:
+            pruned = materialize(self.model, select(self.scores[method], fixed))
+            assert param_count(pruned) == describe(self.d, fixed)["total_params"]
+            self.add(method, ratio, fixed, self.ppl(pruned, method), 0, 0.0, split="fixed rule")
+            t0 = time.perf_counter()
+            rec = self.recovered(pruned, T, self.model)
+            self.add(f"{method} + recovery", ratio, fixed, self.ppl(rec, f"{method} + recovery"), T,
+                     time.perf_counter() - t0, split="fixed rule")
+            if learned != fixed:
+                at = materialize(self.model, select(self.scores[method], learned))
+                self.add(method, ratio, learned, self.ppl(at, f"{method} @ learned"), 0, 0.0,
+                         split="MaskPrune's learned target")
+
+    def ablations(self, ratio: float) -> None:
+        T, half = self.args.tokens, self.args.tokens // 2
+        t0 = time.perf_counter()
+        mp, target, info = self.maskprune(ratio, half, fixed_multiplier=0.5)
+        mp = self.recovered(mp, half, self.model)
+        self.add("ablation: fixed multipliers (y=0.5) + recovery", ratio, target,
+                 self.ppl(mp, "fixed multipliers"), T, time.perf_counter() - t0, **info)
+        t0 = time.perf_counter()
+        mp, target, info = self.maskprune(ratio, half, kd_distill=False)
+        mp = self.recovered(mp, half, None, kd=False)
+        self.add("ablation: LoRA only (LM loss, no distillation)", ratio, target,
+                 self.ppl(mp, "LoRA only"), T, time.perf_counter() - t0, **info)
+
+    def save(self) -> None:
+        a = self.args
+        result = {
+            "benchmark": "quality",
+            "command": f"python -m mptool.benchmarks.quality --ratios {a.ratios} --tokens {a.tokens} "
+                       f"--seq-len {a.seq_len} --batch-size {a.batch_size}" + (" --ablations" if a.ablations else ""),
+            "model": a.model or "embedded:SmolLM2-135M-Instruct",
+            "protocol": dataclasses.asdict(self.protocol),
+            "training": {"text": "austen: 5 training novels", "tokens_per_method": a.tokens,
+                         "seq_len": a.seq_len, "batch_size": a.batch_size, "calib_tokens": a.calib_tokens,
+                         "maskprune": dataclasses.asdict(MaskPruneConfig()),
+                         "recovery": dataclasses.asdict(RecoveryConfig())},
+            "rows": self.rows,
+            "wall_s": round(time.perf_counter() - self.started, 1),
+            "peak_rss_mb": round(peak_rss_mb(), 1),
+            "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                            "python": platform.python_version(), "machine": platform.machine()},
+        }
+        out = Path(a.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+        out.with_suffix(".md").write_text(markdown(result))
+
+
+def markdown(result: dict) -> str:
+    t = result["training"]
+    lines = [
+        f"Held-out perplexity on {result['protocol']['text']} ({result['protocol']['max_tokens']} tokens, "
+        f"window {result['protocol']['window']}). Every trained method: {t['tokens_per_method']} training "
+        f"tokens in all (batch {t['batch_size']} x {t['seq_len']}). Wall time of the whole table: "
+        f"{result['wall_s'] / 60:.0f} min on {result['environment']['threads']} CPU threads.",
+        "",
+        "| method | removed | KV heads | heads/group | FFN | params | ppl | × dense | train tokens | time |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        name = r["method"] + (" (learned target)" if r.get("split") == "MaskPrune's learned target" else "")
+        lines.append(
+            f"| {name} | {1 - r['prunable_kept']:.1%} | {r['kv_heads']} | {r['heads_per_group']} | {r['ffn']} | "
+            f"{r['total_params'] / 1e6:.1f} M | {r['ppl']:.2f} | {r['ppl_x_dense']:.2f} | {r['train_tokens']} | "
+            f"{r['seconds']:.0f} s |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--ratios", default="0.2,0.5")
+    ap.add_argument("--tokens", type=int, default=49152, help="training tokens per trained method")
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--calib-tokens", type=int, default=16384)
+    ap.add_argument("--eval-tokens", type=int, default=16384)
+    ap.add_argument("--ablations", action="store_true")
+    ap.add_argument("--tag", default="smollm2")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    args.out = args.out or str(RESULTS / f"quality_{args.tag}")
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    bench = Bench.__new__(Bench)
+    bench.started = started
+    Bench.__init__(bench, args)
+    ratios = [float(r) for r in args.ratios.split(",")]
+    for ratio in ratios:
+        bench.run_ratio(ratio)
+    if args.ablations:
+        bench.ablations(max(ratios))
+    bench.save()
+    console.print(markdown(json.loads(Path(args.out).with_suffix(".json").read_text())))
+
+
+if __name__ == "__main__":
+    main()
