@@ -1,0 +1,172 @@
+"""What every exporter shares: tolerances, the PyTorch reference, token comparison, file facts.
+
+An export is checked against the source model run by transformers in fp32:
+
+* **logits** on fresh random token ids: ``max |engine - torch| <= atol + rtol * max |torch|``
+  (a :class:`Tolerance`, stated per target and dtype in each exporter, like optimum's
+  ``ATOL_FOR_VALIDATION``);
+* **greedy tokens** (onnx, vllm): ``new_tokens`` steps from random prompts with EOS suppressed in
+  both, compared token by token. The one allowed difference is a *tie*: at the first differing
+  step the reference's logits for its token and for the engine's token are within the logits
+  tolerance, so either choice is correct and the two continuations may legitimately part. It is
+  recorded in ``export.json``; any other difference is a :class:`~mptool.errors.ParityError` naming
+  the prompt, the position and the logit gap.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from mptool.errors import ParityError
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Allowed logit error: ``atol + rtol * max |reference logit|``."""
+
+    atol: float
+    rtol: float
+
+    def bound(self, reference: torch.Tensor) -> float:
+        return self.atol + self.rtol * float(reference.abs().max())
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def compare_logits(got: torch.Tensor, ref: torch.Tensor, tol: Tolerance, what: str) -> dict[str, Any]:
+    """Check ``got`` against ``ref`` (both ``[..., vocab]``) and return the measurement.
+
+    Raises:
+        ParityError: the max abs difference exceeds the tolerance bound (or is not finite).
+    """
+    got, ref = got.float(), ref.float()
+    if got.shape != ref.shape:
+        raise ParityError(f"{what}: logits shape {tuple(got.shape)} != PyTorch's {tuple(ref.shape)}")
+    diff = float((got - ref).abs().max())
+    bound = tol.bound(ref)
+    result = {"max_abs_diff": diff, "bound": bound, "ref_max_abs": float(ref.abs().max()),
+              "tolerance": tol.as_dict()}
+    if not diff <= bound:  # also catches NaN
+        raise ParityError(
+            f"{what}: max |logit diff| {diff:.3g} exceeds the tolerance {bound:.3g} "
+            f"(atol {tol.atol:g} + rtol {tol.rtol:g} x max |logit| {result['ref_max_abs']:.3g}), "
+            f"{diff / bound if bound else float('inf'):.1f}x over"
+        )
+    return result
+
+
+def special_ids(tokenizer: Any, config: Any, generation_config: Any = None) -> set[int]:
+    """EOS ids (from config, generation config and tokenizer) that greedy checks suppress."""
+    ids: set[int] = set()
+    for source in (config, generation_config, tokenizer):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return ids
+
+
+def random_ids(tokenizer: Any, config: Any, shape: Sequence[int], seed: int) -> torch.Tensor:
+    """Random token ids of ``shape``: real tokenizer tokens, never special ones."""
+    vocab = min(int(config.vocab_size), len(tokenizer))
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    allowed = torch.tensor([i for i in range(vocab) if i not in special])
+    g = torch.Generator().manual_seed(seed)
+    return allowed[torch.randint(len(allowed), tuple(shape), generator=g)]
+
+
+@torch.no_grad()
+def reference_logits(model: Any, ids: torch.Tensor) -> torch.Tensor:
+    """fp32 logits of the PyTorch model on a full (unpadded) batch."""
+    return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float()
+
+
+@torch.no_grad()
+def reference_greedy(model: Any, prompts: Sequence[Sequence[int]], new_tokens: int,
+                     suppress: Iterable[int]) -> list[tuple[list[int], torch.Tensor]]:
+    """Greedy decoding with transformers (KV cache), ``suppress`` ids masked at every step.
+
+    Returns, per prompt, the generated ids and the ``[new_tokens, vocab]`` fp32 logits each step
+    chose from (after masking), which :func:`compare_tokens` needs to tell ties from errors.
+    """
+    suppress = sorted(set(suppress))
+    out = []
+    for prompt in prompts:
+        ids = torch.tensor([list(prompt)])
+        result = model(input_ids=ids, use_cache=True)
+        tokens, steps = [], []
+        for _ in range(new_tokens):
+            logits = result.logits[0, -1].float().clone()
+            if suppress:
+                logits[suppress] = float("-inf")
+            token = int(logits.argmax())
+            tokens.append(token)
+            steps.append(logits)
+            result = model(input_ids=torch.tensor([[token]]), past_key_values=result.past_key_values,
+                           use_cache=True)
+        out.append((tokens, torch.stack(steps)))
+    return out
+
+
+def compare_tokens(engine: Sequence[Sequence[int]], reference: list[tuple[list[int], torch.Tensor]],
+                   tie_tol: float, what: str) -> dict[str, Any]:
+    """Compare greedy tokens prompt by prompt; see the module docstring for the tie rule.
+
+    Raises:
+        ParityError: at the first differing position that is not a tie.
+    """
+    compared, ties = 0, []
+    for p, (got, (want, logits)) in enumerate(zip(engine, reference)):
+        got = list(got)
+        if len(got) != len(want):
+            raise ParityError(f"{what}: prompt {p} produced {len(got)} tokens, PyTorch {len(want)}")
+        for i, (a, b) in enumerate(zip(got, want)):
+            if a == b:
+                compared += 1
+                continue
+            gap = float(logits[i, b] - logits[i, a])
+            if gap <= tie_tol:
+                ties.append({"prompt": p, "position": i, "engine": a, "torch": b, "logit_gap": gap})
+                break
+            raise ParityError(
+                f"{what}: first differing token at position {i} of prompt {p}: engine chose {a}, "
+                f"PyTorch {b} (logit gap {gap:.3g} > tolerance {tie_tol:.3g}; "
+                f"{i} of {len(want)} tokens matched)"
+            )
+    return {"prompts": len(reference), "new_tokens": len(reference[0][0]) if reference else 0,
+            "tokens_matched": compared, "identical": not ties, "ties": ties}
+
+
+def make_shareable(folder: Path) -> None:
+    """Ordinary permissions for everything written (safetensors and mkdtemp create private ones)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~umask)
+        for name in files:
+            path = os.path.join(root, name)
+            mode = 0o777 if os.access(path, os.X_OK) and name.endswith(".sh") else 0o666
+            os.chmod(path, mode & ~umask)
+
+
+def artefact_sizes(folder: Path) -> dict[str, Any]:
+    """Bytes per file (relative paths) and in total."""
+    files = {str(p.relative_to(folder)): p.stat().st_size
+             for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {"total_bytes": sum(files.values()), "files": files}
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"

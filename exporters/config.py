@@ -1,0 +1,104 @@
+"""`ExportConfig`: the typed config of `mptool export`, shared by the CLI, YAML and Python.
+
+``load_config(ExportConfig, "export.yaml", {"target": "vllm", "tp": [1, 2]})`` and
+``ExportConfig(target="vllm", tp=[1, 2])`` build the same object; the resolved config is saved
+in ``export.json`` beside every artefact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+TARGETS = ("hf", "onnx", "vllm")
+
+# Dtypes each target can write, the first one being its default. hf keeps the source precision;
+# onnx runs fp32 on CPU (fp16 is for the CUDA provider, and also runs on CPU); vLLM serves bf16.
+DTYPES: dict[str, tuple[str, ...]] = {
+    "hf": ("float32", "bfloat16", "float16"),
+    "onnx": ("float32", "float16"),
+    "vllm": ("bfloat16", "float16", "float32"),
+}
+
+DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16",
+                 "float": "float32"}
+
+
+@dataclass
+class ParityConfig:
+    """How an export is checked against PyTorch (transformers, fp32)."""
+
+    batch: int = 2
+    """Random sequences in the logits check."""
+    seq_len: int = 32
+    """Tokens per random sequence in the logits check."""
+    prompts: int = 3
+    """Random prompts for the greedy-decoding check (onnx, vllm)."""
+    prompt_len: int = 12
+    """Tokens per greedy prompt."""
+    new_tokens: int = 16
+    """Greedy decode steps compared token by token with transformers (EOS suppressed)."""
+    seed: int = 0
+    """Seed of the random token ids (never calibration or evaluation text)."""
+
+
+@dataclass
+class OnnxConfig:
+    """Options of the onnx target (onnxruntime-genai model builder)."""
+
+    provider: str = "cpu"
+    """Execution provider written into genai_config.json: cpu or cuda. The parity check runs on
+    CUDA when onnxruntime has it, else on the CPU provider (the graph runs on both)."""
+
+
+@dataclass
+class VllmConfig:
+    """Options of the vllm target."""
+
+    engine_check: bool = True
+    """Load the export with vllm.LLM (when vLLM is installed) and compare greedy tokens."""
+    engine_tp: list[int] | None = None
+    """Tensor-parallel sizes to load for real; None: every size in --tp this host can run."""
+    max_model_len: int = 256
+    """Context length of the check's engine (small: the CPU KV cache stays small)."""
+    kv_cache_gib: int = 1
+    """VLLM_CPU_KVCACHE_SPACE for the CPU check."""
+    timeout_s: int = 900
+    """Give up on one engine load after this many seconds."""
+
+
+@dataclass
+class ExportConfig:
+    """`mptool export`: write a model for one engine and prove it matches PyTorch."""
+
+    model: str | None = None
+    """HF model folder (e.g. written by `mptool compress`) or hub id; None: embedded SmolLM2-135M."""
+    target: str = "hf"
+    """Engine to export for: hf (safetensors), onnx (onnxruntime-genai), vllm."""
+    out: str | None = None
+    """Output folder (written atomically); None: runs/<model name>-<target>."""
+    dtype: str | None = None
+    """Weight dtype; None: the target's default (hf float32, onnx float32, vllm bfloat16)."""
+    tp: list[int] = field(default_factory=lambda: [1])
+    """Tensor-parallel sizes the export must support (legality checked for vllm)."""
+    max_shard_size: str = "2GB"
+    """safetensors shards above this size are split (hf, vllm)."""
+    parity: ParityConfig = field(default_factory=ParityConfig)
+    onnx: OnnxConfig = field(default_factory=OnnxConfig)
+    vllm: VllmConfig = field(default_factory=VllmConfig)
+    overwrite: bool = False
+    """Replace an existing output folder."""
+    trust_remote_code: bool = False
+    """Allow custom model code from the model folder or hub (only when you trust it)."""
+
+    def resolved_dtype(self) -> str:
+        """The dtype to write: the given one (aliases like bf16 accepted) or the target default."""
+        if self.dtype is None:
+            return DTYPES[self.target][0]
+        return DTYPE_ALIASES.get(self.dtype, self.dtype)
+
+    def resolved_out(self) -> Path:
+        if self.out is not None:
+            return Path(self.out)
+        name = Path(self.model).name if self.model else "smollm2-135m-instruct"
+        return Path("runs") / f"{name}-{self.target}"
