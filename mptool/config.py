@@ -49,7 +49,7 @@ class DataConfig:
     name. None: the embedded Austen corpus, five novels (Persuasion is held out)."""
     eval: str | None = None
     """Held-out evaluation text, same formats. None: Austen's Persuasion (never trained on)."""
-    seq_len: int = 512
+    seq_len: int = 256
     """Tokens per training/calibration block."""
     calib_tokens: int = 16384
     """Calibration tokens for activation-aware scores (wanda-sp, flap)."""
