@@ -152,9 +152,12 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
     metrics and plots. MaskPrune checkpoints every ``maskprune.checkpoint_every`` steps into
     ``<out>.ckpt``; ``resume`` continues from such a folder.
     """
+    from mptool import distributed as D
     from mptool.data import eval_token_stream, token_blocks
     from mptool.models import load_model
 
+    D.init_from_env()
+    main = D.is_main()
     validate(cfg)
     torch.manual_seed(cfg.seed)
     timings: dict[str, float] = {}
@@ -170,11 +173,11 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
     eval_ids = eval_token_stream(tokenizer, eval_text, cfg.ppl.max_tokens)
     protocol = PplProtocol(cfg.ppl.window, cfg.ppl.stride, cfg.ppl.max_tokens, eval_name)
     calib = token_blocks(tokenizer, texts, cfg.data.seq_len, cfg.data.calib_tokens)
-    dense_ppl = measure_ppl(model, eval_ids, protocol, "dense")
+    dense_ppl = measure_ppl(model, eval_ids, protocol, "dense") if main else {}
 
     ckpt = Path(resume) if resume else checkpoint_dir(cfg)
     ckpt_parent = ckpt.parent / f".{ckpt.name}.work"
-    ckpt_parent.mkdir(parents=True, exist_ok=True)
+    ckpt_parent.mkdir(parents=True, exist_ok=True)  # every rank: harmless, and exists before use
     metrics = ckpt_parent / "metrics.jsonl"
     history: list[dict] = []
     extra: dict[str, Any] = {}
@@ -201,7 +204,7 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
             kept = [r for r in _read_jsonl(metrics) if r.get("step", 0) <= trainer.state.step]
             metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))
             console.print(f"resumed from {ckpt} at step {trainer.state.step}")
-        else:
+        elif main:
             metrics.unlink(missing_ok=True)
         with step("mask learning", total=mask_cfg.steps) as advance:
             advance(trainer.state.step)
@@ -226,7 +229,8 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
     if rec_cfg.steps > 0:
         from mptool.recover import recover
 
-        extra["before_recovery"] = measure_ppl(pruned, eval_ids, protocol, "pruned, before recovery")
+        if main:
+            extra["before_recovery"] = measure_ppl(pruned, eval_ids, protocol, "pruned, before recovery")
         t0 = time.perf_counter()
         if cfg.method == "maskprune":  # the trainer merged into the dense weights: reload the teacher
             model = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)[0]
@@ -239,6 +243,9 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
         extra["recovery"] = {"steps": len(rec_history), "tokens": rec_history[-1]["tokens"] if rec_history else 0,
                              "step_s_median": _median([r["step_s"] for r in rec_history])}
     del model
+    if not main:  # rank 0 evaluates and writes
+        D.barrier()
+        return {}
     pruned_ppl = measure_ppl(pruned, eval_ids, protocol, "pruned")
     timings["total_s"] = round(time.perf_counter() - started, 1)
     timings["peak_rss_mb"] = round(peak_rss_mb(), 1)
@@ -261,6 +268,7 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
         kept_heatmap(keeps, d.num_kv_heads, d.heads_per_group, d.intermediate_size, tmp / "kept_units.png")
     shutil.rmtree(ckpt, ignore_errors=True)
     shutil.rmtree(ckpt_parent, ignore_errors=True)
+    D.barrier()
     print_report(report)
     return report
 

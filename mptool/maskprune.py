@@ -38,6 +38,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from mptool import distributed as D
 from mptool import masks as M
 from mptool.families import get_adapter
 from mptool.hooks import apply_masks
@@ -273,7 +274,8 @@ class MaskPrune:
 
     def step(self) -> dict[str, float]:
         cfg, st, d = self.cfg, self.state, self.d
-        ids = self._batch()
+        global_ids = self._batch()
+        ids = D.shard(global_ids)
         teacher = None
         if cfg.kd_distill:
             self._masks_on = False
@@ -290,6 +292,7 @@ class MaskPrune:
         loss = kd + (cfg.lm_weight if teacher is not None else 1.0) * lm
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        D.average_grads([*self.lora_params, zg, zh, zf])
         self.opt.step()
 
         with torch.no_grad():
@@ -314,12 +317,12 @@ class MaskPrune:
             if self.budget is not None and st.snapped is None:
                 self._target_step()
         st.step += 1
-        st.tokens += ids.numel()
+        st.tokens += global_ids.numel()
         if self.budget is not None and st.snapped is None and st.step >= self._warmup_steps():
             self._snap()
         hard_v = self._hard_violation()
         return {
-            "step": st.step, "tokens": st.tokens, "loss": loss.item(), "kd": kd.item(), "lm": lm.item(),
+            "step": st.step, "tokens": st.tokens, "loss": D.mean(loss.item()), "kd": D.mean(kd.item()), "lm": D.mean(lm.item()),
             "viol_kv": float(vg.clamp_min(0).max()), "viol_heads": float(vh.clamp_min(0).max()),
             "viol_ffn": float(vf.clamp_min(0).max()), "hard_violation": hard_v,
             "y_kv": float(st.yg.mean()), "y_heads": float(st.yh.mean()), "y_ffn": float(st.yf.mean()),
@@ -436,6 +439,9 @@ class MaskPrune:
         from mptool.io import atomic_dir
 
         st = self.state
+        if not D.is_main():
+            D.barrier()
+            return
         with atomic_dir(folder) as tmp:
             tensors = {f"mask.{k}": v.contiguous() for k, v in st.tensors().items()}
             tensors.update({f"lora.{k}": v.contiguous()
@@ -457,6 +463,7 @@ class MaskPrune:
                 (tmp / name).write_text(text)
             (tmp / "trainer.json").write_text(json.dumps(
                 {"state": scalars, "optimizer": opt_meta, "rng": rng, "config": asdict(self.cfg)}))
+        D.barrier()
 
     def load_checkpoint(self, folder: Path) -> None:
         from peft import set_peft_model_state_dict
@@ -500,7 +507,7 @@ class MaskPrune:
             row = self.step()
             row["step_s"] = round(time.perf_counter() - t0, 3)
             history.append(row)
-            if metrics_path is not None:
+            if metrics_path is not None and D.is_main():
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(row) + "\n")
             if progress:

@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from mptool import distributed as D
 from mptool.families import get_adapter
 from mptool.maskprune import LORA_TARGETS, autocast, kd_loss, lm_loss
 
@@ -87,6 +88,8 @@ def recover(student: Any, blocks: torch.Tensor, cfg: RecoveryConfig, teacher: An
         from safetensors.torch import load_file
 
         n_blocks = min(len(blocks), cfg.steps * cfg.batch_size)
+        if D.world_size() > 1:
+            cache_path = cache_path.with_name(f"{cache_path.stem}-rank{D.rank()}{cache_path.suffix}")
         cache_teacher(teacher, blocks[:n_blocks], cfg.batch_size, cfg.cache_topk, cache_path,
                       cfg.bf16)
         cached = load_file(str(cache_path))
@@ -97,12 +100,13 @@ def recover(student: Any, blocks: torch.Tensor, cfg: RecoveryConfig, teacher: An
             break
         t0 = time.perf_counter()
         idx = [(step * cfg.batch_size + i) % len(blocks) for i in range(cfg.batch_size)]
-        ids = blocks[idx]
+        ids = D.shard(blocks[idx])
         with autocast(cfg.bf16):
             logits = model(ids).logits
         loss_kd = torch.zeros(())
         if cfg.kd and cached is not None:
-            loss_kd = _topk_kd(logits, cached["values"][idx], cached["index"][idx], cfg.temperature)
+            mine = D.shard(torch.tensor(idx))
+            loss_kd = _topk_kd(logits, cached["values"][mine], cached["index"][mine], cfg.temperature)
         elif cfg.kd:
             with torch.no_grad(), autocast(cfg.bf16):
                 t_logits = teacher(ids).logits
@@ -111,12 +115,13 @@ def recover(student: Any, blocks: torch.Tensor, cfg: RecoveryConfig, teacher: An
         loss = loss_kd + (cfg.lm_weight if cfg.kd else 1.0) * loss_lm
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        D.average_grads(params)
         opt.step()
-        tokens += ids.numel()
-        row = {"phase": "recovery", "step": step + 1, "tokens": tokens, "loss": loss.item(),
-               "kd": loss_kd.item(), "lm": loss_lm.item(), "step_s": round(time.perf_counter() - t0, 3)}
+        tokens += ids.numel() * D.world_size()
+        row = {"phase": "recovery", "step": step + 1, "tokens": tokens, "loss": D.mean(loss.item()),
+               "kd": D.mean(loss_kd.item()), "lm": D.mean(loss_lm.item()), "step_s": round(time.perf_counter() - t0, 3)}
         history.append(row)
-        if metrics_path is not None:
+        if metrics_path is not None and D.is_main():
             with metrics_path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
         if progress:
