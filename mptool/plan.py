@@ -1,0 +1,90 @@
+"""Memory model: per-device memory of mask learning and recovery for a model config.
+
+Counted from the shapes (no weights loaded), per device, for ``gpus`` data-parallel (DDP:
+weights replicated) or FSDP (weights, LoRA and optimiser states sharded) workers:
+
+* weights: total parameters x bytes of the training dtype (bf16 on GPU, fp32 on CPU);
+* LoRA: r x (in + out) per adapted projection, fp32 weights + grads + 2 Adam moments (16 B);
+* masks: one per KV group, query head and FFN channel per layer (weights, grads, multipliers,
+  importance: 16 B each);
+* activations saved for backward, per token per layer, in the compute dtype: the projection
+  inputs and outputs of attention and FFN, the masked copies, the rotary q/k copies, the
+  GQA-expanded k/v and the norms' internals (``8*hidden + 5*H*hd + 4*G*hd + 5*I`` values),
+  times tokens per device = ``batch/gpus x seq_len``;
+* logits: student and teacher logits, both log-softmaxes and the KD terms, and the gradient:
+  about 8 fp32 copies of ``tokens x vocab``;
+* runtime: a fixed allowance for the framework (CUDA context and allocator slack on GPU, about
+  0.5 GiB; thread pools and oneDNN buffers on CPU, about 0.1 GiB).
+* teacher: mask learning reuses the student's weights with adapters disabled (no copy); recovery
+  keeps the dense model too (``teacher="memory"``) unless its logits are cached.
+
+The estimate is checked against measured peak memory on a small model in the tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from mptool.shapes import Dims, Target, total_params
+
+GIB = 1024 ** 3
+
+
+@dataclass(frozen=True)
+class PlanInput:
+    batch_size: int = 4
+    seq_len: int = 256
+    lora_r: int = 8
+    dtype_bytes: int = 2
+    gpus: int = 1
+    sharding: str = "fsdp"  # "fsdp" or "ddp"
+    recovery_teacher: str = "memory"
+    runtime_bytes: float = 0.5 * GIB
+
+
+def lora_params(d: Dims, r: int, t: Target | None = None) -> int:
+    t = t or d.dense_target()
+    h, hd = d.hidden_size, d.head_dim
+    q, kv, o = t.heads * hd, t.kv_heads * hd, t.heads * hd
+    per_layer = r * ((h + q) + 2 * (h + kv) + (o + h) + 2 * (h + t.ffn) + (t.ffn + h))
+    return d.num_layers * per_layer
+
+
+def activation_values_per_token(d: Dims, t: Target | None = None) -> int:
+    t = t or d.dense_target()
+    per_layer = 8 * d.hidden_size + 5 * t.heads * d.head_dim + 4 * t.kv_heads * d.head_dim + 5 * t.ffn
+    return d.num_layers * per_layer
+
+
+def estimate(d: Dims, p: PlanInput, phase: str = "mask", target: Target | None = None) -> dict[str, Any]:
+    """Per-device bytes of each component for ``phase`` "mask" (mask learning) or "recovery"."""
+    shard = p.gpus if p.sharding == "fsdp" else 1
+    student = target if phase == "recovery" else None
+    weights = total_params(d, student) * p.dtype_bytes / shard
+    lora = 16 * lora_params(d, p.lora_r, student) / shard
+    masks = 16 * d.num_layers * (d.num_kv_heads + d.num_heads + d.intermediate_size) if phase == "mask" else 0
+    tokens = p.batch_size * p.seq_len / p.gpus
+    acts = tokens * activation_values_per_token(d, student) * p.dtype_bytes
+    logits = 8 * tokens * d.vocab_size * 4
+    teacher = 0.0
+    if phase == "recovery" and p.recovery_teacher == "memory":
+        teacher = total_params(d) * p.dtype_bytes / shard
+    parts = {"weights": weights, "lora_and_optimizer": lora, "masks": masks, "activations": acts,
+             "logits": logits, "teacher": teacher, "runtime": p.runtime_bytes}
+    return {"phase": phase, "per_device_bytes": sum(parts.values()), "parts": parts, "input": asdict(p)}
+
+
+def plan_table(d: Dims, gpu_counts: list[int], gpu_mem_gib: float, base: PlanInput,
+               target: Target | None = None) -> list[dict[str, Any]]:
+    rows = []
+    for n in gpu_counts:
+        for sharding in ("ddp", "fsdp"):
+            p = PlanInput(**{**asdict(base), "gpus": n, "sharding": sharding})
+            for phase in ("mask", "recovery"):
+                e = estimate(d, p, phase, target or d.dense_target())
+                gib = e["per_device_bytes"] / GIB
+                rows.append({"gpus": n, "sharding": sharding, "phase": phase, "per_gpu_gib": round(gib, 2),
+                             "fits": gib <= gpu_mem_gib * 0.9,
+                             "parts_gib": {k: round(v / GIB, 2) for k, v in e["parts"].items()}})
+    return rows

@@ -1,0 +1,74 @@
+"""The memory model against measured peak memory of mask learning on a small model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from mptool.plan import PlanInput, estimate, lora_params, plan_table
+from mptool.shapes import Dims
+
+MARGIN = 0.35  # the estimate must be within +-35% of the measured peak (allocator slack, temporaries)
+
+CHILD = r"""
+import json, resource, sys, torch
+sys.path.insert(0, "tests")
+torch.set_num_threads(1)
+from mptool.maskprune import MaskPrune, MaskPruneConfig
+from mptool.shapes import Dims, prunable_params
+import peft, transformers
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096
+base = rss()
+from conftest import tiny_model
+model = tiny_model("llama", hidden_size=512, num_hidden_layers=4, num_attention_heads=8,
+                   num_key_value_heads=4, head_dim=64, intermediate_size=1536, vocab_size=8192)
+d = Dims.from_config(model.config)
+blocks = torch.randint(3, 8192, (8, 256))
+mp = MaskPrune(model, blocks, MaskPruneConfig(steps=3, batch_size=4, bf16=False, checkpoint_every=0,
+               init="ones"), budget=0.5 * prunable_params(d, d.dense_target()))
+mp.run()
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"delta": peak - base, "config": model.config.to_dict()}))
+"""
+
+
+def test_estimate_matches_measured_peak(tmp_path):
+    out = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    data = json.loads(out.stdout.strip().splitlines()[-1])
+    from transformers import LlamaConfig
+
+    d = Dims.from_config(LlamaConfig(**{k: v for k, v in data["config"].items()
+                                        if k not in ("architectures", "transformers_version", "model_type")}))
+    est = estimate(d, PlanInput(batch_size=4, seq_len=256, lora_r=8, dtype_bytes=4,
+                                         runtime_bytes=0.1 * 1024 ** 3), "mask")
+    ratio = est["per_device_bytes"] / data["delta"]
+    assert 1 - MARGIN <= ratio <= 1 + MARGIN, (ratio, est["parts"], data["delta"])
+
+
+def test_lora_count_matches_peft(family="llama"):
+    from peft import LoraConfig, get_peft_model
+
+    from conftest import tiny_model
+
+    model = tiny_model(family)
+    d = Dims.from_config(model.config)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                       "gate_proj", "up_proj", "down_proj"]))
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    assert lora_params(d, 4) == trainable
+
+
+def test_fsdp_shards_and_ddp_replicates():
+    d = Dims(model_type="llama", hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
+             head_dim=128, intermediate_size=14336, vocab_size=128256, tied=False, qkv_bias=False,
+             o_bias=False, mlp_bias=False, qk_norm=False)  # Llama-3-8B
+    rows = plan_table(d, [1, 8], 80, PlanInput())
+    one = next(r for r in rows if r["gpus"] == 1 and r["sharding"] == "fsdp" and r["phase"] == "mask")
+    eight_f = next(r for r in rows if r["gpus"] == 8 and r["sharding"] == "fsdp" and r["phase"] == "mask")
+    eight_d = next(r for r in rows if r["gpus"] == 8 and r["sharding"] == "ddp" and r["phase"] == "mask")
+    assert abs(one["parts_gib"]["weights"] - 8.03e9 * 2 / 1024 ** 3) < 0.1
+    assert eight_f["parts_gib"]["weights"] < one["parts_gib"]["weights"] / 7.9
+    assert eight_d["parts_gib"]["weights"] == one["parts_gib"]["weights"]
