@@ -143,7 +143,8 @@ class Bench:
         result = {
             "benchmark": "quality",
             "command": f"python -m mptool.benchmarks.quality --ratios {a.ratios} --tokens {a.tokens} "
-                       f"--seq-len {a.seq_len} --batch-size {a.batch_size}" + (" --ablations" if a.ablations else ""),
+                       f"--seq-len {a.seq_len} --batch-size {a.batch_size} --eval-tokens {a.eval_tokens} "
+                       f"--calib-tokens {a.calib_tokens}" + (" --ablations" if a.ablations else ""),
             "model": a.model or "embedded:SmolLM2-135M-Instruct",
             "protocol": dataclasses.asdict(self.protocol),
             "training": {"text": "austen: 5 training novels", "tokens_per_method": a.tokens,

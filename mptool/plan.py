@@ -88,3 +88,33 @@ def plan_table(d: Dims, gpu_counts: list[int], gpu_mem_gib: float, base: PlanInp
                              "fits": gib <= gpu_mem_gib * 0.9,
                              "parts_gib": {k: round(v / GIB, 2) for k, v in e["parts"].items()}})
     return rows
+
+
+def print_plan(model: str | None, gpus: list[int], gpu_mem_gib: float, base: PlanInput,
+               as_json: bool = False) -> list[dict[str, Any]]:
+    """`mptool plan`: per-GPU memory of mask learning and recovery for each GPU count."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from mptool.compress import model_dims
+
+    d = model_dims(model)
+    rows = plan_table(d, gpus, gpu_mem_gib, base)
+    if as_json:
+        print(json.dumps({"model": model or "embedded:SmolLM2-135M-Instruct", "input": asdict(base),
+                          "gpu_mem_gib": gpu_mem_gib, "rows": rows}, indent=2))
+        return rows
+    table = Table(title=f"per-GPU memory (GiB), micro-batch {base.batch_size} x {base.seq_len} tokens per step, "
+                        f"LoRA r={base.lora_r}, {base.dtype_bytes}-byte weights, {gpu_mem_gib:g} GiB GPUs")
+    for col in ("GPUs", "sharding", "phase", "weights", "LoRA+opt", "activations", "logits", "teacher",
+                "total", "fits"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        p = r["parts_gib"]
+        table.add_row(str(r["gpus"]), r["sharding"], r["phase"], f"{p['weights']:.1f}",
+                      f"{p['lora_and_optimizer']:.2f}", f"{p['activations']:.1f}", f"{p['logits']:.1f}",
+                      f"{p['teacher']:.1f}", f"{r['per_gpu_gib']:.1f}", "yes" if r["fits"] else "no")
+    Console(width=140).print(table)
+    return rows
