@@ -77,6 +77,9 @@ class MaskPruneConfig:
     hard_frac: float = 0.0
     """Fraction of steps after which the forward pass uses the hard top-k masks (of the annealed
     counts). 0: hard from the start, so units leave one by one as the targets anneal."""
+    forward: str = "binary"
+    """Hard-phase forward: "binary" runs the exact 0/1 top-k structure (straight-through to the
+    mask scores; nothing to fold); "scaled" runs top-k x mask value (values folded at the end)."""
     init: str = "wanda-sp"
     """Mask initialisation: "wanda-sp" (one-shot scores, rank-linear in [0.5, 1]) or "ones"."""
     checkpoint_every: int = 20
@@ -154,6 +157,8 @@ class MaskPrune:
         self.model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                                                       lora_dropout=0.0, target_modules=names))
         L, G, R, I = d.num_layers, d.num_kv_heads, d.heads_per_group, d.intermediate_size
+        if cfg.forward not in ("binary", "scaled"):
+            raise ValueError(f"unknown mask forward {cfg.forward!r}: binary or scaled")
         if cfg.init == "wanda-sp" and init_scores is not None:
             zg, zh, zf = (M.init_from_scores(init_scores.groups), M.init_from_scores(init_scores.heads),
                           M.init_from_scores(init_scores.ffn))
@@ -211,9 +216,10 @@ class MaskPrune:
         if self._hard():
             kv, hpg, ffn = self.hard_counts()
             gmask, hmask = M.group_topk(zg.detach(), zh.detach(), kv, hpg)
-            g = M.straight_through(zg, gmask)
-            h = M.straight_through(zh, (hmask > 0).float())
-            f = M.straight_through(zf, M.topk_mask(zf.detach(), ffn))
+            st_fn = M.straight_through_binary if self.cfg.forward == "binary" else M.straight_through
+            g = st_fn(zg, gmask)
+            h = st_fn(zh, (hmask > 0).float())
+            f = st_fn(zf, M.topk_mask(zf.detach(), ffn))
         else:
             g, h, f = zg, zh, zf
         self._set_masks(g, h, f)
@@ -257,7 +263,10 @@ class MaskPrune:
             for t in cands:
                 gmask, hmask = M.group_topk(st.zg, st.zh, t.kv_heads, t.heads_per_group)
                 fmask = M.topk_mask(st.zf, t.ffn)
-                self._set_masks(gmask * st.zg, (hmask > 0).float() * st.zh, fmask * st.zf)
+                if self.cfg.forward == "binary":
+                    self._set_masks(gmask, (hmask > 0).float(), fmask)
+                else:
+                    self._set_masks(gmask * st.zg, (hmask > 0).float() * st.zh, fmask * st.zf)
                 scores[t] = kd_loss(self.model(probe).logits, teacher, self.cfg.temperature).item()
         self.model.train(was_training)
         best = min(scores, key=scores.get)
@@ -419,8 +428,11 @@ class MaskPrune:
         d, st = self.d, self.state
         adapter = get_adapter(base.config)
         heads = (st.zg.unsqueeze(-1) * st.zh).reshape(d.num_layers, d.num_heads)
+        fold = self.cfg.forward == "scaled" or not self._hard()
         with torch.no_grad():
             for layer, (mod, k) in enumerate(zip(adapter.decoder_layers(base), keeps)):
+                if not fold:  # the binary forward ran the kept units at scale 1
+                    break
                 o = getattr(adapter.attention(mod), adapter.o)
                 o.weight.mul_(heads[layer].repeat_interleave(d.head_dim).to(o.weight.dtype))
                 down = getattr(adapter.ffn(mod), adapter.down)

@@ -83,6 +83,15 @@ def straight_through(soft: torch.Tensor, hard: torch.Tensor) -> torch.Tensor:
     return soft + (hard * soft - soft).detach()
 
 
+def straight_through_binary(soft: torch.Tensor, hard: torch.Tensor) -> torch.Tensor:
+    """Forward the binary ``hard`` mask exactly; backward as if the mask were ``soft``.
+
+    The pruned structure is what runs (no unit is rescaled), and every unit's score still
+    receives the gradient of adding or removing it.
+    """
+    return hard + (soft - soft.detach())
+
+
 def binarity(z: torch.Tensor, low: float = 0.05, high: float = 0.95) -> float:
     """Fraction of mask values strictly between ``low`` and ``high`` (0: fully binary)."""
     return ((z > low) & (z < high)).float().mean().item()

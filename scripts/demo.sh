@@ -6,5 +6,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export ORT_DISABLE_TELEMETRY=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 OUT=${OUT:-runs/demo}
-.venv/bin/mptool compress --out "$OUT" --overwrite "$@"
+.venv/bin/mptool compress --ratio 0.2 --max-steps 40 --recovery-steps 20 --out "$OUT" --overwrite "$@"
 echo "pruned checkpoint: $OUT (report: $OUT/report.json)" >&2

@@ -101,3 +101,21 @@ def test_resume_gives_the_same_masks_and_weights(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6), k
+
+
+@pytest.mark.parametrize("forward", ["binary", "scaled"])
+def test_both_forwards_finish_equal_to_the_masked_model(forward):
+    model = tiny_model("qwen3")
+    d = Dims.from_config(model.config)
+    mp = MaskPrune(model, blocks(d.vocab_size), cfg(forward=forward, init="wanda-sp"),
+                   target=Target(1, 1, 128), ffn_multiple=16)
+    mp.run()
+    ids = blocks(d.vocab_size, 2, 9)
+    st = mp.state
+    mp.model.eval()
+    with torch.no_grad():
+        mp._effective(st.zg, st.zh, st.zf)
+        masked = mp.model(ids).logits
+    sliced, _ = mp.finish()
+    with torch.no_grad():
+        assert ((sliced(ids).logits - masked).norm() / masked.norm()).item() <= 1e-5

@@ -76,3 +76,12 @@ def test_snap_meets_budget_and_is_nearest():
     assert t == Target(3, 1, 768)
     t2 = snap(SMOL, 2.0, 3.0, 700.0, budget, tp=(2,))
     assert t2.kv_heads % 2 == 0 and t2.heads % 2 == 0 and prunable_params(SMOL, t2) <= budget
+
+
+def test_straight_through_binary_runs_the_exact_structure():
+    soft = torch.tensor([0.3, 0.8, 0.6], requires_grad=True)
+    hard = torch.tensor([0.0, 1.0, 1.0])
+    out = M.straight_through_binary(soft, hard)
+    assert torch.equal(out.detach(), hard)
+    (out * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
+    assert torch.equal(soft.grad, torch.tensor([1.0, 2.0, 3.0]))
