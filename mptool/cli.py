@@ -171,6 +171,70 @@ def eval_(
     run_eval(cfg)
 
 
+@app.command(name="export", epilog="Example: mptool export runs/smol-pruned --target vllm --tp 1,2 "
+                                   "--out runs/smol-pruned-vllm")
+@user_errors
+def export_(
+    model: Optional[str] = ModelArg,
+    target: Optional[str] = typer.Option(None, help="hf (safetensors, default) | onnx (onnxruntime-genai) | vllm"),
+    out: Optional[str] = typer.Option(None, help="Output folder (written atomically; default runs/<model>-<target>)."),
+    dtype: Optional[str] = typer.Option(None, help="float32 | bfloat16 | float16 (default: hf the source's, onnx float32, vllm bfloat16)."),
+    tp: Optional[str] = typer.Option(None, help="vllm: tensor-parallel sizes the export must support, e.g. 1,2."),
+    max_shard_size: Optional[str] = typer.Option(None, help="Split safetensors above this size (default 2GB)."),
+    onnx_provider: Optional[str] = typer.Option(None, help="onnx: provider named in genai_config.json, cpu (default) or cuda."),
+    engine_check: Optional[bool] = typer.Option(None, "--engine-check/--no-engine-check",
+                                                help="vllm: load with vllm.LLM and compare greedy tokens (default on)."),
+    seed: Optional[int] = typer.Option(None, help="Seed of the random token ids of the parity checks."),
+    overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Replace an existing output folder."),
+    trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code", help="Allow the model's custom code."),
+    config: Optional[str] = ConfigOpt,
+) -> None:
+    """Export a model for an engine, check it against PyTorch, and write it with export.json."""
+    from mptool.config import load_config
+    from mptool.exporters.config import ExportConfig
+
+    cfg = load_config(ExportConfig, config, {
+        "model": model, "target": target, "out": out, "dtype": dtype, "tp": _tp(tp),
+        "max_shard_size": max_shard_size, "onnx.provider": onnx_provider,
+        "vllm.engine_check": engine_check, "parity.seed": seed, "overwrite": overwrite,
+        "trust_remote_code": trust_remote_code,
+    })
+    from mptool.exporters import export as run, print_summary
+
+    print_summary(run(cfg))
+
+
+@app.command(epilog="Example: mptool plan --gpus 1,2,4,8 --gpu-mem 80 --batch-size 8 --seq-len 2048")
+@user_errors
+def plan(
+    model: Optional[str] = ModelArg,
+    gpus: Optional[str] = typer.Option(None, help="GPU counts to plan for (default 1,2,4,8)."),
+    gpu_mem: float = typer.Option(80.0, help="Memory of one GPU in GiB."),
+    batch_size: int = typer.Option(8, help="Global batch (sequences per step)."),
+    seq_len: int = typer.Option(2048, help="Tokens per sequence."),
+    lora_r: int = typer.Option(16, help="LoRA rank."),
+    dtype_bytes: int = typer.Option(2, help="Bytes per weight (2: bf16, 4: fp32)."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Estimate per-GPU memory of mask learning and recovery (weights, LoRA, activations, teacher)."""
+    from mptool.plan import PlanInput, print_plan
+
+    counts = _tp(gpus) or [1, 2, 4, 8]
+    if min(batch_size, seq_len, lora_r, dtype_bytes) < 1 or gpu_mem <= 0:
+        raise MptoolError("--batch-size, --seq-len, --lora-r, --dtype-bytes and --gpu-mem must be positive")
+    print_plan(model, counts, gpu_mem, PlanInput(batch_size=batch_size, seq_len=seq_len, lora_r=lora_r,
+                                                 dtype_bytes=dtype_bytes), as_json=json_out)
+
+
+def _register_bench() -> None:
+    from mptool.benchmarks.cli import bench
+
+    app.command(name="bench", epilog="Example: mptool bench DENSE runs/smol-mp50 --engine vllm")(bench)
+
+
+_register_bench()
+
+
 def main() -> None:
     """Console entry point."""
     app()

@@ -72,3 +72,18 @@ def test_fsdp_shards_and_ddp_replicates():
     assert abs(one["parts_gib"]["weights"] - 8.03e9 * 2 / 1024 ** 3) < 0.1
     assert eight_f["parts_gib"]["weights"] < one["parts_gib"]["weights"] / 7.9
     assert eight_d["parts_gib"]["weights"] == one["parts_gib"]["weights"]
+
+
+def test_plan_cli(tmp_path, tokenizer_dir):
+    from typer.testing import CliRunner
+
+    from mptool.cli import app
+    from test_cli import save_tiny
+
+    model = save_tiny("llama", tokenizer_dir, tmp_path / "m")
+    res = CliRunner().invoke(app, ["plan", str(model), "--gpus", "1,2", "--json", "--batch-size", "2"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.stdout)["rows"]
+    assert len(rows) == 2 * 2 * 2  # gpu counts x (ddp, fsdp) x (mask, recovery)
+    bad = CliRunner().invoke(app, ["plan", str(model), "--batch-size", "0"])
+    assert bad.exit_code == 2 and "must be positive" in bad.output
