@@ -8,7 +8,8 @@ is what ``mptool export`` runs. Every target follows the same steps:
 3. write the artefact into a temporary sibling of ``out`` (:func:`mptool.io.atomic_dir`);
 4. run it with its engine and compare with PyTorch under the target's stated tolerance
    (:mod:`mptool.exporters.hf`, :mod:`~mptool.exporters.onnx`, :mod:`~mptool.exporters.vllm`);
-5. write ``export.json`` and a model card, then rename the folder into place.
+5. write ``export.json`` (checks, tolerances, timings, sizes), ``export-config.yaml`` (the resolved
+   config: ``mptool export --config`` reruns it) and a model card, then rename into place.
 
 A failed check raises :class:`~mptool.errors.ParityError` with the measured difference and leaves
 nothing behind. Heavy imports happen inside the functions, so importing this package is cheap.
@@ -16,6 +17,7 @@ nothing behind. Heavy imports happen inside the functions, so importing this pac
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import platform
@@ -45,6 +47,15 @@ class Source:
 
 def _module(target: str):
     return importlib.import_module(f"mptool.exporters.{target}")
+
+
+def source_dtype(spec: Any) -> str | None:
+    """The dtype a local checkpoint's config.json declares (``dtype`` or ``torch_dtype``), if any."""
+    if not isinstance(spec, Path) or not (spec / "config.json").is_file():
+        return None
+    config = json.loads((spec / "config.json").read_text())
+    value = config.get("dtype") or config.get("torch_dtype")
+    return value if isinstance(value, str) else None
 
 
 def validate(cfg: ExportConfig) -> list[str]:
@@ -119,6 +130,23 @@ def _environment() -> dict[str, str]:
     return env
 
 
+class _PhaseClock:
+    """The progress callback exporters get; also books wall time per phase (a phase starts
+    whenever ``info`` names a new one) for ``export.json``."""
+
+    def __init__(self, advance: Any) -> None:
+        self.advance, self.seconds = advance, {}
+        self.phase, self.since = None, time.perf_counter()
+
+    def __call__(self, n: float = 1, info: str | None = None) -> None:
+        if info is not None:
+            now = time.perf_counter()
+            if self.phase is not None:
+                self.seconds[self.phase] = round(self.seconds.get(self.phase, 0.0) + now - self.since, 1)
+            self.phase, self.since = info, now
+        self.advance(n, info=info)
+
+
 def export(cfg: ExportConfig) -> dict[str, Any]:
     """Export ``cfg.model`` for ``cfg.target`` into ``cfg.out``, verified; returns export.json's record.
 
@@ -127,7 +155,7 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
         ParityError: the artefact disagrees with PyTorch beyond the target's tolerance; nothing
             is left behind.
     """
-    from mptool.config import to_dict
+    from mptool.config import save_config, to_dict
     from mptool.errors import MptoolError
     from mptool.exporters.card import model_card
     from mptool.exporters.common import artefact_sizes, make_shareable
@@ -139,15 +167,19 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
     if problems:
         raise MptoolError("; ".join(problems))
     started = time.perf_counter()
-    target, dtype, out = cfg.target, cfg.resolved_dtype(), cfg.resolved_out()
+    spec = resolve_model(cfg.model)
+    target, dtype, out = cfg.target, cfg.resolved_dtype(source_dtype(spec)), cfg.resolved_out()
     module = _module(target)
+    resolved = dataclasses.replace(cfg, dtype=dtype, out=str(out), model=str(spec))
     with step(f"export {target} ({dtype})", total=1 + len(module.PHASES)) as advance:
-        advance(0, info="load source model")
-        src = _load_source(cfg, resolve_model(cfg.model))
+        clock = _PhaseClock(advance)
+        clock(0, info="load source model, fp32 reference")
+        src = _load_source(cfg, spec)
         shape = _shape(src)
-        advance(1)
+        clock(1)
         with atomic_dir(out) as tmp:
-            result = module.export(src, tmp, dtype, cfg, advance)
+            result = module.export(src, tmp, dtype, cfg, clock)
+            clock(0, info="model card, export.json")
             record: dict[str, Any] = {
                 "mptool_export": 1,
                 "target": target,
@@ -157,13 +189,42 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
                 "shape": shape,
                 **result,
                 "seconds": round(time.perf_counter() - started, 1),
-                "config": {**to_dict(cfg), "dtype": dtype, "out": str(out)},
+                "phase_seconds": clock.seconds,
+                "config": to_dict(resolved),
                 "environment": _environment(),
             }
-            (tmp / "README.md").write_text(model_card(out.name, src.model.config,
-                                                      {**record, "sizes": artefact_sizes(tmp)},
-                                                      src.report, module.usage(out)))
+            (tmp / "README.md").write_text(model_card(out.name, {**record, "sizes": artefact_sizes(tmp)},
+                                                      src.report, module.usage(out, record)))
+            save_config(resolved, tmp / "export-config.yaml")  # `mptool export --config` reruns it
             record["sizes"] = artefact_sizes(tmp)
             (tmp / "export.json").write_text(json.dumps(record, indent=2) + "\n")
             make_shareable(tmp)
     return record
+
+
+def print_summary(record: dict[str, Any]) -> None:
+    """An aligned table of the checks, then where the export is and what it weighs."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from mptool.exporters.common import human_bytes
+
+    table = Table(title=f"mptool export --target {record['target']} ({record['dtype']})")
+    for col in ("check", "measured", "allowed", "result"):
+        table.add_column(col, justify="right" if col != "check" else "left")
+    for name, check in record["parity"].items():
+        if "max_abs_diff" in check:
+            table.add_row(name, f"max |diff| {check['max_abs_diff']:.3g}", f"{check['bound']:.3g}", "ok")
+        elif "greedy" in check or "tokens_matched" in check:
+            g = check.get("greedy", check)
+            extra = f", |logprob diff| {g['logprob_max_abs_diff']:.2g}" if "logprob_max_abs_diff" in g else ""
+            extra += f" (start-up {check['startup_s']} s)" if "startup_s" in check else ""
+            table.add_row(name, f"{g['tokens_matched']} tokens matched{extra}",
+                          "ties only" if g["ties"] else "identical", "ok")
+        elif "skipped" in check:
+            table.add_row(name, "-", "-", f"skipped: {check['skipped']}")
+    Console(width=120).print(table)
+    Console(width=120).print(f"wrote {record['out']} ({human_bytes(record['sizes']['total_bytes'])}) "
+                             f"in {record['seconds']:.1f} s", highlight=False)
+    if record["target"] == "vllm":
+        Console(width=120).print(f"serve: {record['vllm']['serve_command']}", highlight=False)

@@ -37,28 +37,28 @@ def _report_section(report: dict[str, Any]) -> list[str]:
         lines += [f"Perplexity: held-out text `{protocol.get('text')}`, {protocol.get('window')}-token "
                   f"windows, stride {protocol.get('stride')}, {tokens} tokens scored"
                   + (f"; ratio pruned/dense x{report['ppl_ratio']:.2f}." if report.get("ppl_ratio") else "."), ""]
-    command = report.get("command")
-    lines += ["Made by:", "", "```bash", command or "mptool.compress.compress(CompressConfig(...))  # Python API",
-              "```", ""]
+    # run from Python (no command line), the resolved config in this folder reproduces it
+    command = report.get("command") or "mptool compress --config mptool-config.yaml"
+    lines += ["Made by:", "", "```bash", command, "```", ""]
     return lines
 
 
-def model_card(name: str, config: Any, record: dict[str, Any], report: dict[str, Any] | None,
-               usage: str) -> str:
+def model_card(name: str, record: dict[str, Any], report: dict[str, Any] | None, usage: str) -> str:
     """The README.md text: shape, pruning report, the export check and how to load it."""
     shape = record["shape"]
     lines = [
         "---",
         "library_name: transformers" if record["target"] != "onnx" else "library_name: onnxruntime-genai",
         "pipeline_tag: text-generation",
-        "tags: [mptool, pruned, structured-pruning, " + record["target"] + "]",
+        "tags: [" + ", ".join(["mptool", *(["pruned", "structured-pruning"] if report else []),
+                               record["target"]]) + "]",
         "---",
         "",
         f"# {name}",
         "",
-        f"A `{shape['architecture']}` checkpoint exported by `mptool export --target {record['target']}` "
+        f"A `{shape['architecture']}` model exported by `mptool export --target {record['target']}` "
         f"({record['dtype']}). Every decoder layer has the same shape, so engines load it with no custom "
-        "code and tensor parallelism can split it.",
+        "code.",
         "",
         "## Shape",
         "",

@@ -93,8 +93,8 @@ def reference_greedy(model: Any, prompts: Sequence[Sequence[int]], new_tokens: i
                      suppress: Iterable[int]) -> list[tuple[list[int], torch.Tensor]]:
     """Greedy decoding with transformers (KV cache), ``suppress`` ids masked at every step.
 
-    Returns, per prompt, the generated ids and the ``[new_tokens, vocab]`` fp32 logits each step
-    chose from (after masking), which :func:`compare_tokens` needs to tell ties from errors.
+    Returns, per prompt, the generated ids and the ``[new_tokens, vocab]`` raw fp32 logits of each
+    step (before masking), which :func:`compare_tokens` needs to tell ties from errors.
     """
     suppress = sorted(set(suppress))
     out = []
@@ -103,16 +103,30 @@ def reference_greedy(model: Any, prompts: Sequence[Sequence[int]], new_tokens: i
         result = model(input_ids=ids, use_cache=True)
         tokens, steps = [], []
         for _ in range(new_tokens):
-            logits = result.logits[0, -1].float().clone()
+            logits = result.logits[0, -1].float()
+            masked = logits.clone()
             if suppress:
-                logits[suppress] = float("-inf")
-            token = int(logits.argmax())
+                masked[suppress] = float("-inf")
+            token = int(masked.argmax())
             tokens.append(token)
             steps.append(logits)
             result = model(input_ids=torch.tensor([[token]]), past_key_values=result.past_key_values,
                            use_cache=True)
         out.append((tokens, torch.stack(steps)))
     return out
+
+
+def logprob_diff(engine_tokens: Sequence[Sequence[int]], engine_logprobs: Sequence[Sequence[float]],
+                 reference: list[tuple[list[int], torch.Tensor]]) -> float:
+    """Max |engine - torch| log-probability of the chosen tokens, up to each prompt's first difference."""
+    worst = 0.0
+    for got, lps, (want, logits) in zip(engine_tokens, engine_logprobs, reference):
+        torch_lps = torch.log_softmax(logits.double(), dim=-1)
+        for i, (a, b, lp) in enumerate(zip(got, want, lps)):
+            if a != b:
+                break
+            worst = max(worst, abs(float(lp) - float(torch_lps[i, a])))
+    return worst
 
 
 def compare_tokens(engine: Sequence[Sequence[int]], reference: list[tuple[list[int], torch.Tensor]],

@@ -12,8 +12,9 @@ from pathlib import Path
 
 TARGETS = ("hf", "onnx", "vllm")
 
-# Dtypes each target can write, the first one being its default. hf keeps the source precision;
-# onnx runs fp32 on CPU (fp16 is for the CUDA provider, and also runs on CPU); vLLM serves bf16.
+# Dtypes each target can write, the first one being its default. hf keeps the source checkpoint's
+# dtype when it has one of these; onnx runs fp32 on CPU (fp16 is for the CUDA provider and also
+# runs on CPU); vLLM serves bf16.
 DTYPES: dict[str, tuple[str, ...]] = {
     "hf": ("float32", "bfloat16", "float16"),
     "onnx": ("float32", "float16"),
@@ -78,7 +79,7 @@ class ExportConfig:
     out: str | None = None
     """Output folder (written atomically); None: runs/<model name>-<target>."""
     dtype: str | None = None
-    """Weight dtype; None: the target's default (hf float32, onnx float32, vllm bfloat16)."""
+    """Weight dtype; None: hf the source checkpoint's (else float32), onnx float32, vllm bfloat16."""
     tp: list[int] = field(default_factory=lambda: [1])
     """Tensor-parallel sizes the export must support (legality checked for vllm)."""
     max_shard_size: str = "2GB"
@@ -91,11 +92,14 @@ class ExportConfig:
     trust_remote_code: bool = False
     """Allow custom model code from the model folder or hub (only when you trust it)."""
 
-    def resolved_dtype(self) -> str:
-        """The dtype to write: the given one (aliases like bf16 accepted) or the target default."""
-        if self.dtype is None:
-            return DTYPES[self.target][0]
-        return DTYPE_ALIASES.get(self.dtype, self.dtype)
+    def resolved_dtype(self, source_dtype: str | None = None) -> str:
+        """The dtype to write: the given one (aliases like bf16 accepted); else, for hf, the
+        source checkpoint's dtype when hf writes it; else the target's default."""
+        if self.dtype is not None:
+            return DTYPE_ALIASES.get(self.dtype, self.dtype)
+        if self.target == "hf" and source_dtype in DTYPES["hf"]:
+            return source_dtype
+        return DTYPES[self.target][0]
 
     def resolved_out(self) -> Path:
         if self.out is not None:

@@ -20,13 +20,14 @@ import torch
 
 from mptool.exporters.common import Tolerance, compare_logits, reference_logits
 
-# Reloaded folder vs the fp32 source, per written dtype: max |diff| <= atol + rtol * max |logit|.
-# fp32 is a byte copy of the weights (measured 0); bf16/fp16 round every weight and activation
-# (SmolLM2-135M, random ids: bf16 max diff 0.33 on max |logit| 26 (1.3%), fp16 0.04).
+# Reloaded folder (computed in the written dtype, as users run it) vs the fp32 source:
+# max |diff| <= atol + rtol * max |logit|. fp32 is a byte copy of the weights (measured 0).
+# Measured on SmolLM2-135M, 2 x 32 random ids, max |logit| 33.7: bf16 max diff 1.96-2.59
+# (5.8-7.7 %; rounding the weights alone gives 1.44), fp16 0.51 (1.5 %).
 TOLERANCE: dict[str, Tolerance] = {
     "float32": Tolerance(atol=1e-5, rtol=1e-5),
-    "bfloat16": Tolerance(atol=1e-2, rtol=5e-2),
-    "float16": Tolerance(atol=1e-3, rtol=1e-2),
+    "bfloat16": Tolerance(atol=1e-2, rtol=0.15),
+    "float16": Tolerance(atol=1e-2, rtol=0.04),
 }
 
 PHASES = ("write checkpoint", "reload and compare logits")
@@ -54,7 +55,7 @@ def save_checkpoint(model: Any, tokenizer: Any, folder: Path, dtype: str, max_sh
         folder: an existing, empty folder.
         dtype: ``float32``, ``bfloat16`` or ``float16``.
         max_shard_size: e.g. ``"2GB"``; larger checkpoints are split into shards plus an index.
-        source_folder: the model's folder, for its ``report.json`` (the pruning report).
+        source_folder: the model's folder, for its pruning report (:data:`PROVENANCE`).
     """
     from transformers import GenerationConfig
 
@@ -71,8 +72,18 @@ def save_checkpoint(model: Any, tokenizer: Any, folder: Path, dtype: str, max_sh
     if not (folder / "generation_config.json").exists():
         GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
                          pad_token_id=getattr(config, "pad_token_id", None)).save_pretrained(folder)
-    if source_folder is not None and (source_folder / "report.json").is_file():
-        shutil.copy2(source_folder / "report.json", folder / "report.json")
+    copy_provenance(source_folder, folder)
+
+
+PROVENANCE = ("report.json", "mptool-config.yaml")
+"""Files of a `mptool compress` folder that travel with every export: the pruning report and the
+resolved config that reproduces the run."""
+
+
+def copy_provenance(source_folder: Path | None, folder: Path) -> None:
+    for name in PROVENANCE:
+        if source_folder is not None and (source_folder / name).is_file():
+            shutil.copy2(source_folder / name, folder / name)
 
 
 def reload_and_compare(folder: Path, dtype: str, ids: torch.Tensor, ref: torch.Tensor,
@@ -102,7 +113,7 @@ def export(src: Any, tmp: Path, dtype: str, cfg: Any, advance: Callable[..., Non
             "parity": {"transformers_logits": logits}}
 
 
-def usage(out: Path) -> str:
+def usage(out: Path, record: dict[str, Any]) -> str:
     return USAGE.format(out=out)
 
 

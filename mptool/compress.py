@@ -266,6 +266,9 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
         from mptool.plots import kept_heatmap
 
         kept_heatmap(keeps, d.num_kv_heads, d.heads_per_group, d.intermediate_size, tmp / "kept_units.png")
+        from mptool.models import _make_shareable
+
+        _make_shareable(tmp)  # safetensors writes 0600
     shutil.rmtree(ckpt, ignore_errors=True)
     shutil.rmtree(ckpt_parent, ignore_errors=True)
     D.barrier()
