@@ -6,12 +6,11 @@ Every option defaults to None so it only overrides a YAML recipe when given.
 
 from __future__ import annotations
 
-import functools
-import os
-from typing import Any, Callable, Optional
+from typing import Optional
 
 import typer
 
+from mptool.clikit import user_errors  # noqa: F401  (re-exported for command modules)
 from mptool.errors import MptoolError
 
 app = typer.Typer(
@@ -21,37 +20,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-
-
-def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """The one boundary: a MptoolError prints one red line and exits 2; bugs keep their traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        # mptool shows its own rich progress; the libraries' tqdm bars would bury errors.
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        try:
-            _quiet_libraries()
-            return fn(*args, **kwargs)
-        except MptoolError as e:
-            from rich.markup import escape
-
-            from mptool.progress import console
-
-            console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
-
-    return wrapper
-
-
-def _quiet_libraries() -> None:
-    from huggingface_hub.utils import disable_progress_bars
-    from transformers.utils import logging as hf_logging
-
-    disable_progress_bars()
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
 
 
 ModelArg = typer.Argument(None, help="HF model folder (config.json + *.safetensors) or hub id; "
@@ -227,6 +195,7 @@ def plan(
 
 
 def _register_bench() -> None:
+    # benchmarks/ owns the command's options; importing it here keeps one Typer app.
     from mptool.benchmarks.cli import bench
 
     app.command(name="bench", epilog="Example: mptool bench DENSE runs/smol-mp50 --engine vllm")(bench)

@@ -1,0 +1,63 @@
+"""`mptool bench`'s typed config, shared by the CLI, YAML recipes and the Python API.
+
+``load_config(BenchConfig, "bench.yaml", {"engines": ["vllm"]})`` and
+``BenchConfig(dense=..., pruned=..., engines=["vllm"])`` build the same object.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+ENGINES = ("torch", "onnxruntime", "vllm")
+"""Engines `mptool bench` drives."""
+
+
+@dataclass
+class VllmOptions:
+    """Options of the vLLM engine (each model runs in its own subprocess)."""
+
+    eager: bool = False
+    """Run eagerly (``enforce_eager``). Off: vLLM's compiled graph mode, what it serves with; a
+    small model in eager mode is bound by per-layer Python overhead, not by its weights."""
+    kv_cache_gib: int = 2
+    """CPU only: GiB reserved for the KV cache (``VLLM_CPU_KVCACHE_SPACE``)."""
+    gpu_memory_utilization: float = 0.5
+    """GPU only: fraction of GPU memory vLLM may take (weights + KV cache)."""
+
+
+@dataclass
+class BenchConfig:
+    """`mptool bench`: dense vs pruned in the serving engines, against the ideal speed-up."""
+
+    dense: str | None = None
+    """Dense model folder (config.json + *.safetensors)."""
+    pruned: str | None = None
+    """Pruned model folder of the same family and vocabulary."""
+    engines: list[str] = field(default_factory=lambda: ["torch"])
+    """Engines to run, any of torch, onnxruntime, vllm."""
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32])
+    """Sequences decoded together."""
+    prompt_lens: list[int] = field(default_factory=lambda: [128, 512])
+    """Prompt tokens per sequence (random token ids, the same for both models)."""
+    new_tokens: int = 32
+    """Tokens generated per sequence (end-of-sequence ignored), at least 2."""
+    warmup: int = 1
+    """Untimed runs of each sweep cell before the timed ones."""
+    repeats: int = 3
+    """Timed runs of each sweep cell; figures are their median, min, max and quartiles."""
+    dtype: str | None = None
+    """float32, bfloat16 or float16; None: the engine's serving default (torch and onnxruntime
+    float32, vllm bfloat16)."""
+    device: str | None = None
+    """cpu or cuda; None: cuda when torch sees a GPU, else cpu."""
+    threads: int | None = None
+    """CPU threads each engine may use; None: every core this process may run on."""
+    vllm: VllmOptions = field(default_factory=VllmOptions)
+    cache_dir: str | None = None
+    """Where engine builds (onnxruntime-genai models) are kept; None: ~/.cache/mptool/bench."""
+    out: str = "runs/bench/bench"
+    """Output stem: writes <out>.json, <out>.md and <out>.png."""
+    seed: int = 0
+    """Seed of the random prompts."""
+    trust_remote_code: bool = False
+    """Allow custom model code from the model folders (only when you trust them)."""
