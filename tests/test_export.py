@@ -103,7 +103,7 @@ def test_hf_export_reloads_with_the_same_logits(family, tokenizer_dir, tmp_path)
     again = load_config(ExportConfig, out / "export-config.yaml")
     assert again == ExportConfig(model=str(src.resolve()), target="hf", out=str(out), dtype="float32")
     assert saved["sizes"]["total_bytes"] >= saved["sizes"]["files"]["model.safetensors"] > 0
-    assert saved["seconds"] > 0
+    assert saved["seconds"] >= 0  # rounded: a tiny export can take < 0.05 s
     ids = torch.randint(3, 300, (2, 20), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         a = AutoModelForCausalLM.from_pretrained(out).eval()(ids).logits

@@ -29,7 +29,7 @@ blocks = torch.randint(3, 8192, (8, 256))
 mp = MaskPrune(model, blocks, MaskPruneConfig(steps=3, batch_size=4, bf16=False, checkpoint_every=0,
                init="ones"), budget=0.5 * prunable_params(d, d.dense_target()))
 mp.run()
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) * 1024  # per-mm: not inherited across exec
 print(json.dumps({"delta": peak - base, "config": model.config.to_dict()}))
 """
 
