@@ -9,11 +9,12 @@ ignored, so every run makes exactly ``N`` tokens per sequence.
   then ``N - 1`` single-token forwards on the KV cache, timed separately.
 * ``onnxruntime`` — the onnxruntime-genai model builder's graph (built once into a cache, with
   the LM head pruned to the last position in prefill), driven through ``og.Generator``.
-* ``vllm`` — ``vllm.LLM`` in its own subprocess per model (vLLM owns the process: thread binding,
+* ``vllm`` — ``vllm.LLM`` in its own child process per model (vLLM owns the process: thread binding,
   compile caches, memory). Prefill and decode come from vLLM's per-request timestamps (the same
   TTFT/TPOT its serving benchmarks report), the wall time from the ``generate`` call.
 
-Run as ``python -m mptool.benchmarks.engines JOB.json RESULT.json`` it is the vLLM child process.
+Both models of a comparison stay loaded and take turns run by run (:func:`sweep_pair`). Run as
+``python -m mptool.benchmarks.engines vllm`` this module is the vLLM child (:class:`ChildRunner`).
 """
 
 from __future__ import annotations
@@ -36,8 +37,6 @@ import numpy as np
 
 from mptool.errors import MptoolError
 
-PROGRESS_PREFIX = "mptool-bench-run "
-"""Line prefix the vLLM child prints on stdout after each run (the parent advances its bar)."""
 
 DEFAULT_DTYPE = {"torch": "float32", "onnxruntime": "float32", "vllm": "bfloat16"}
 ACCEPTED_DTYPES = {
@@ -369,10 +368,124 @@ class VllmRunner(Runner):
         return Sample(ttft_s=ttft, tpot_s=(total - ttft) / (new_tokens - 1), total_s=total)
 
 
-RUNNERS: dict[str, type[Runner]] = {"torch": TorchRunner, "onnxruntime": OrtRunner, "vllm": VllmRunner}
+class ChildRunner(Runner):
+    """A runner in its own Python process, driven line by line over stdin/stdout (vLLM).
+
+    vLLM owns its process (thread binding, compile caches, memory, shutdown), so each model gets
+    one; both stay up so the sweep can alternate dense and pruned runs like in-process engines.
+    """
+
+    def __init__(self, engine: str, model_dir: str, spec: EngineSpec, env: dict[str, str]):
+        self.model_dir = model_dir
+        self.failed = False
+        self.log_path = Path(tempfile.mkstemp(prefix=f"mptool-bench-{engine}-", suffix=".log")[1])
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mptool.benchmarks.engines", engine],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True,
+            env={**os.environ, **env},
+        )
+        self._info = self._call({"model_dir": model_dir, "spec": asdict(spec)})["info"]
+
+    def _call(self, request: dict[str, Any]) -> dict[str, Any]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        try:
+            self.proc.stdin.write(json.dumps(request) + "\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            pass  # the child died: its log says why, below
+        for line in self.proc.stdout:
+            if line.startswith(REPLY_PREFIX):
+                reply = json.loads(line[len(REPLY_PREFIX):])
+                if "error" in reply:
+                    self.failed = True
+                    self.close()
+                    raise MptoolError(f"{self.proc.args[-1]} failed on {self.model_dir}: {reply['error']} "
+                                      f"(full log: {self.log_path})")
+                return reply
+        self.failed = True
+        self.close()
+        raise MptoolError(f"{self.proc.args[-1]} stopped on {self.model_dir}: "
+                          f"{_last_error(self.log_path.read_text(errors='replace'))} (full log: {self.log_path})")
+
+    def info(self) -> dict[str, Any]:
+        return self._info
+
+    def generate(self, prompts: np.ndarray, new_tokens: int) -> Sample:
+        reply = self._call({"prompts": prompts.tolist(), "new_tokens": new_tokens})
+        return Sample(**reply["sample"])
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(BrokenPipeError, OSError):
+                assert self.proc.stdin is not None
+                self.proc.stdin.write(json.dumps({"quit": True}) + "\n")
+                self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        if not self.failed:  # the log is kept only to explain a failure
+            self.log_path.unlink(missing_ok=True)
 
 
-# ---------------------------------------------------------------- one model's sweep
+REPLY_PREFIX = "mptool-bench-reply "
+"""Line prefix of a child runner's replies on stdout (vLLM prints its own lines there too)."""
+
+IN_PROCESS: dict[str, type[Runner]] = {"torch": TorchRunner, "onnxruntime": OrtRunner}
+IN_CHILD: dict[str, type[Runner]] = {"vllm": VllmRunner}
+
+
+def open_runner(engine: str, model_dir: str, spec: EngineSpec) -> Runner:
+    """Load ``model_dir`` in ``engine``: in this process, or in a child for vLLM."""
+    if engine in IN_CHILD:
+        return ChildRunner(engine, model_dir, spec, vllm_env(spec))
+    return IN_PROCESS[engine](model_dir, spec)
+
+
+def _last_error(log: str) -> str:
+    """The most telling line of a failed child's log: the last exception line, else the last line."""
+    lines = [ln.strip() for ln in log.splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        head = ln.split(":")[0]
+        if head.endswith(("Error", "Exception")) or " ERROR " in ln:
+            return ln[:400]
+    return lines[-1][:400] if lines else "no output"
+
+
+def _serve(engine: str) -> None:
+    """The child side of :class:`ChildRunner`: one JSON request per stdin line, one reply each."""
+
+    def reply(obj: dict[str, Any]) -> None:
+        print(REPLY_PREFIX + json.dumps(obj), flush=True)
+
+    runner: Runner | None = None
+    for line in sys.stdin:
+        request = json.loads(line)
+        if request.get("quit"):
+            break
+        try:
+            if runner is None:
+                runner = IN_CHILD[engine](request["model_dir"], EngineSpec(**request["spec"]))
+                reply({"info": runner.info()})
+            else:
+                sample = runner.generate(np.asarray(request["prompts"], dtype=np.int64), request["new_tokens"])
+                reply({"sample": asdict(sample)})
+        except Exception as exc:  # reported to the parent, which raises it as one line
+            import traceback
+
+            traceback.print_exc()
+            reply({"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"})
+            break
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # vLLM's shutdown can hang on CPU; every reply is out, leave at once.
+    os._exit(0)
+
+
+# ---------------------------------------------------------------- the sweep of one engine
 
 
 @dataclass
@@ -384,91 +497,43 @@ class ModelRuns:
     """Timed samples per cell label (``"b8 p128"``)."""
 
 
-def sweep_model(runner: Runner, cells: list[Cell], vocab_size: int, new_tokens: int, warmup: int,
-                repeats: int, seed: int, on_run: Callable[[str], None]) -> ModelRuns:
-    """Warm up and time every cell on one loaded model; ``on_run(label)`` after each run."""
-    runs = ModelRuns(info=runner.info())
+def sweep_pair(runners: dict[str, Runner], cells: list[Cell], vocab_size: int, new_tokens: int,
+               warmup: int, repeats: int, seed: int,
+               on_run: Callable[[str, str], None]) -> dict[str, ModelRuns]:
+    """Warm up and time every cell on both loaded models, alternating them run by run.
+
+    Dense and pruned take turns (ABBA order over the repeats), so a slow drift in background
+    load touches both alike and the ratio stays fair. ``on_run(role, label)`` after each run.
+    """
+    roles = list(runners)
+    runs = {role: ModelRuns(info=runner.info()) for role, runner in runners.items()}
     for cell in cells:
         prompts = make_prompts(vocab_size, cell, seed)
         for _ in range(warmup):
-            runner.generate(prompts, new_tokens)
-            on_run(cell.label)
-        samples = []
-        for _ in range(repeats):
-            samples.append(runner.generate(prompts, new_tokens))
-            on_run(cell.label)
-        runs.samples[cell.label] = samples
+            for role in roles:
+                runners[role].generate(prompts, new_tokens)
+                on_run(role, cell.label)
+        for i in range(repeats):
+            for role in roles if i % 2 == 0 else roles[::-1]:
+                runs[role].samples.setdefault(cell.label, []).append(runners[role].generate(prompts, new_tokens))
+                on_run(role, cell.label)
     return runs
 
 
-def measure(engine: str, model_dir: str, spec: EngineSpec, cells: list[Cell], vocab_size: int,
+def measure(engine: str, models: dict[str, str], spec: EngineSpec, cells: list[Cell], vocab_size: int,
             new_tokens: int, warmup: int, repeats: int, seed: int,
-            on_run: Callable[[str], None]) -> ModelRuns:
-    """Load ``model_dir`` in ``engine`` and run the sweep (vLLM: in a child process)."""
-    if engine == "vllm":
-        return _measure_in_child(model_dir, spec, cells, vocab_size, new_tokens, warmup, repeats,
-                                 seed, on_run)
-    runner = RUNNERS[engine](model_dir, spec)
+            on_run: Callable[[str, str], None], on_load: Callable[[str], None] | None = None) -> dict[str, ModelRuns]:
+    """Load every model of ``models`` (role -> folder) in ``engine`` and run the sweep on them."""
+    runners: dict[str, Runner] = {}
     try:
-        return sweep_model(runner, cells, vocab_size, new_tokens, warmup, repeats, seed, on_run)
+        for role, folder in models.items():
+            if on_load:
+                on_load(role)
+            runners[role] = open_runner(engine, folder, spec)
+        return sweep_pair(runners, cells, vocab_size, new_tokens, warmup, repeats, seed, on_run)
     finally:
-        runner.close()
-
-
-def _measure_in_child(model_dir: str, spec: EngineSpec, cells: list[Cell], vocab_size: int,
-                      new_tokens: int, warmup: int, repeats: int, seed: int,
-                      on_run: Callable[[str], None]) -> ModelRuns:
-    with tempfile.TemporaryDirectory(prefix="mptool-bench-") as tmp:
-        job, result, log_path = Path(tmp) / "job.json", Path(tmp) / "result.json", Path(tmp) / "vllm.log"
-        job.write_text(json.dumps({
-            "model_dir": model_dir, "spec": asdict(spec), "cells": [asdict(c) for c in cells],
-            "vocab_size": vocab_size, "new_tokens": new_tokens, "warmup": warmup,
-            "repeats": repeats, "seed": seed,
-        }))
-        env = {**os.environ, **vllm_env(spec)}
-        with open(log_path, "w") as log, subprocess.Popen(
-            [sys.executable, "-m", "mptool.benchmarks.engines", str(job), str(result)],
-            stdout=subprocess.PIPE, stderr=log, text=True, env=env,
-        ) as proc:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                if line.startswith(PROGRESS_PREFIX):
-                    on_run(line[len(PROGRESS_PREFIX):].strip())
-            code = proc.wait()
-        if code != 0 or not result.is_file():
-            text = log_path.read_text(errors="replace")
-            kept = Path(tempfile.gettempdir()) / f"mptool-bench-vllm-{os.getpid()}.log"
-            kept.write_text(text)
-            raise MptoolError(f"vLLM failed on {model_dir}: {_last_error(text)} (full log: {kept})")
-        data = json.loads(result.read_text())
-    return ModelRuns(info=data["info"],
-                     samples={k: [Sample(**s) for s in v] for k, v in data["samples"].items()})
-
-
-def _last_error(log: str) -> str:
-    """The most telling line of a failed child's log: the last exception line, else the last line."""
-    lines = [ln.strip() for ln in log.splitlines() if ln.strip()]
-    for ln in reversed(lines):
-        if "Error" in ln.split(":")[0] or ln.startswith(("ValueError", "RuntimeError", "AssertionError")):
-            return ln[:400]
-    return lines[-1][:400] if lines else "no output"
-
-
-def _child(job_path: str, result_path: str) -> None:
-    job = json.loads(Path(job_path).read_text())
-    spec = EngineSpec(**job["spec"])
-    runner = VllmRunner(job["model_dir"], spec)
-
-    def on_run(label: str) -> None:
-        print(PROGRESS_PREFIX + label, flush=True)
-
-    runs = sweep_model(runner, [Cell(**c) for c in job["cells"]], job["vocab_size"], job["new_tokens"],
-                       job["warmup"], job["repeats"], job["seed"], on_run)
-    Path(result_path).write_text(json.dumps(
-        {"info": runs.info, "samples": {k: [asdict(s) for s in v] for k, v in runs.samples.items()}}))
-    # vLLM's shutdown can hang on CPU; the result is written, leave at once.
-    sys.stdout.flush()
-    os._exit(0)
+        for runner in runners.values():
+            runner.close()
 
 
 def host_info() -> dict[str, Any]:
@@ -495,4 +560,4 @@ def host_info() -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    _child(sys.argv[1], sys.argv[2])
+    _serve(sys.argv[1])

@@ -247,15 +247,16 @@ def run_bench(cfg: BenchConfig, argv: list[str] | None = None) -> dict[str, Any]
                 max_len=max(cfg.prompt_lens) + cfg.new_tokens,
                 max_batched_tokens=max(c.batch_size * c.prompt_len for c in cells),
             )
-            measured = {}
-            for role, path in (("dense", dense_path), ("pruned", pruned_path)):
+
+            def on_load(role: str, engine: str = engine) -> None:
                 advance(0, info=f"{engine} {role}: loading")
 
-                def on_run(label: str, engine: str = engine, role: str = role) -> None:
-                    advance(1, info=f"{engine} {role} {label}")
+            def on_run(role: str, label: str, engine: str = engine) -> None:
+                advance(1, info=f"{engine} {role} {label}")
 
-                measured[role] = measure(engine, str(path), spec, cells, dense_dims.vocab_size,
-                                         cfg.new_tokens, cfg.warmup, cfg.repeats, cfg.seed, on_run)
+            measured = measure(engine, {"dense": str(dense_path), "pruned": str(pruned_path)}, spec, cells,
+                               dense_dims.vocab_size, cfg.new_tokens, cfg.warmup, cfg.repeats, cfg.seed,
+                               on_run, on_load)
             doc["engines"][engine] = {role: measured[role].info for role in measured}
             for cell in cells:
                 dense = figures(measured["dense"].samples[cell.label], cell.batch_size, cfg.new_tokens)
@@ -276,5 +277,8 @@ def run_bench(cfg: BenchConfig, argv: list[str] | None = None) -> dict[str, Any]
 
 
 def main_argv() -> list[str]:
-    """``sys.argv`` with the program name shortened to its basename."""
-    return [Path(sys.argv[0]).name, *sys.argv[1:]]
+    """``sys.argv`` as the user typed it: ``mptool bench ...`` or ``python -m mptool.benchmarks.cli ...``."""
+    prog = Path(sys.argv[0])
+    if prog.name == "cli.py" and prog.parent.name == "benchmarks":
+        return ["python", "-m", "mptool.benchmarks.cli", *sys.argv[1:]]
+    return [prog.name, *sys.argv[1:]]
