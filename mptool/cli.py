@@ -53,7 +53,7 @@ def compress(
     data: Optional[str] = typer.Option(None, help="Training/calibration text (.txt, .jsonl, folder, datasets folder, hub name)."),
     eval_data: Optional[str] = typer.Option(None, help="Held-out evaluation text (default: Austen's Persuasion)."),
     calib_tokens: Optional[int] = typer.Option(None, help="Calibration tokens for wanda-sp/flap."),
-    seq_len: Optional[int] = typer.Option(None, help="Tokens per calibration/training block (default 512)."),
+    seq_len: Optional[int] = typer.Option(None, help="Tokens per calibration/training block (default 256)."),
     eval_tokens: Optional[int] = typer.Option(None, help="Held-out tokens for perplexity."),
     out: Optional[str] = typer.Option(None, help="Output folder (written atomically)."),
     overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Replace an existing output folder."),

@@ -44,18 +44,16 @@ def validate(cfg: CompressConfig) -> None:
             problems.append(f"--{name.replace('_', '-')} {value} must be >= 1")
     if not cfg.tp or any(t < 1 for t in cfg.tp):
         problems.append(f"--tp {cfg.tp} must list positive tensor-parallel sizes, e.g. 1,2,4")
+    from mptool.models import looks_like_path
+
     for path in (cfg.data.train, cfg.data.eval):
-        if path is not None and _looks_like_path(path) and not Path(path).exists():
+        if path is not None and looks_like_path(path) and not Path(path).exists():
             problems.append(f"data path {path} does not exist (give a .txt, .jsonl, a folder or a datasets folder)")
     out = Path(cfg.out)
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:
         problems.append(f"output folder {cfg.out} exists and is not empty; pass --overwrite or another --out")
     if problems:
         raise MptoolError("; ".join(problems))
-
-
-def _looks_like_path(s: str) -> bool:
-    return s.startswith((".", "/", "~")) or Path(s).suffix in (".txt", ".jsonl", ".json") or Path(s).exists()
 
 
 def model_dims(model: str | None, trust_remote_code: bool = False) -> Dims:
@@ -266,9 +264,6 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
         from mptool.plots import kept_heatmap
 
         kept_heatmap(keeps, d.num_kv_heads, d.heads_per_group, d.intermediate_size, tmp / "kept_units.png")
-        from mptool.models import _make_shareable
-
-        _make_shareable(tmp)  # safetensors writes 0600
     shutil.rmtree(ckpt, ignore_errors=True)
     shutil.rmtree(ckpt_parent, ignore_errors=True)
     D.barrier()

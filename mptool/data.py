@@ -31,7 +31,7 @@ import torch
 
 from mptool.errors import MptoolError
 from mptool.io import atomic_dir
-from mptool.models import _console, _make_shareable, _one_line, looks_like_path
+from mptool.models import _console, _one_line, looks_like_path
 
 DEBIAN_PACKAGE = "r-cran-janeaustenr"
 CORPUS_NAME = "austen"
@@ -191,7 +191,6 @@ def default_corpus_dir(console: Any = None) -> Path:
                     "chars": len(data.decode("utf-8")),
                 }
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-            _make_shareable(tmp)
     console.log(
         f"Austen corpus ({DEBIAN_PACKAGE} {version}) extracted to {out} "
         f"[dim]({time.perf_counter() - start:.1f} s)[/dim]"

@@ -25,6 +25,7 @@ def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
     try:
         yield tmp
+        _ordinary_permissions(tmp, umask)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -35,3 +36,15 @@ def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
     os.replace(tmp, out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _ordinary_permissions(folder: Path, umask: int) -> None:
+    """Give everything under ``folder`` the permissions a plain ``open``/``mkdir`` would.
+
+    ``tempfile.mkdtemp`` and safetensors create private (0700/0600) entries; an output folder or
+    a shared cache must be readable by the other users of the machine, as any file they write is.
+    """
+    for path in folder.rglob("*"):
+        if path.is_symlink():
+            continue
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)

@@ -132,16 +132,6 @@ def _find_default_gguf() -> Path:
     )
 
 
-def _make_shareable(folder: Path) -> None:
-    """Give a cache folder ordinary permissions (mkdtemp and safetensors create private ones)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(folder, 0o777 & ~umask)
-    for path in folder.iterdir():
-        if path.is_file():
-            os.chmod(path, 0o666 & ~umask)
-
-
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -276,7 +266,6 @@ def default_model_dir(console: Any = None) -> Path:
                 "parameters": count_parameters(reloaded),
             }
             (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-            _make_shareable(tmp)
     console.log(f"default model ready at {out} (max |logit diff| {diff:.2e})")
     return out
 

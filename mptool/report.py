@@ -60,11 +60,11 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     from mptool.compress import eval_text_for, measure_ppl
     from mptool.data import eval_token_stream
     from mptool.evaluate import PplProtocol, run_tasks
-    from mptool.models import load_model, resolve_model
+    from mptool.models import load_model, looks_like_path, resolve_model
 
     if cfg.ppl.stride > cfg.ppl.window:
         raise MptoolError(f"--stride {cfg.ppl.stride} must be <= --window {cfg.ppl.window}")
-    if cfg.data is not None and not Path(cfg.data).exists() and cfg.data.startswith((".", "/", "~")):
+    if cfg.data is not None and looks_like_path(cfg.data) and not Path(cfg.data).exists():
         raise MptoolError(f"data path {cfg.data} does not exist (give a .txt, .jsonl, a folder or a datasets folder)")
     for task in cfg.tasks:
         if task.endswith((".yaml", ".yml")) and not Path(task).is_file():

@@ -15,6 +15,19 @@ def blocks(vocab: int, n: int = 8, seq: int = 32) -> torch.Tensor:
     return torch.randint(3, vocab, (n, seq), generator=g)
 
 
+def finish_against_masked(mp, ids):
+    """Logits of the masked model at the trained masks, then finish(): (sliced, keeps, rel. error)."""
+    st = mp.state
+    mp.model.eval()
+    with torch.no_grad():
+        mp._effective(st.zg, st.zh, st.zf)
+        masked = mp.model(ids).logits
+    sliced, keeps = mp.finish()
+    with torch.no_grad():
+        out = sliced(ids).logits
+    return sliced, keeps, ((out - masked).norm() / masked.norm()).item()
+
+
 def cfg(**kw) -> MaskPruneConfig:
     base = dict(steps=8, batch_size=2, lr_mask=0.1, checkpoint_every=0, init="ones", bf16=False)
     base.update(kw)
@@ -29,16 +42,8 @@ def test_finish_equals_the_masked_model_and_is_uniform(family):
     mp = MaskPrune(model, blocks(d.vocab_size), cfg(), target=target, ffn_multiple=16)
     history = mp.run()
     assert len(history) == 8 and history[-1]["hard"]
-    ids = blocks(d.vocab_size, 2, 9)
-    st = mp.state
-    mp.model.eval()
-    with torch.no_grad():
-        mp._effective(st.zg, st.zh, st.zf)
-        masked = mp.model(ids).logits
-    sliced, keeps = mp.finish()
-    with torch.no_grad():
-        out = sliced(ids).logits
-    assert ((out - masked).norm() / masked.norm()).item() <= 1e-5
+    sliced, keeps, rel = finish_against_masked(mp, blocks(d.vocab_size, 2, 9))
+    assert rel <= 1e-5
     assert {k.target() for k in keeps} == {target}
     assert history[-1]["hard_violation"] == 0.0
     assert sum(p.numel() for p in sliced.parameters()) == total_params(d, target)
@@ -110,12 +115,4 @@ def test_both_forwards_finish_equal_to_the_masked_model(forward):
     mp = MaskPrune(model, blocks(d.vocab_size), cfg(forward=forward, init="wanda-sp"),
                    target=Target(1, 1, 128), ffn_multiple=16)
     mp.run()
-    ids = blocks(d.vocab_size, 2, 9)
-    st = mp.state
-    mp.model.eval()
-    with torch.no_grad():
-        mp._effective(st.zg, st.zh, st.zf)
-        masked = mp.model(ids).logits
-    sliced, _ = mp.finish()
-    with torch.no_grad():
-        assert ((sliced(ids).logits - masked).norm() / masked.norm()).item() <= 1e-5
+    assert finish_against_masked(mp, blocks(d.vocab_size, 2, 9))[2] <= 1e-5

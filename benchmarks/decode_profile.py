@@ -1,6 +1,6 @@
 """Where a decode step's time goes, dense vs pruned: the profile behind bench_profile_*.json.
 
-    python benchmarks/results/bench_profile.py DENSE PRUNED --batch 8 --prompt 128 --out benchmarks/results/bench_profile_smollm2_cpu
+    python -m mptool.benchmarks.decode_profile DENSE PRUNED --batch 8 --prompt 128 --out benchmarks/results/bench_profile_smollm2_cpu
 
 Two views of one decode step (batch B, prompt P, 32 new tokens):
 
@@ -219,7 +219,7 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/bench_profile")
     ap.add_argument("--no-vllm", action="store_true", help="skip the vLLM profile (two engine starts)")
     args = ap.parse_args()
-    doc: dict = {"command": "python benchmarks/results/bench_profile.py " + " ".join(
+    doc: dict = {"command": "python -m mptool.benchmarks.decode_profile " + " ".join(
         f"{a}" for a in [args.dense, args.pruned, "--batch", args.batch, "--prompt", args.prompt,
                          "--out", args.out]), "batch": args.batch, "prompt": args.prompt,
                  "threads": args.threads, "gemm_only": {}, "onnxruntime": {}, "vllm": {}}
