@@ -10,8 +10,11 @@ Every method that trains gets the same number of training tokens ``T`` in all:
 
 One-shot rows use the fixed "same fraction of attention and FFN" split (their own rule) and,
 for comparison, the target MaskPrune learned at that ratio. Ablations (``--ablations``) at the
-largest ratio: fixed multipliers instead of dual ascent, and LoRA only (LM loss, no teacher)
-instead of LoRA + distillation, both with the same budget as ``maskprune + recovery``.
+largest ratio: fixed multipliers instead of dual ascent, dual ascent with exact line search instead of
+plain projected dual ascent, and LoRA only (LM loss, no teacher) instead of LoRA +
+distillation, all with the same budget as ``maskprune + recovery``. One-shot methods at MaskPrune's
+learned target also get the same recovery: the gap to ``maskprune + recovery`` is what the learned
+selection adds beyond the learned shape.
 Writes ``benchmarks/results/quality_<tag>.{json,md}``.
 """
 
@@ -124,6 +127,11 @@ class Bench:
                 at = materialize(self.model, select(self.scores[method], learned))
                 self.add(method, ratio, learned, self.ppl(at, f"{method} @ learned"), 0, 0.0,
                          split="MaskPrune's learned target")
+                if method != "magnitude":  # the same recovery at MaskPrune's shape: what selection adds
+                    t0 = time.perf_counter()
+                    rec = self.recovered(at, T, self.model)
+                    self.add(f"{method} + recovery", ratio, learned, self.ppl(rec, f"{method} @ learned + rec"),
+                             T, time.perf_counter() - t0, split="MaskPrune's learned target")
 
     def ablations(self, ratio: float) -> None:
         T, half = self.args.tokens, self.args.tokens // 2
@@ -132,6 +140,11 @@ class Bench:
         mp = self.recovered(mp, half, self.model)
         self.add("ablation: fixed multipliers (y=0.5) + recovery", ratio, target,
                  self.ppl(mp, "fixed multipliers"), T, time.perf_counter() - t0, **info)
+        t0 = time.perf_counter()
+        mp, target, info = self.maskprune(ratio, half, dual="exact")
+        mp = self.recovered(mp, half, self.model)
+        self.add("ablation: dual ascent with exact line search + recovery", ratio, target,
+                 self.ppl(mp, "exact multipliers"), T, time.perf_counter() - t0, **info)
         t0 = time.perf_counter()
         mp, target, info = self.maskprune(ratio, half, kd_distill=False)
         mp = self.recovered(mp, half, None, kd=False)

@@ -57,16 +57,24 @@ class MaskPruneConfig:
     max_tokens: int | None = None
     """Token budget: stop once this many training tokens were seen (None: steps decide)."""
     batch_size: int = 4
-    lr_mask: float = 0.1
+    lr_mask: float = 0.03
     """Step size of the masks (on the RMS-normalised KD gradient) and of the proximal shift."""
+    mask_beta: float = 0.9
+    """Momentum of the mask gradient (EMA, bias-corrected) before the step: averages the noise of
+    small batches so that masks move on consistent evidence only. 0: the raw gradient."""
     lr_lora: float = 3e-4
     lora_r: int = 8
     lora_alpha: int = 16
     temperature: float = 2.0
     lm_weight: float = 0.0
     """Weight of the next-token loss added to the KD loss."""
+    dual: str = "ascent"
+    """Multiplier update. "ascent": projected dual ascent y <- max(0, y + rho * violation).
+    "exact": dual ascent with exact line search, each step's multipliers are those at which the
+    proximal step meets "kept = target" exactly (signed); it tracks the target without the
+    oscillation of "ascent" but measured worse at the CPU budget (docs/maskprune.md)."""
     rho: float = 2.0
-    """Dual-ascent step of the per-layer multipliers (on the normalised violation)."""
+    """Dual-ascent step of the per-layer multipliers (on the normalised violation; dual="ascent")."""
     fixed_multiplier: float | None = None
     """Ablation: hold every multiplier at this value instead of dual ascent."""
     lr_target: float = 0.05
@@ -104,6 +112,9 @@ class MaskState:
     ig: torch.Tensor  # running first-order importance |z * dL/dz| of each unit (loss units)
     ih: torch.Tensor
     if_: torch.Tensor
+    mg: torch.Tensor  # momentum of the mask gradients
+    mh: torch.Tensor
+    mf: torch.Tensor
     s: list[float]  # continuous targets (kv_heads, heads_per_group, ffn)
     mu: float = 0.0
     grad_sq: float = 0.0
@@ -113,7 +124,8 @@ class MaskState:
     snap_scores: dict[str, float] | None = None  # KD loss of each candidate target when it was fixed
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {k: getattr(self, k) for k in ("zg", "zh", "zf", "yg", "yh", "yf", "ig", "ih", "if_")}
+        return {k: getattr(self, k) for k in ("zg", "zh", "zf", "yg", "yh", "yf", "ig", "ih", "if_",
+                                               "mg", "mh", "mf")}
 
 
 def autocast(enabled: bool) -> Any:
@@ -157,6 +169,8 @@ class MaskPrune:
         self.model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                                                       lora_dropout=0.0, target_modules=names))
         L, G, R, I = d.num_layers, d.num_kv_heads, d.heads_per_group, d.intermediate_size
+        if cfg.dual not in ("exact", "ascent"):
+            raise ValueError(f"unknown multiplier update {cfg.dual!r}: exact or ascent")
         if cfg.forward not in ("binary", "scaled"):
             raise ValueError(f"unknown mask forward {cfg.forward!r}: binary or scaled")
         if cfg.init == "wanda-sp" and init_scores is not None:
@@ -170,6 +184,7 @@ class MaskPrune:
         self.state = MaskState(zg=zg.clone(), zh=zh.clone(), zf=zf.clone(), yg=torch.zeros(L),
                                yh=torch.zeros(L, G), yf=torch.zeros(L),
                                ig=torch.zeros(L, G), ih=torch.zeros(L, G, R), if_=torch.zeros(L, I),
+                               mg=torch.zeros(L, G), mh=torch.zeros(L, G, R), mf=torch.zeros(L, I),
                                s=[float(final.kv_heads), float(final.heads_per_group), float(final.ffn)],
                                snapped=[final.kv_heads, final.heads_per_group, final.ffn] if target else None)
         self.lora_params = [p for p in self.model.parameters() if p.requires_grad]
@@ -314,12 +329,22 @@ class MaskPrune:
             st.grad_sq = sq if st.step == 0 else 0.9 * st.grad_sq + 0.1 * sq
             rms = math.sqrt(st.grad_sq) + 1e-12
             s_kv, s_h, s_f = self.current_targets()
+            lr = cfg.lr_mask
+            b = cfg.mask_beta
+            st.mg, st.mh, st.mf = (b * st.mg + (1 - b) * zg.grad, b * st.mh + (1 - b) * zh.grad,
+                                   b * st.mf + (1 - b) * zf.grad)
+            unbias = 1.0 - b ** (st.step + 1)
+            step_g, step_h, step_f = (m / (unbias * rms) for m in (st.mg, st.mh, st.mf))
+            if cfg.fixed_multiplier is None and cfg.dual == "exact" and lr > 0:
+                st.yg = M.exact_multiplier(st.zg - lr * step_g, s_kv, lr)
+                st.yh = M.exact_multiplier(st.zh - lr * step_h, s_h, lr)
+                st.yf = M.exact_multiplier(st.zf - lr * step_f, s_f, lr)
             y = self._multipliers()
-            st.zg = M.proximal_step(st.zg - cfg.lr_mask * zg.grad / rms, cfg.lr_mask, y["g"].unsqueeze(-1))
-            st.zh = M.proximal_step(st.zh - cfg.lr_mask * zh.grad / rms, cfg.lr_mask, y["h"].unsqueeze(-1))
-            st.zf = M.proximal_step(st.zf - cfg.lr_mask * zf.grad / rms, cfg.lr_mask, y["f"].unsqueeze(-1))
+            st.zg = M.proximal_step(st.zg - lr * step_g, lr, y["g"].unsqueeze(-1))
+            st.zh = M.proximal_step(st.zh - lr * step_h, lr, y["h"].unsqueeze(-1))
+            st.zf = M.proximal_step(st.zf - lr * step_f, lr, y["f"].unsqueeze(-1))
             vg, vh, vf = (M.violation(st.zg, s_kv), M.violation(st.zh, s_h), M.violation(st.zf, s_f))
-            if cfg.fixed_multiplier is None:
+            if cfg.fixed_multiplier is None and cfg.dual == "ascent":
                 st.yg = M.dual_update(st.yg, vg, cfg.rho)
                 st.yh = M.dual_update(st.yh, vh, cfg.rho)
                 st.yf = M.dual_update(st.yf, vf, cfg.rho)

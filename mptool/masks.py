@@ -62,6 +62,26 @@ def dual_update(y: torch.Tensor, violation: torch.Tensor, rho: float) -> torch.T
     return (y + rho * violation).clamp_min(0.0)
 
 
+def exact_multiplier(z: torch.Tensor, target: torch.Tensor | float, step: float,
+                     iters: int = 40) -> torch.Tensor:
+    """The multiplier per row that makes the proximal step meet ``sum z = target`` exactly.
+
+    ``sum(clip(z - step * y, 0, 1))`` falls monotonically in ``y``; bisection finds the ``y``
+    (signed: negative lifts the masks) at which it equals ``target``. A dual-ascent step with
+    exact line search: the prox with this multiplier is the Euclidean projection of ``z`` onto
+    ``{0 <= z <= 1, sum z = target}``, so the masks neither overshoot nor collapse onto ties.
+    """
+    target = torch.as_tensor(target, dtype=z.dtype).expand(z.shape[:-1])
+    lo = (z.min(-1).values - 1.0) / step  # shift such that every mask clips at 1
+    hi = z.max(-1).values / step  # every mask clips at 0
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        kept = (z - step * mid.unsqueeze(-1)).clamp(0.0, 1.0).sum(-1)
+        too_many = kept > target
+        lo, hi = torch.where(too_many, mid, lo), torch.where(too_many, hi, mid)
+    return (lo + hi) / 2
+
+
 def violation(z: torch.Tensor, target: torch.Tensor | float) -> torch.Tensor:
     """Normalised constraint violation per row: ``(sum(z) - s) / units`` (positive: too many kept)."""
     return (z.sum(-1) - target) / z.shape[-1]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from mptool import masks as M
@@ -41,6 +42,16 @@ def test_group_topk_is_uniform():
 def test_dual_update_projects_on_nonnegative():
     y = M.dual_update(torch.tensor([0.0, 1.0, 0.2]), torch.tensor([0.5, -0.2, -1.0]), rho=1.0)
     assert torch.allclose(y, torch.tensor([0.5, 0.8, 0.0]))
+
+
+@pytest.mark.parametrize("target", [0.0, 1.5, 3.0, 4.0])
+def test_exact_multiplier_projects_onto_the_target(target):
+    z = torch.tensor([[1.4, 0.9, 0.2, -0.3], [0.5, 0.5, 0.5, 0.5]])
+    y = M.exact_multiplier(z, target, step=0.1)
+    after = M.proximal_step(z, 0.1, y.unsqueeze(-1))
+    assert torch.allclose(after.sum(-1), torch.full((2,), target), atol=1e-4)
+    assert torch.equal(after.argsort(-1, descending=True)[0, :2], torch.tensor([0, 1]))  # order kept
+    assert (y[1] < 0) == (target > 2.0)  # too few kept: the multiplier lifts the masks
 
 
 def test_violation_and_binarity():
