@@ -43,8 +43,10 @@ def _ordinary_permissions(folder: Path, umask: int) -> None:
 
     ``tempfile.mkdtemp`` and safetensors create private (0700/0600) entries; an output folder or
     a shared cache must be readable by the other users of the machine, as any file they write is.
+    Files with an execute bit (a written ``serve.sh``) stay executable.
     """
     for path in folder.rglob("*"):
         if path.is_symlink():
             continue
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+        executable = path.is_dir() or path.stat().st_mode & 0o111
+        path.chmod((0o777 if executable else 0o666) & ~umask)

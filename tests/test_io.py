@@ -24,11 +24,14 @@ def test_result_has_ordinary_permissions(tmp_path):
             (tmp / "sub").mkdir(mode=0o700)
             (tmp / "sub" / "a.txt").write_text("x")
             os.chmod(tmp / "sub" / "a.txt", 0o600)
+            (tmp / "run.sh").write_text("#!/bin/sh\n")
+            os.chmod(tmp / "run.sh", 0o700)
     finally:
         os.umask(umask)
     out = tmp_path / "out"
     assert mode(out) == 0o755 and mode(out / "sub") == 0o755
     assert mode(out / "model.safetensors") == 0o644 and mode(out / "sub" / "a.txt") == 0o644
+    assert mode(out / "run.sh") == 0o755
 
 
 def test_failure_leaves_the_old_folder_and_no_temporary(tmp_path):
