@@ -17,6 +17,7 @@ from mptool.config import CompressConfig, save_config, to_dict
 from mptool.errors import MptoolError
 from mptool.evaluate import PplProtocol, perplexity
 from mptool.io import atomic_dir
+from mptool.models import looks_like_path
 from mptool.progress import console, step
 from mptool.shapes import (Dims, Target, balanced_target, check_ratio, describe, prunable_params,
                            validate_target)
@@ -44,8 +45,6 @@ def validate(cfg: CompressConfig) -> None:
             problems.append(f"--{name.replace('_', '-')} {value} must be >= 1")
     if not cfg.tp or any(t < 1 for t in cfg.tp):
         problems.append(f"--tp {cfg.tp} must list positive tensor-parallel sizes, e.g. 1,2,4")
-    from mptool.models import looks_like_path
-
     for path in (cfg.data.train, cfg.data.eval):
         if path is not None and looks_like_path(path) and not Path(path).exists():
             problems.append(f"data path {path} does not exist (give a .txt, .jsonl, a folder or a datasets folder)")

@@ -334,15 +334,15 @@ class MaskPrune:
             st.mg, st.mh, st.mf = (b * st.mg + (1 - b) * zg.grad, b * st.mh + (1 - b) * zh.grad,
                                    b * st.mf + (1 - b) * zf.grad)
             unbias = 1.0 - b ** (st.step + 1)
-            step_g, step_h, step_f = (m / (unbias * rms) for m in (st.mg, st.mh, st.mf))
+            # masks after the gradient step, before the proximal step of the penalty
+            pg, ph, pf = (z - lr * m / (unbias * rms) for z, m in ((st.zg, st.mg), (st.zh, st.mh), (st.zf, st.mf)))
             if cfg.fixed_multiplier is None and cfg.dual == "exact" and lr > 0:
-                st.yg = M.exact_multiplier(st.zg - lr * step_g, s_kv, lr)
-                st.yh = M.exact_multiplier(st.zh - lr * step_h, s_h, lr)
-                st.yf = M.exact_multiplier(st.zf - lr * step_f, s_f, lr)
+                st.yg, st.yh, st.yf = (M.exact_multiplier(pg, s_kv, lr), M.exact_multiplier(ph, s_h, lr),
+                                       M.exact_multiplier(pf, s_f, lr))
             y = self._multipliers()
-            st.zg = M.proximal_step(st.zg - lr * step_g, lr, y["g"].unsqueeze(-1))
-            st.zh = M.proximal_step(st.zh - lr * step_h, lr, y["h"].unsqueeze(-1))
-            st.zf = M.proximal_step(st.zf - lr * step_f, lr, y["f"].unsqueeze(-1))
+            st.zg = M.proximal_step(pg, lr, y["g"].unsqueeze(-1))
+            st.zh = M.proximal_step(ph, lr, y["h"].unsqueeze(-1))
+            st.zf = M.proximal_step(pf, lr, y["f"].unsqueeze(-1))
             vg, vh, vf = (M.violation(st.zg, s_kv), M.violation(st.zh, s_h), M.violation(st.zf, s_f))
             if cfg.fixed_multiplier is None and cfg.dual == "ascent":
                 st.yg = M.dual_update(st.yg, vg, cfg.rho)
@@ -450,21 +450,23 @@ class MaskPrune:
         keeps = self.keeps()
         self.hooks.remove()
         base = self.model.merge_and_unload()
+        if self.cfg.forward == "scaled" or not self._hard():  # the binary forward ran kept units at scale 1
+            self._fold(base)
+        for p in base.parameters():
+            p.requires_grad_(False)
+        return materialize(base, keeps), keeps
+
+    def _fold(self, base: Any) -> None:
+        """Multiply the mask values into the ``o_proj`` / ``down_proj`` input columns."""
         d, st = self.d, self.state
         adapter = get_adapter(base.config)
         heads = (st.zg.unsqueeze(-1) * st.zh).reshape(d.num_layers, d.num_heads)
-        fold = self.cfg.forward == "scaled" or not self._hard()
         with torch.no_grad():
-            for layer, (mod, k) in enumerate(zip(adapter.decoder_layers(base), keeps)):
-                if not fold:  # the binary forward ran the kept units at scale 1
-                    break
+            for layer, mod in enumerate(adapter.decoder_layers(base)):
                 o = getattr(adapter.attention(mod), adapter.o)
                 o.weight.mul_(heads[layer].repeat_interleave(d.head_dim).to(o.weight.dtype))
                 down = getattr(adapter.ffn(mod), adapter.down)
                 down.weight.mul_(st.zf[layer].to(down.weight.dtype))
-        for p in base.parameters():
-            p.requires_grad_(False)
-        return materialize(base, keeps), keeps
 
     # ------------------------------------------------------------------ checkpoints
 
