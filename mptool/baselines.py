@@ -60,9 +60,10 @@ def calibrate(model: Any, blocks: torch.Tensor, batch_size: int = 4,
               progress: Callable[[int], None] | None = None) -> tuple[list[InputStats], list[InputStats]]:
     """Run calibration blocks through the model; return input stats of o_proj and down_proj."""
     hooks, o_stats, d_stats = collect_stats(model)
+    dev = next(model.parameters()).device
     with hooks:
         for start in range(0, len(blocks), batch_size):
-            model(blocks[start:start + batch_size])
+            model(blocks[start:start + batch_size].to(dev))
             if progress:
                 progress(min(batch_size, len(blocks) - start))
     return o_stats, d_stats

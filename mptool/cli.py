@@ -63,6 +63,8 @@ def compress(
     max_tokens: Optional[int] = typer.Option(None, help="MaskPrune: token budget of mask learning."),
     recovery_steps: Optional[int] = typer.Option(None, help="LoRA + KD recovery steps after slicing (0: none)."),
     resume: Optional[str] = typer.Option(None, help="Continue an interrupted run from its <out>.ckpt folder."),
+    device: Optional[str] = typer.Option(None, help="auto (GPU cuda:LOCAL_RANK when there is one) | cpu | cuda."),
+    sharding: Optional[str] = typer.Option(None, help="Under torchrun: ddp (model replicated, default) | fsdp (sharded)."),
     config: Optional[str] = ConfigOpt,
 ) -> None:
     """Prune a model to a uniform shape and write a plain checkpoint with report.json."""
@@ -77,7 +79,8 @@ def compress(
                               "give the <out>.ckpt folder of an interrupted run")
         from mptool.compress import compress as run
 
-        run(load_config(CompressConfig, saved, {"overwrite": overwrite}), resume=resume)
+        run(load_config(CompressConfig, saved, {"overwrite": overwrite, "device": device, "sharding": sharding}),
+            resume=resume)
         return
     cfg = load_config(CompressConfig, config, {
         "model": model, "method": method, "ratio": ratio, "target.kv_heads": kv_heads,
@@ -86,6 +89,7 @@ def compress(
         "ppl.max_tokens": eval_tokens, "out": out, "overwrite": overwrite, "seed": seed,
         "trust_remote_code": trust_remote_code, "maskprune.steps": max_steps,
         "maskprune.max_tokens": max_tokens, "recovery.steps": recovery_steps,
+        "device": device, "sharding": sharding,
     })
     from mptool.compress import compress as run
 

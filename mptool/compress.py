@@ -43,6 +43,10 @@ def validate(cfg: CompressConfig) -> None:
         value = getattr(cfg.target, name)
         if value is not None and value < 1:
             problems.append(f"--{name.replace('_', '-')} {value} must be >= 1")
+    if cfg.sharding not in ("ddp", "fsdp"):
+        problems.append(f"--sharding {cfg.sharding!r} is not one of ddp, fsdp")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        problems.append(f"--device {cfg.device!r} is not one of auto, cpu, cuda")
     if not cfg.tp or any(t < 1 for t in cfg.tp):
         problems.append(f"--tp {cfg.tp} must list positive tensor-parallel sizes, e.g. 1,2,4")
     for path in (cfg.data.train, cfg.data.eval):
@@ -103,12 +107,17 @@ def load_texts_for(cfg_data: Any) -> tuple[list[str], str, str]:
     return (train, *eval_text_for(cfg_data.eval))
 
 
-def measure_ppl(model: Any, ids: torch.Tensor, protocol: PplProtocol, label: str) -> dict[str, Any]:
+def measure_ppl(model: Any, ids: torch.Tensor, protocol: PplProtocol, label: str,
+                device: torch.device | None = None) -> dict[str, Any]:
+    """Held-out perplexity; the model is moved to ``device`` first when one is given."""
+    if device is not None:
+        model.to(device)
     with step(f"perplexity ({label})", total=min(ids.numel(), protocol.max_tokens)) as advance:
         return perplexity(model, ids, protocol, progress=advance)
 
 
 def one_shot_keeps(model: Any, method: str, blocks: torch.Tensor, target: Target) -> list[LayerKeep]:
+    """Kept units of a one-shot method (calibration runs where the model's weights are)."""
     from mptool.baselines import calibrate, score, select
 
     o_stats = d_stats = None
@@ -156,6 +165,10 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
     D.init_from_env()
     main = D.is_main()
     validate(cfg)
+    dev = D.device(cfg.device)
+    sharded = D.sharded(cfg.sharding)
+    # under FSDP the weights stay on the CPU until FSDP moves each process's shard to the device;
+    # rank 0 still evaluates with the whole model on its device
     torch.manual_seed(cfg.seed)
     timings: dict[str, float] = {}
     started = time.perf_counter()
@@ -163,6 +176,8 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
     fixed, budget = plan_target(cfg, model_dims(cfg.model, cfg.trust_remote_code))
     with console.status("loading model"):
         model, tokenizer = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    if not sharded:
+        model.to(dev)
     d = Dims.from_config(model.config)
     dense_count = param_count(model)
     console.print(f"dense {d.dense_target()} -> " + (f"target {fixed}" if fixed else
@@ -170,7 +185,9 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
     eval_ids = eval_token_stream(tokenizer, eval_text, cfg.ppl.max_tokens)
     protocol = PplProtocol(cfg.ppl.window, cfg.ppl.stride, cfg.ppl.max_tokens, eval_name)
     calib = token_blocks(tokenizer, texts, cfg.data.seq_len, cfg.data.calib_tokens)
-    dense_ppl = measure_ppl(model, eval_ids, protocol, "dense") if main else {}
+    dense_ppl = measure_ppl(model, eval_ids, protocol, "dense", dev) if main else {}
+    if sharded and main:
+        model.cpu()
 
     ckpt = Path(resume) if resume else checkpoint_dir(cfg)
     ckpt_parent = ckpt.parent / f".{ckpt.name}.work"
@@ -194,7 +211,8 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
                 o_stats, d_stats = calibrate(model, calib, progress=advance)
             scores = score(model, "wanda-sp", o_stats, d_stats)
         trainer = MaskPrune(model, blocks, mask_cfg, target=fixed, budget=budget, tp=tuple(cfg.tp),
-                            ffn_multiple=cfg.ffn_multiple, init_scores=scores, seed=cfg.seed)
+                            ffn_multiple=cfg.ffn_multiple, init_scores=scores, seed=cfg.seed,
+                            sharding=cfg.sharding)
         trainer.extra_files = {"compress-config.yaml": yaml.safe_dump(to_dict(cfg), sort_keys=False)}
         if resume:
             trainer.load_checkpoint(ckpt)
@@ -206,7 +224,8 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
         with step("mask learning", total=mask_cfg.steps) as advance:
             advance(trainer.state.step)
             history = trainer.run(metrics, ckpt, progress=advance)
-        pruned, keeps = trainer.finish()
+        pruned, keeps = trainer.finish(
+            reload=lambda: load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)[0])
         history = _read_jsonl(metrics) or history
         extra["maskprune"] = {
             "steps": trainer.state.step, "tokens": trainer.state.tokens,
@@ -219,7 +238,7 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
         del trainer
     else:
         keeps = one_shot_keeps(model, cfg.method, calib, fixed)
-        pruned = materialize(model, keeps)
+        pruned = materialize(model.cpu(), keeps)
     timings["prune_s"] = round(time.perf_counter() - t0, 1)
     target = keeps[0].target()
 
@@ -227,14 +246,15 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
         from mptool.recover import recover
 
         if main:
-            extra["before_recovery"] = measure_ppl(pruned, eval_ids, protocol, "pruned, before recovery")
+            extra["before_recovery"] = measure_ppl(pruned, eval_ids, protocol, "pruned, before recovery", dev)
         t0 = time.perf_counter()
         if cfg.method == "maskprune":  # the trainer merged into the dense weights: reload the teacher
             model = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)[0]
         with step(f"recovery (LoRA + KD, teacher in {rec_cfg.teacher})", total=rec_cfg.steps) as advance:
             pruned, rec_history = recover(pruned, blocks, rec_cfg, teacher=model,
                                           cache_path=ckpt_parent / "teacher-topk.safetensors",
-                                          metrics_path=metrics, progress=advance)
+                                          metrics_path=metrics, progress=advance,
+                                          sharding=cfg.sharding, device=dev, seed=cfg.seed)
         history += rec_history
         timings["recovery_s"] = round(time.perf_counter() - t0, 1)
         extra["recovery"] = {"steps": len(rec_history), "tokens": rec_history[-1]["tokens"] if rec_history else 0,
@@ -243,7 +263,7 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
     if not main:  # rank 0 evaluates and writes
         D.barrier()
         return {}
-    pruned_ppl = measure_ppl(pruned, eval_ids, protocol, "pruned")
+    pruned_ppl = measure_ppl(pruned, eval_ids, protocol, "pruned", dev)
     timings["total_s"] = round(time.perf_counter() - started, 1)
     timings["peak_rss_mb"] = round(peak_rss_mb(), 1)
 

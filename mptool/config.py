@@ -103,6 +103,10 @@ class CompressConfig:
     seed: int = 0
     trust_remote_code: bool = False
     """Allow custom model code from the model folder or hub (only when you trust it)."""
+    device: str = "auto"
+    """Where training and evaluation run: auto (cuda:LOCAL_RANK when a GPU is there, else cpu), cpu, cuda."""
+    sharding: str = "ddp"
+    """Under torchrun: ddp (every process holds the model) or fsdp (weights, LoRA and optimiser sharded)."""
 
     DEFAULT_RATIO = 0.2
 

@@ -1,11 +1,16 @@
-"""Data-parallel mask learning and recovery on torch.distributed (torchrun; gloo on CPU, nccl on GPU).
+"""Mask learning and recovery over several processes on torch.distributed (torchrun; gloo on
+CPU, nccl on GPU), with the weights replicated (``ddp``) or sharded (``fsdp``).
 
-Every rank holds the model, the masks and the LoRA adapters; the global batch is split across
-ranks, and after each backward pass the gradients of LoRA and of the masks are averaged with one
-``all_reduce`` each, so every rank takes the identical update (DDP semantics, kept explicit because
-the masks are plain tensors updated by proximal steps). With equal shards the averaged gradient
-equals the one-process gradient of the same global batch, up to float reduction order.
-Only rank 0 writes checkpoints and outputs.
+The global batch is split across ranks. The masks are plain tensors updated by proximal steps, so
+their gradients are averaged with one explicit ``all_reduce`` and every rank takes the identical
+mask update. LoRA gradients are averaged the same way under ``ddp`` (every rank holds the whole
+model); under ``fsdp`` each decoder layer and the root are wrapped with torch's FSDP2
+``fully_shard``, so weights, LoRA, gradients and optimiser states are sharded over ranks and the
+reduce-scatter of FSDP averages the LoRA gradients. With equal shards either gives the one-process
+gradient of the same global batch, up to float reduction order.
+
+Checkpoints hold full (gathered) tensors, keyed by parameter name, so a run resumes under any
+number of processes and either sharding. Only rank 0 writes checkpoints and outputs.
 """
 
 from __future__ import annotations
@@ -24,6 +29,20 @@ def init_from_env() -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend=backend)
+
+
+SHARDINGS = ("ddp", "fsdp")
+
+
+def device(choice: str = "auto") -> torch.device:
+    """The compute device of this process: ``cuda:LOCAL_RANK`` when CUDA is there (and asked), else CPU."""
+    if choice not in ("auto", "cpu", "cuda"):
+        raise MptoolError(f"device {choice!r} is not one of auto, cpu, cuda")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise MptoolError("device 'cuda' was asked for but torch sees no CUDA GPU; use --device cpu or auto")
+    if choice == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
 
 
 def rank() -> int:
@@ -56,12 +75,12 @@ def average_grads(tensors: Iterable[torch.Tensor]) -> None:
     if n == 1:
         return
     grads = [t.grad for t in tensors if t.grad is not None]
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    flat = torch.cat([g.reshape(-1).to(_comm_device()) for g in grads])
     dist.all_reduce(flat)
     flat /= n
     offset = 0
     for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        g.copy_(flat[offset:offset + g.numel()].view_as(g).to(g.device))
         offset += g.numel()
 
 
@@ -69,7 +88,7 @@ def mean(value: float) -> float:
     """Mean of a scalar over ranks (for logging)."""
     if world_size() == 1:
         return value
-    t = torch.tensor([value], dtype=torch.float64)
+    t = torch.tensor([value], dtype=torch.float64, device=_comm_device())
     dist.all_reduce(t)
     return float(t) / world_size()
 
@@ -77,3 +96,60 @@ def mean(value: float) -> float:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def _comm_device() -> torch.device:
+    """Where collective tensors must live: the GPU for nccl, the CPU for gloo."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def sharded(sharding: str) -> bool:
+    """Whether models are wrapped with FSDP in this run (``fsdp`` and more than one process)."""
+    if sharding not in SHARDINGS:
+        raise MptoolError(f"sharding {sharding!r} is not one of {', '.join(SHARDINGS)}")
+    return sharding == "fsdp" and world_size() > 1
+
+
+def fsdp_wrap(model: torch.nn.Module, layers: Iterable[torch.nn.Module]) -> None:
+    """Shard ``model`` in place with FSDP2: each decoder layer is one unit, the rest is the root's.
+
+    Hooks registered on submodules before (the masks) keep working: FSDP2 changes no module
+    structure, it only gathers each layer's parameters around its forward and backward.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(_comm_device().type, (world_size(),))
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def full_trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every trainable parameter as a full CPU tensor, by name (a collective under FSDP)."""
+    out = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            t = p.full_tensor() if hasattr(p, "full_tensor") else p.detach()
+            out[name] = t.detach().cpu().clone()
+    return out
+
+
+def full_optimizer_state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:
+    """The optimiser state keyed by parameter name, with full tensors (a collective under FSDP)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True))
+
+
+def load_full_state(model: torch.nn.Module, opt: torch.optim.Optimizer | None,
+                    params: dict[str, torch.Tensor], opt_state: dict | None) -> None:
+    """Inverse of :func:`full_trainable` / :func:`full_optimizer_state` (every rank passes the full state)."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    set_model_state_dict(model, params, options=StateDictOptions(full_state_dict=True, strict=False))
+    if opt is not None and opt_state is not None:
+        set_optimizer_state_dict(model, opt, opt_state, options=StateDictOptions(full_state_dict=True))

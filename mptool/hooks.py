@@ -60,12 +60,12 @@ def apply_masks(model: Any, head_masks: Callable[[int], torch.Tensor] | Sequence
 
         def o_hook(mod: Any, args: tuple, i: int = i) -> tuple:
             x = args[0]
-            m = get_h(i).to(x.dtype).repeat_interleave(d.head_dim)
+            m = get_h(i).to(device=x.device, dtype=x.dtype).repeat_interleave(d.head_dim)
             return (x * m,) + args[1:]
 
         def d_hook(mod: Any, args: tuple, i: int = i) -> tuple:
             x = args[0]
-            return (x * get_f(i).to(x.dtype),) + args[1:]
+            return (x * get_f(i).to(device=x.device, dtype=x.dtype),) + args[1:]
 
         hooks.handles.append(o_proj.register_forward_pre_hook(o_hook))
         hooks.handles.append(down.register_forward_pre_hook(d_hook))

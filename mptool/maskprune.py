@@ -152,7 +152,13 @@ class MaskPrune:
     def __init__(self, model: Any, blocks: torch.Tensor, cfg: MaskPruneConfig, *,
                  target: Target | None = None, budget: float | None = None,
                  tp: tuple[int, ...] = (1,), ffn_multiple: int = 64,
-                 init_scores: Any = None, seed: int = 0) -> None:
+                 init_scores: Any = None, seed: int = 0, sharding: str = "ddp") -> None:
+        """Wrap ``model`` with LoRA and mask hooks.
+
+        Under ``sharding="fsdp"`` with several processes the LoRA model is sharded with FSDP2
+        (weights may still be on the CPU: FSDP moves each shard to this process's device);
+        otherwise it runs on the device its weights are on.
+        """
         from peft import LoraConfig, get_peft_model
 
         if (target is None) == (budget is None):
@@ -166,16 +172,17 @@ class MaskPrune:
         for p in model.parameters():
             p.requires_grad_(False)
         names = [getattr(adapter, n) for n in LORA_TARGETS]
-        self.model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                                                      lora_dropout=0.0, target_modules=names))
+        self.lora_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                                      target_modules=names)
+        self.model = get_peft_model(model, self.lora_config)
         L, G, R, I = d.num_layers, d.num_kv_heads, d.heads_per_group, d.intermediate_size
         if cfg.dual not in ("exact", "ascent"):
             raise ValueError(f"unknown multiplier update {cfg.dual!r}: exact or ascent")
         if cfg.forward not in ("binary", "scaled"):
             raise ValueError(f"unknown mask forward {cfg.forward!r}: binary or scaled")
         if cfg.init == "wanda-sp" and init_scores is not None:
-            zg, zh, zf = (M.init_from_scores(init_scores.groups), M.init_from_scores(init_scores.heads),
-                          M.init_from_scores(init_scores.ffn))
+            zg, zh, zf = (M.init_from_scores(init_scores.groups).cpu(), M.init_from_scores(init_scores.heads).cpu(),
+                          M.init_from_scores(init_scores.ffn).cpu())
         elif cfg.init in ("ones", "wanda-sp"):
             zg, zh, zf = torch.ones(L, G), torch.ones(L, G, R), torch.ones(L, I)
         else:
@@ -187,14 +194,18 @@ class MaskPrune:
                                mg=torch.zeros(L, G), mh=torch.zeros(L, G, R), mf=torch.zeros(L, I),
                                s=[float(final.kv_heads), float(final.heads_per_group), float(final.ffn)],
                                snapped=[final.kv_heads, final.heads_per_group, final.ffn] if target else None)
-        self.lora_params = [p for p in self.model.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(self.lora_params, lr=cfg.lr_lora, weight_decay=0.0)
         self._masks_on = True
         self.extra_files: dict[str, str] = {}
         """Text files written into every checkpoint (the caller's resolved config)."""
         self._heads: list[torch.Tensor] = []
         self._ffn: list[torch.Tensor] = []
         self.hooks = apply_masks(self.model.base_model.model, self._head_mask, self._ffn_mask)
+        self.sharded = D.sharded(sharding)
+        if self.sharded:
+            D.fsdp_wrap(self.model, adapter.decoder_layers(self.model.base_model.model))
+        self.device = D.device() if self.sharded else next(model.parameters()).device
+        self.lora_params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.lora_params, lr=cfg.lr_lora, weight_decay=0.0)
 
     # ------------------------------------------------------------------ masks in the forward
 
@@ -266,7 +277,7 @@ class MaskPrune:
         cands = candidates(d, min(max(ratio, 1e-9), 1 - 1e-9), self.tp, self.ffn_multiple)
         if not cands:
             snap(d, *st.s, budget=self.budget, tp=self.tp, ffn_multiple=self.ffn_multiple)  # raises
-        probe = self.blocks[: self.cfg.batch_size]
+        probe = self.blocks[: self.cfg.batch_size].to(self.device)
         was_training = self.model.training
         self.model.eval()
         with torch.no_grad(), autocast(self.cfg.bf16):
@@ -299,7 +310,7 @@ class MaskPrune:
     def step(self) -> dict[str, float]:
         cfg, st, d = self.cfg, self.state, self.d
         global_ids = self._batch()
-        ids = D.shard(global_ids)
+        ids = D.shard(global_ids).to(self.device)
         teacher = None
         if cfg.kd_distill:
             self._masks_on = False
@@ -316,7 +327,8 @@ class MaskPrune:
         loss = kd + (cfg.lm_weight if teacher is not None else 1.0) * lm
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        D.average_grads([*self.lora_params, zg, zh, zf])
+        # FSDP's reduce-scatter has already averaged the LoRA gradients; the masks are ours
+        D.average_grads([zg, zh, zf] if self.sharded else [*self.lora_params, zg, zh, zf])
         self.opt.step()
 
         with torch.no_grad():
@@ -443,13 +455,29 @@ class MaskPrune:
                                  M.mask_indices(fmask[layer])))
         return out
 
-    def finish(self) -> tuple[Any, list[LayerKeep]]:
-        """Merge LoRA, fold the kept mask values into o_proj/down_proj, slice. Returns (model, keeps)."""
+    def finish(self, reload: Callable[[], Any] | None = None) -> tuple[Any, list[LayerKeep]]:
+        """Merge LoRA, fold the kept mask values into o_proj/down_proj, slice. Returns (model, keeps).
+
+        The sliced model is on the CPU. A sharded trainer holds only a shard of the weights, so it
+        needs ``reload()`` (a fresh dense model: the base weights are frozen, so this is exact)
+        and merges the gathered LoRA into that; every rank gets the same plain model.
+        """
+        from peft import get_peft_model
+
         from mptool.surgery import materialize
 
         keeps = self.keeps()
         self.hooks.remove()
-        base = self.model.merge_and_unload()
+        if self.sharded:
+            if reload is None:
+                raise ValueError("a sharded trainer needs reload() to rebuild the dense weights")
+            lora = D.full_trainable(self.model)
+            with torch.random.fork_rng(devices=[]):  # loading must not move the RNG streams on
+                fresh = reload().cpu()
+            model = get_peft_model(fresh, self.lora_config)
+            D.load_full_state(model, None, lora, None)
+            self.model = model
+        base = self.model.merge_and_unload().cpu()
         if self.cfg.forward == "scaled" or not self._hard():  # the binary forward ran kept units at scale 1
             self._fold(base)
         for p in base.parameters():
@@ -472,29 +500,28 @@ class MaskPrune:
 
     def save_checkpoint(self, folder: Path) -> None:
         """Masks, multipliers, targets, LoRA weights, optimiser and RNG states; written atomically."""
-        from peft import get_peft_model_state_dict
         from safetensors.torch import save_file
 
         from mptool.io import atomic_dir
 
         st = self.state
+        lora = D.full_trainable(self.model)  # collectives: every rank takes part
+        opt = D.full_optimizer_state(self.model, self.opt)
         if not D.is_main():
             D.barrier()
             return
         with atomic_dir(folder) as tmp:
             tensors = {f"mask.{k}": v.contiguous() for k, v in st.tensors().items()}
-            tensors.update({f"lora.{k}": v.contiguous()
-                            for k, v in get_peft_model_state_dict(self.model).items()})
+            tensors.update({f"lora.{k}": v.contiguous() for k, v in lora.items()})
             save_file(tensors, str(tmp / "state.safetensors"))
-            opt = self.opt.state_dict()
             opt_tensors, opt_meta = {}, {"param_groups": opt["param_groups"], "state": {}}
-            for pid, s in opt["state"].items():
-                opt_meta["state"][str(pid)] = {}
+            for name, s in opt["state"].items():
+                opt_meta["state"][name] = {}
                 for key, val in s.items():
                     if torch.is_tensor(val):
-                        opt_tensors[f"{pid}.{key}"] = val.contiguous()
+                        opt_tensors[f"{name}::{key}"] = val.detach().cpu().contiguous()
                     else:
-                        opt_meta["state"][str(pid)][key] = val
+                        opt_meta["state"][name][key] = val
             save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
             scalars = {k: v for k, v in asdict(st).items() if k not in st.tensors()}
             rng = {"python": _jsonable_rng(random.getstate()), "torch": torch.get_rng_state().tolist()}
@@ -505,7 +532,6 @@ class MaskPrune:
         D.barrier()
 
     def load_checkpoint(self, folder: Path) -> None:
-        from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
         data = load_file(str(folder / "state.safetensors"))
@@ -515,17 +541,12 @@ class MaskPrune:
             setattr(st, key, data[f"mask.{key}"].clone())
         for key, val in meta["state"].items():
             setattr(st, key, val)
-        set_peft_model_state_dict(self.model, {k[5:]: v for k, v in data.items() if k.startswith("lora.")})
-        opt_tensors = load_file(str(folder / "optimizer.safetensors"))
-        state = {}
-        for pid, extra in meta["optimizer"]["state"].items():
-            entry = dict(extra)
-            for key, val in opt_tensors.items():
-                p, name = key.split(".", 1)
-                if p == pid:
-                    entry[name] = val
-            state[int(pid)] = entry
-        self.opt.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
+        state: dict[str, dict] = {name: dict(extra) for name, extra in meta["optimizer"]["state"].items()}
+        for key, val in load_file(str(folder / "optimizer.safetensors")).items():
+            name, field_ = key.rsplit("::", 1)
+            state.setdefault(name, {})[field_] = val
+        D.load_full_state(self.model, self.opt, {k[5:]: v for k, v in data.items() if k.startswith("lora.")},
+                          {"state": state, "param_groups": meta["optimizer"]["param_groups"]})
         random.setstate(_tuple_rng(meta["rng"]["python"]))
         torch.set_rng_state(torch.tensor(meta["rng"]["torch"], dtype=torch.uint8))
 

@@ -3,10 +3,14 @@
 The teacher is either the dense model kept in memory (``teacher="memory"``) or its top-k logits
 computed once and cached to disk as safetensors (``teacher="cache"``), so the dense model need
 not stay loaded while the student trains. The merged result is a plain checkpoint.
+
+Under ``sharding="fsdp"`` with several processes the student (and a teacher kept in memory) are
+sharded with FSDP2; a CPU copy of the sliced student is kept to merge the gathered LoRA into.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from dataclasses import dataclass
@@ -57,12 +61,13 @@ def cache_teacher(teacher: Any, blocks: torch.Tensor, batch_size: int, k: int, p
     from safetensors.torch import save_file
 
     values, index = [], []
+    dev = next(teacher.parameters()).device
     with torch.no_grad(), autocast(bf16):
         for start in range(0, len(blocks), batch_size):
-            logits = teacher(blocks[start:start + batch_size]).logits.float()
+            logits = teacher(blocks[start:start + batch_size].to(dev)).logits.float()
             top = logits.topk(k, dim=-1)
-            values.append(top.values.to(torch.bfloat16))
-            index.append(top.indices.to(torch.int32))
+            values.append(top.values.to(torch.bfloat16).cpu())
+            index.append(top.indices.to(torch.int32).cpu())
             if progress:
                 progress(1)
     save_file({"values": torch.cat(values), "index": torch.cat(index)}, str(path))
@@ -70,19 +75,30 @@ def cache_teacher(teacher: Any, blocks: torch.Tensor, batch_size: int, k: int, p
 
 def recover(student: Any, blocks: torch.Tensor, cfg: RecoveryConfig, teacher: Any = None,
             cache_path: Path | None = None, metrics_path: Path | None = None,
-            progress: Callable[..., None] | None = None) -> tuple[Any, list[dict]]:
-    """Train LoRA on ``student`` against the teacher, merge, return ``(plain model, history)``."""
+            progress: Callable[..., None] | None = None, sharding: str = "ddp",
+            device: torch.device | None = None, seed: int = 0) -> tuple[Any, list[dict]]:
+    """Train LoRA on ``student`` against the teacher, merge, return ``(plain model, history)``.
+
+    The student (and the teacher) are moved to ``device`` (default: where the student is), or
+    sharded onto it under FSDP; the merged model comes back on the CPU. The LoRA initialisation
+    depends on ``seed`` only (not on what ran before), so every rank and every sharding starts alike.
+    """
     from peft import LoraConfig, get_peft_model
 
     if cfg.teacher not in ("memory", "cache"):
         raise ValueError(f"teacher must be 'memory' or 'cache', got {cfg.teacher!r}")
     adapter = get_adapter(student.config)
+    sharded = D.sharded(sharding)
+    dev = device or (D.device() if sharded else next(student.parameters()).device)
     for p in student.parameters():
         p.requires_grad_(False)
-    model = get_peft_model(student, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
-                                               target_modules=[getattr(adapter, n) for n in LORA_TARGETS]))
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    lora_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                             target_modules=[getattr(adapter, n) for n in LORA_TARGETS])
+    if cfg.kd and teacher is not None:  # the dense teacher, sharded like the student or moved to its device
+        if sharded:
+            D.fsdp_wrap(teacher, adapter.decoder_layers(teacher))
+        else:
+            teacher.to(dev)
     cached = None
     if cfg.kd and cfg.teacher == "cache":
         from safetensors.torch import load_file
@@ -90,9 +106,16 @@ def recover(student: Any, blocks: torch.Tensor, cfg: RecoveryConfig, teacher: An
         n_blocks = min(len(blocks), cfg.steps * cfg.batch_size)
         if D.world_size() > 1:
             cache_path = cache_path.with_name(f"{cache_path.stem}-rank{D.rank()}{cache_path.suffix}")
-        cache_teacher(teacher, blocks[:n_blocks], cfg.batch_size, cfg.cache_topk, cache_path,
-                      cfg.bf16)
+        cache_teacher(teacher, blocks[:n_blocks], cfg.batch_size, cfg.cache_topk, cache_path, cfg.bf16)
         cached = load_file(str(cache_path))
+    if sharded:
+        cpu_copy = copy.deepcopy(student).cpu()  # the sharded student holds a shard only
+        model = _with_lora(student, lora_config, seed)
+        D.fsdp_wrap(model, adapter.decoder_layers(model.base_model.model))
+    else:
+        model = _with_lora(student.to(dev), lora_config, seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     history, tokens = [], 0
     model.train()
     for step in range(cfg.steps):
@@ -100,13 +123,14 @@ def recover(student: Any, blocks: torch.Tensor, cfg: RecoveryConfig, teacher: An
             break
         t0 = time.perf_counter()
         idx = [(step * cfg.batch_size + i) % len(blocks) for i in range(cfg.batch_size)]
-        ids = D.shard(blocks[idx])
+        ids = D.shard(blocks[idx]).to(dev)
         with autocast(cfg.bf16):
             logits = model(ids).logits
         loss_kd = torch.zeros(())
         if cfg.kd and cached is not None:
             mine = D.shard(torch.tensor(idx))
-            loss_kd = _topk_kd(logits, cached["values"][mine], cached["index"][mine], cfg.temperature)
+            loss_kd = _topk_kd(logits, cached["values"][mine].to(dev), cached["index"][mine].to(dev),
+                               cfg.temperature)
         elif cfg.kd:
             with torch.no_grad(), autocast(cfg.bf16):
                 t_logits = teacher(ids).logits
@@ -115,7 +139,8 @@ def recover(student: Any, blocks: torch.Tensor, cfg: RecoveryConfig, teacher: An
         loss = loss_kd + (cfg.lm_weight if cfg.kd else 1.0) * loss_lm
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        D.average_grads(params)
+        if not sharded:  # FSDP's reduce-scatter already averaged them
+            D.average_grads(params)
         opt.step()
         tokens += ids.numel() * D.world_size()
         row = {"phase": "recovery", "step": step + 1, "tokens": tokens, "loss": D.mean(loss.item()),
@@ -127,7 +152,19 @@ def recover(student: Any, blocks: torch.Tensor, cfg: RecoveryConfig, teacher: An
         if progress:
             progress(1, info=f"loss {row['loss']:.4f}")
     model.eval()
-    merged = model.merge_and_unload()
+    if sharded:
+        lora = D.full_trainable(model)
+        model = get_peft_model(cpu_copy, lora_config)
+        D.load_full_state(model, None, lora, None)
+    merged = model.merge_and_unload().cpu()
     for p in merged.parameters():
         p.requires_grad_(False)
     return merged, history
+
+
+def _with_lora(model: Any, lora_config: Any, seed: int) -> Any:
+    from peft import get_peft_model
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return get_peft_model(model, lora_config)
