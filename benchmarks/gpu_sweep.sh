@@ -2,7 +2,7 @@
 # The CPU sweep of benchmarks/README.md, with vLLM on one GPU, in under 10 minutes.
 #
 #   OUT=/tmp/gpu-bench bash benchmarks/gpu_sweep.sh
-#   docker run --gpus all -v "$PWD/out:/out" -e OUT=/out mptool:gpu bash benchmarks/gpu_sweep.sh
+#   docker run --gpus all -v "$PWD/out:/out" -e OUT=/out --entrypoint bash mptool:gpu /src/benchmarks/gpu_sweep.sh
 #
 # Needs a GPU, the mptool GPU environment (`pip install 'mptool[gpu]'` or the project's Docker
 # image: vllm with CUDA) and the two model folders. Writes under $OUT:
