@@ -186,6 +186,8 @@ def plan(
     seq_len: int = typer.Option(2048, help="Tokens per sequence."),
     lora_r: int = typer.Option(16, help="LoRA rank."),
     dtype_bytes: int = typer.Option(2, help="Bytes per weight (2: bf16, 4: fp32)."),
+    ratio: Optional[float] = typer.Option(None, help="Size recovery on the student pruned at this ratio "
+                                                       "(default: the dense shape, an upper bound)."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Estimate per-GPU memory of mask learning and recovery (weights, LoRA, activations, teacher)."""
@@ -195,7 +197,7 @@ def plan(
     if min(batch_size, seq_len, lora_r, dtype_bytes) < 1 or gpu_mem <= 0:
         raise MptoolError("--batch-size, --seq-len, --lora-r, --dtype-bytes and --gpu-mem must be positive")
     print_plan(model, counts, gpu_mem, PlanInput(batch_size=batch_size, seq_len=seq_len, lora_r=lora_r,
-                                                 dtype_bytes=dtype_bytes), as_json=json_out)
+                                                 dtype_bytes=dtype_bytes), as_json=json_out, ratio=ratio)
 
 
 def _register_bench() -> None:

@@ -85,29 +85,41 @@ def plan_table(d: Dims, gpu_counts: list[int], gpu_mem_gib: float, base: PlanInp
                 e = estimate(d, p, phase, target or d.dense_target())
                 gib = e["per_device_bytes"] / GIB
                 rows.append({"gpus": n, "sharding": sharding, "phase": phase, "per_gpu_gib": round(gib, 2),
+                             "per_gpu_bytes": int(e["per_device_bytes"]),
                              "fits": gib <= gpu_mem_gib * 0.9,
                              "parts_gib": {k: round(v / GIB, 2) for k, v in e["parts"].items()}})
     return rows
 
 
 def print_plan(model: str | None, gpus: list[int], gpu_mem_gib: float, base: PlanInput,
-               as_json: bool = False) -> list[dict[str, Any]]:
-    """`mptool plan`: per-GPU memory of mask learning and recovery for each GPU count."""
+               as_json: bool = False, ratio: float | None = None) -> list[dict[str, Any]]:
+    """`mptool plan`: per-GPU memory of mask learning and recovery for each GPU count.
+
+    Recovery trains the pruned student: with ``ratio`` it is sized on the balanced legal target
+    at that ratio, otherwise on the dense shape (an upper bound).
+    """
     import json
 
     from rich.console import Console
     from rich.table import Table
 
     from mptool.compress import model_dims
+    from mptool.shapes import balanced_target, check_ratio
 
     d = model_dims(model)
-    rows = plan_table(d, gpus, gpu_mem_gib, base)
+    student = None
+    if ratio is not None:
+        check_ratio(ratio)
+        student = balanced_target(d, ratio)
+    rows = plan_table(d, gpus, gpu_mem_gib, base, student)
+    shape = str(student) if student else "dense shape (upper bound)"
     if as_json:
         print(json.dumps({"model": model or "embedded:SmolLM2-135M-Instruct", "input": asdict(base),
-                          "gpu_mem_gib": gpu_mem_gib, "rows": rows}, indent=2))
+                          "gpu_mem_gib": gpu_mem_gib, "recovery_student": shape, "rows": rows}, indent=2))
         return rows
     table = Table(title=f"per-GPU memory (GiB), micro-batch {base.batch_size} x {base.seq_len} tokens per step, "
-                        f"LoRA r={base.lora_r}, {base.dtype_bytes}-byte weights, {gpu_mem_gib:g} GiB GPUs")
+                        f"LoRA r={base.lora_r}, {base.dtype_bytes}-byte weights, {gpu_mem_gib:g} GiB GPUs; "
+                        f"recovery student: {shape}")
     for col in ("GPUs", "sharding", "phase", "weights", "LoRA+opt", "activations", "logits", "teacher",
                 "total", "fits"):
         table.add_column(col, justify="right")

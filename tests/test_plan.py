@@ -85,5 +85,13 @@ def test_plan_cli(tmp_path, tokenizer_dir):
     assert res.exit_code == 0, res.output
     rows = json.loads(res.stdout)["rows"]
     assert len(rows) == 2 * 2 * 2  # gpu counts x (ddp, fsdp) x (mask, recovery)
+    rec = {r["gpus"]: r for r in rows if r["phase"] == "recovery" and r["sharding"] == "ddp"}
+    half = CliRunner().invoke(app, ["plan", str(model), "--gpus", "1,2", "--json", "--batch-size", "2",
+                                    "--ratio", "0.5"])
+    assert half.exit_code == 0, half.output
+    out = json.loads(half.stdout)
+    assert "kv_heads" in out["recovery_student"]
+    small = {r["gpus"]: r for r in out["rows"] if r["phase"] == "recovery" and r["sharding"] == "ddp"}
+    assert small[1]["per_gpu_bytes"] < rec[1]["per_gpu_bytes"]  # the student is smaller
     bad = CliRunner().invoke(app, ["plan", str(model), "--batch-size", "0"])
     assert bad.exit_code == 2 and "must be positive" in bad.output
