@@ -228,6 +228,22 @@ def test_ratio_outside_unit_interval(tiny_dir, text_file, tmp_path, ratio):
     assert_clean_failure(res, out, "outside (0, 1)")
 
 
+@pytest.mark.parametrize("flag,value,needle", [("--sharding", "zero3", "not one of ddp, fsdp"),
+                                                ("--device", "tpu", "not one of auto, cpu, cuda")])
+def test_unknown_sharding_or_device(tiny_dir, text_file, tmp_path, flag, value, needle):
+    out = tmp_path / "o"
+    res = run("compress", tiny_dir, flag, value, *small(text_file), "--out", out)
+    assert_clean_failure(res, out, needle)
+
+
+def test_cuda_asked_without_a_gpu(tiny_dir, text_file, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    out = tmp_path / "o"
+    res = run("compress", tiny_dir, "--device", "cuda", *small(text_file), "--out", out)
+    assert_clean_failure(res, out, "no CUDA GPU")
+
+
 def test_empty_text_file(tiny_dir, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n\n ")
