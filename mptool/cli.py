@@ -64,6 +64,8 @@ def compress(
     recovery_steps: Optional[int] = typer.Option(None, help="LoRA + KD recovery steps after slicing (0: none)."),
     resume: Optional[str] = typer.Option(None, help="Continue an interrupted run from its <out>.ckpt folder."),
     device: Optional[str] = typer.Option(None, help="auto (GPU cuda:LOCAL_RANK when there is one) | cpu | cuda."),
+    grad_checkpointing: Optional[bool] = typer.Option(None, "--grad-checkpointing",
+                                                     help="Recompute layer activations in backward (less memory)."),
     sharding: Optional[str] = typer.Option(None, help="Under torchrun: ddp (model replicated, default) | fsdp (sharded)."),
     config: Optional[str] = ConfigOpt,
 ) -> None:
@@ -89,7 +91,8 @@ def compress(
         "ppl.max_tokens": eval_tokens, "out": out, "overwrite": overwrite, "seed": seed,
         "trust_remote_code": trust_remote_code, "maskprune.steps": max_steps,
         "maskprune.max_tokens": max_tokens, "recovery.steps": recovery_steps,
-        "device": device, "sharding": sharding,
+        "device": device, "sharding": sharding, "maskprune.grad_checkpointing": grad_checkpointing,
+        "recovery.grad_checkpointing": grad_checkpointing,
     })
     from mptool.compress import compress as run
 
@@ -186,6 +189,8 @@ def plan(
     seq_len: int = typer.Option(2048, help="Tokens per sequence."),
     lora_r: int = typer.Option(16, help="LoRA rank."),
     dtype_bytes: int = typer.Option(2, help="Bytes per weight (2: bf16, 4: fp32)."),
+    grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing",
+                                            help="Plan for compress --grad-checkpointing (activations recomputed)."),
     ratio: Optional[float] = typer.Option(None, help="Size recovery on the student pruned at this ratio "
                                                        "(default: the dense shape, an upper bound)."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
@@ -197,7 +202,8 @@ def plan(
     if min(batch_size, seq_len, lora_r, dtype_bytes) < 1 or gpu_mem <= 0:
         raise MptoolError("--batch-size, --seq-len, --lora-r, --dtype-bytes and --gpu-mem must be positive")
     print_plan(model, counts, gpu_mem, PlanInput(batch_size=batch_size, seq_len=seq_len, lora_r=lora_r,
-                                                 dtype_bytes=dtype_bytes), as_json=json_out, ratio=ratio)
+                                                 dtype_bytes=dtype_bytes, checkpointing=grad_checkpointing),
+               as_json=json_out, ratio=ratio)
 
 
 def _register_bench() -> None:

@@ -59,13 +59,16 @@ def validate(cfg: CompressConfig) -> None:
         raise MptoolError("; ".join(problems))
 
 
-def model_dims(model: str | None, trust_remote_code: bool = False) -> Dims:
-    """Dims of a model from its config alone (no weights read); refuses unsupported families."""
+def model_dims(model: str | None, trust_remote_code: bool = False, config_only: bool = False) -> Dims:
+    """Dims of a model from its config alone (no weights read); refuses unsupported families.
+
+    ``config_only``: a folder holding just ``config.json`` is accepted (planning before download).
+    """
     from transformers import AutoConfig
 
     from mptool.models import resolve_model
 
-    path = resolve_model(model)
+    path = resolve_model(model, config_only=config_only)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:

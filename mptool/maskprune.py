@@ -97,6 +97,10 @@ class MaskPruneConfig:
     bf16: bool = True
     """bf16 autocast for the forward/backward passes (masks, LoRA and optimiser stay fp32).
     Measured on this project's CPU (AVX512-BF16): forward 3.4x, forward+backward 2.3x faster."""
+    grad_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward pass instead of keeping them
+    (activation memory from every layer's tensors down to one hidden state per layer; about one
+    more forward pass of time)."""
 
 
 @dataclass
@@ -131,6 +135,12 @@ class MaskState:
 def autocast(enabled: bool) -> Any:
     """bf16 autocast on CPU (a no-op context when disabled)."""
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
+
+
+def enable_grad_checkpointing(model: Any) -> None:
+    """transformers' per-decoder-layer activation checkpointing, non-reentrant (so frozen inputs,
+    forward hooks and FSDP2 work), active in training mode only."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -174,6 +184,8 @@ class MaskPrune:
         names = [getattr(adapter, n) for n in LORA_TARGETS]
         self.lora_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
                                       target_modules=names)
+        if cfg.grad_checkpointing:
+            enable_grad_checkpointing(model)
         self.model = get_peft_model(model, self.lora_config)
         L, G, R, I = d.num_layers, d.num_kv_heads, d.heads_per_group, d.intermediate_size
         if cfg.dual not in ("exact", "ascent"):

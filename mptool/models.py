@@ -270,10 +270,10 @@ def default_model_dir(console: Any = None) -> Path:
     return out
 
 
-def _validate_model_folder(folder: Path) -> None:
+def _validate_model_folder(folder: Path, config_only: bool = False) -> None:
     if not (folder / "config.json").is_file():
         raise MptoolError(f"model folder {folder} has no config.json; give {ACCEPTED_MODELS}")
-    if any(folder.glob("*.safetensors")) or any(folder.glob("*.safetensors.index.json")):
+    if config_only or any(folder.glob("*.safetensors")) or any(folder.glob("*.safetensors.index.json")):
         return
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
     if pickles:
@@ -287,12 +287,14 @@ def _validate_model_folder(folder: Path) -> None:
     )
 
 
-def resolve_model(spec: str | os.PathLike | None) -> str | Path:
+def resolve_model(spec: str | os.PathLike | None, config_only: bool = False) -> str | Path:
     """Turn a user's model argument into something ``from_pretrained`` accepts.
 
     Args:
         spec: None for the default model; a local folder (``config.json`` and ``*.safetensors``
             weights or a ``*.safetensors.index.json``); or a hub id such as ``org/name``.
+        config_only: the caller reads the config alone (``shapes``, ``plan``), so a folder with
+            just ``config.json`` is enough.
 
     Returns:
         The folder as a ``Path`` (local or default model) or the hub id as a ``str``.
@@ -306,7 +308,7 @@ def resolve_model(spec: str | os.PathLike | None) -> str | Path:
     text = os.fspath(spec)
     path = Path(text).expanduser()
     if path.is_dir():
-        _validate_model_folder(path)
+        _validate_model_folder(path, config_only)
         return path.resolve()
     if path.exists():
         raise MptoolError(f"model path {text} is a file; give {ACCEPTED_MODELS}")

@@ -10,7 +10,9 @@ weights replicated) or FSDP (weights, LoRA and optimiser states sharded) workers
 * activations saved for backward, per token per layer, in the compute dtype: the projection
   inputs and outputs of attention and FFN, the masked copies, the rotary q/k copies, the
   GQA-expanded k/v and the norms' internals (``8*hidden + 5*H*hd + 4*G*hd + 5*I`` values),
-  times tokens per device = ``batch/gpus x seq_len``;
+  times tokens per device = ``batch/gpus x seq_len``; with activation checkpointing
+  (``--grad-checkpointing``) only each layer's input hidden state is kept, plus one layer's
+  tensors and their gradients while it is recomputed in the backward pass;
 * logits: student and teacher logits, both log-softmaxes and the KD terms, and the gradient:
   about 8 fp32 copies of ``tokens x vocab``;
 * runtime: a fixed allowance for the framework (CUDA context and allocator slack on GPU, about
@@ -41,6 +43,7 @@ class PlanInput:
     sharding: str = "fsdp"  # "fsdp" or "ddp"
     recovery_teacher: str = "memory"
     runtime_bytes: float = 0.5 * GIB
+    checkpointing: bool = False
 
 
 def lora_params(d: Dims, r: int, t: Target | None = None) -> int:
@@ -51,9 +54,11 @@ def lora_params(d: Dims, r: int, t: Target | None = None) -> int:
     return d.num_layers * per_layer
 
 
-def activation_values_per_token(d: Dims, t: Target | None = None) -> int:
+def activation_values_per_token(d: Dims, t: Target | None = None, checkpointing: bool = False) -> int:
     t = t or d.dense_target()
     per_layer = 8 * d.hidden_size + 5 * t.heads * d.head_dim + 4 * t.kv_heads * d.head_dim + 5 * t.ffn
+    if checkpointing:  # the layer inputs, and one layer's tensors and gradients during its recompute
+        return d.num_layers * d.hidden_size + 2 * per_layer
     return d.num_layers * per_layer
 
 
@@ -65,7 +70,7 @@ def estimate(d: Dims, p: PlanInput, phase: str = "mask", target: Target | None =
     lora = 16 * lora_params(d, p.lora_r, student) / shard
     masks = 16 * d.num_layers * (d.num_kv_heads + d.num_heads + d.intermediate_size) if phase == "mask" else 0
     tokens = p.batch_size * p.seq_len / p.gpus
-    acts = tokens * activation_values_per_token(d, student) * p.dtype_bytes
+    acts = tokens * activation_values_per_token(d, student, p.checkpointing) * p.dtype_bytes
     logits = 8 * tokens * d.vocab_size * 4
     teacher = 0.0
     if phase == "recovery" and p.recovery_teacher == "memory":
@@ -106,7 +111,7 @@ def print_plan(model: str | None, gpus: list[int], gpu_mem_gib: float, base: Pla
     from mptool.compress import model_dims
     from mptool.shapes import balanced_target, check_ratio
 
-    d = model_dims(model)
+    d = model_dims(model, config_only=True)
     student = None
     if ratio is not None:
         check_ratio(ratio)
@@ -118,7 +123,8 @@ def print_plan(model: str | None, gpus: list[int], gpu_mem_gib: float, base: Pla
                           "gpu_mem_gib": gpu_mem_gib, "recovery_student": shape, "rows": rows}, indent=2))
         return rows
     table = Table(title=f"per-GPU memory (GiB), micro-batch {base.batch_size} x {base.seq_len} tokens per step, "
-                        f"LoRA r={base.lora_r}, {base.dtype_bytes}-byte weights, {gpu_mem_gib:g} GiB GPUs; "
+                        f"LoRA r={base.lora_r}, {base.dtype_bytes}-byte weights, {gpu_mem_gib:g} GiB GPUs, "
+                        f"activation checkpointing {'on' if base.checkpointing else 'off'}; "
                         f"recovery student: {shape}")
     for col in ("GPUs", "sharding", "phase", "weights", "LoRA+opt", "activations", "logits", "teacher",
                 "total", "fits"):

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from mptool import distributed as D
 from mptool.families import get_adapter
-from mptool.maskprune import LORA_TARGETS, autocast, kd_loss, lm_loss
+from mptool.maskprune import LORA_TARGETS, autocast, enable_grad_checkpointing, kd_loss, lm_loss
 
 
 @dataclass
@@ -46,6 +46,8 @@ class RecoveryConfig:
     """"memory": the dense model stays loaded; "cache": its top-k logits are cached to disk."""
     cache_topk: int = 64
     bf16: bool = True
+    grad_checkpointing: bool = False
+    """Recompute decoder-layer activations in the backward pass (see MaskPruneConfig)."""
 
 
 def _topk_kd(student: torch.Tensor, values: torch.Tensor, index: torch.Tensor, t: float) -> torch.Tensor:
@@ -92,6 +94,8 @@ def recover(student: Any, blocks: torch.Tensor, cfg: RecoveryConfig, teacher: An
     dev = device or (D.device() if sharded else next(student.parameters()).device)
     for p in student.parameters():
         p.requires_grad_(False)
+    if cfg.grad_checkpointing:
+        enable_grad_checkpointing(student)
     lora_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
                              target_modules=[getattr(adapter, n) for n in LORA_TARGETS])
     if cfg.kd and teacher is not None:  # the dense teacher, sharded like the student or moved to its device

@@ -17,7 +17,7 @@ def shapes_rows(cfg: ShapesConfig) -> dict[str, Any]:
     from mptool.compress import model_dims
 
     check_ratio(cfg.ratio)
-    d = model_dims(cfg.model)
+    d = model_dims(cfg.model, config_only=True)
     rows = [describe(d, t) for t in candidates(d, cfg.ratio, cfg.tp, cfg.ffn_multiple)]
     return {
         "model": cfg.model or "embedded:SmolLM2-135M-Instruct",

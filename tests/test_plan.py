@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from mptool.plan import PlanInput, estimate, lora_params, plan_table
 from mptool.shapes import Dims
 
@@ -21,21 +23,24 @@ import peft, transformers
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * 4096
 base = rss()
+gc = sys.argv[1] == "1"
 from conftest import tiny_model
 model = tiny_model("llama", hidden_size=512, num_hidden_layers=4, num_attention_heads=8,
                    num_key_value_heads=4, head_dim=64, intermediate_size=1536, vocab_size=8192)
 d = Dims.from_config(model.config)
 blocks = torch.randint(3, 8192, (8, 256))
 mp = MaskPrune(model, blocks, MaskPruneConfig(steps=3, batch_size=4, bf16=False, checkpoint_every=0,
-               init="ones"), budget=0.5 * prunable_params(d, d.dense_target()))
+               init="ones", grad_checkpointing=gc), budget=0.5 * prunable_params(d, d.dense_target()))
 mp.run()
 peak = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) * 1024  # per-mm: not inherited across exec
 print(json.dumps({"delta": peak - base, "config": model.config.to_dict()}))
 """
 
 
-def test_estimate_matches_measured_peak(tmp_path):
-    out = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, timeout=600)
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_estimate_matches_measured_peak(tmp_path, checkpointing):
+    out = subprocess.run([sys.executable, "-c", CHILD, str(int(checkpointing))], capture_output=True, text=True,
+                         timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     data = json.loads(out.stdout.strip().splitlines()[-1])
     from transformers import LlamaConfig
@@ -43,7 +48,7 @@ def test_estimate_matches_measured_peak(tmp_path):
     d = Dims.from_config(LlamaConfig(**{k: v for k, v in data["config"].items()
                                         if k not in ("architectures", "transformers_version", "model_type")}))
     est = estimate(d, PlanInput(batch_size=4, seq_len=256, lora_r=8, dtype_bytes=4,
-                                         runtime_bytes=0.1 * 1024 ** 3), "mask")
+                                runtime_bytes=0.1 * 1024 ** 3, checkpointing=checkpointing), "mask")
     ratio = est["per_device_bytes"] / data["delta"]
     assert 1 - MARGIN <= ratio <= 1 + MARGIN, (ratio, est["parts"], data["delta"])
 
@@ -95,3 +100,28 @@ def test_plan_cli(tmp_path, tokenizer_dir):
     assert small[1]["per_gpu_bytes"] < rec[1]["per_gpu_bytes"]  # the student is smaller
     bad = CliRunner().invoke(app, ["plan", str(model), "--batch-size", "0"])
     assert bad.exit_code == 2 and "must be positive" in bad.output
+
+
+def test_plan_needs_only_a_config_and_checkpointing_cuts_activations(tmp_path):
+    """Planning happens before a download: a folder with config.json alone is enough."""
+    from typer.testing import CliRunner
+
+    from mptool.cli import app
+
+    folder = tmp_path / "llama-3-8b-config"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+        "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+        "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False, "head_dim": 128}))
+
+    def rows(*extra: str) -> dict:
+        res = CliRunner().invoke(app, ["plan", str(folder), "--gpus", "1", "--json", *extra])
+        assert res.exit_code == 0, res.output
+        return {(r["sharding"], r["phase"]): r for r in json.loads(res.stdout)["rows"]}
+
+    plain, ckpt = rows(), rows("--grad-checkpointing")
+    acts, acts_ckpt = plain["fsdp", "mask"]["parts_gib"]["activations"], ckpt["fsdp", "mask"]["parts_gib"]["activations"]
+    assert abs(acts - 8 * 2048 * 32 * (8 * 4096 + 5 * 4096 + 4 * 1024 + 5 * 14336) * 2 / 1024 ** 3) < 0.1
+    assert acts_ckpt < acts / 5
+    assert ckpt["fsdp", "mask"]["parts_gib"]["weights"] == plain["fsdp", "mask"]["parts_gib"]["weights"]
