@@ -267,3 +267,14 @@ def test_existing_output_is_not_overwritten(tiny_dir, text_file, tmp_path):
     res = run("compress", tiny_dir, *small(text_file), "--out", out)
     assert res.exit_code == 2 and "--overwrite" in res.output
     assert (out / "precious.txt").read_text() == "x"
+
+
+def test_the_documented_recipe_is_the_defaults():
+    """recipes/maskprune.yaml lists every knob at its default: it cannot drift from the code."""
+    import yaml
+
+    from mptool.config import CompressConfig, load_config, to_dict
+
+    path = Path(__file__).parent.parent / "recipes" / "maskprune.yaml"
+    assert yaml.safe_load(path.read_text()) == to_dict(CompressConfig())
+    assert load_config(CompressConfig, path) == CompressConfig()
