@@ -97,6 +97,9 @@ class MaskPruneConfig:
     bf16: bool = True
     """bf16 autocast for the forward/backward passes (masks, LoRA and optimiser stay fp32).
     Measured on this project's CPU (AVX512-BF16): forward 3.4x, forward+backward 2.3x faster."""
+    kd_chunk: int | None = 2048
+    """Tokens per chunk of the KD loss (each chunk checkpointed: its fp32 softmax temporaries live
+    one chunk at a time; same value). None: all tokens at once."""
     grad_checkpointing: bool = False
     """Recompute each decoder layer's activations in the backward pass instead of keeping them
     (activation memory from every layer's tensors down to one hidden state per layer; about one
@@ -143,13 +146,32 @@ def enable_grad_checkpointing(model: Any) -> None:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """KL(teacher || student) per token at temperature T, scaled by T^2 (Hinton et al.)."""
-    t = temperature
+def _kl_sum(student: torch.Tensor, teacher: torch.Tensor, t: float) -> torch.Tensor:
     logp_s = F.log_softmax(student.float() / t, dim=-1)
     logp_t = F.log_softmax(teacher.float() / t, dim=-1)
-    kl = (logp_t.exp() * (logp_t - logp_s)).sum(-1)
-    return kl.mean() * t * t
+    return (logp_t.exp() * (logp_t - logp_s)).sum()
+
+
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
+            chunk: int | None = None) -> torch.Tensor:
+    """KL(teacher || student) per token at temperature T, scaled by T^2 (Hinton et al.).
+
+    With ``chunk``, the tokens are taken ``chunk`` at a time, each under activation
+    checkpointing: the fp32 log-softmaxes and products (about 8 tokens x vocabulary tensors)
+    exist for one chunk at a time, forward and backward; the value is the same.
+    """
+    t = temperature
+    s, te = student.flatten(0, -2), teacher.flatten(0, -2)
+    n = s.shape[0]
+    if chunk is None or chunk >= n:
+        return _kl_sum(s, te, t) / n * t * t
+    from torch.utils.checkpoint import checkpoint
+
+    # split (one backward node that concatenates the chunk gradients), not slicing (one
+    # full-size gradient per chunk)
+    total = sum(checkpoint(_kl_sum, a, b, t, use_reentrant=False)
+                for a, b in zip(s.split(chunk), te.split(chunk)))
+    return total / n * t * t
 
 
 def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -334,7 +356,7 @@ class MaskPrune:
         self._effective(zg, zh, zf)
         with autocast(cfg.bf16):
             logits = self.model(ids).logits
-        kd = kd_loss(logits, teacher, cfg.temperature) if teacher is not None else torch.zeros(())
+        kd = kd_loss(logits, teacher, cfg.temperature, cfg.kd_chunk) if teacher is not None else torch.zeros(())
         lm = lm_loss(logits, ids) if (cfg.lm_weight or teacher is None) else torch.zeros(())
         loss = kd + (cfg.lm_weight if teacher is not None else 1.0) * lm
         self.opt.zero_grad(set_to_none=True)

@@ -14,7 +14,8 @@ weights replicated) or FSDP (weights, LoRA and optimiser states sharded) workers
   (``--grad-checkpointing``) only each layer's input hidden state is kept, plus one layer's
   tensors and their gradients while it is recomputed in the backward pass;
 * logits: student and teacher logits, both log-softmaxes and the KD terms, and the gradient:
-  about 8 fp32 copies of ``tokens x vocab``;
+  about 8 fp32 copies of ``tokens x vocab``; with the KD loss in checkpointed chunks
+  (``kd_chunk``) 3 full copies (both logits, the gradient) and 5 of ``chunk x vocab``;
 * runtime: a fixed allowance for the framework (CUDA context and allocator slack on GPU, about
   0.5 GiB; thread pools and oneDNN buffers on CPU, about 0.1 GiB).
 * teacher: mask learning reuses the student's weights with adapters disabled (no copy); recovery
@@ -44,6 +45,7 @@ class PlanInput:
     recovery_teacher: str = "memory"
     runtime_bytes: float = 0.5 * GIB
     checkpointing: bool = False
+    kd_chunk: int | None = 2048
 
 
 def lora_params(d: Dims, r: int, t: Target | None = None) -> int:
@@ -71,7 +73,8 @@ def estimate(d: Dims, p: PlanInput, phase: str = "mask", target: Target | None =
     masks = 16 * d.num_layers * (d.num_kv_heads + d.num_heads + d.intermediate_size) if phase == "mask" else 0
     tokens = p.batch_size * p.seq_len / p.gpus
     acts = tokens * activation_values_per_token(d, student, p.checkpointing) * p.dtype_bytes
-    logits = 8 * tokens * d.vocab_size * 4
+    chunk = tokens if p.kd_chunk is None else min(tokens, p.kd_chunk)
+    logits = (3 * tokens + 5 * chunk) * d.vocab_size * 4
     teacher = 0.0
     if phase == "recovery" and p.recovery_teacher == "memory":
         teacher = total_params(d) * p.dtype_bytes / shard

@@ -46,6 +46,8 @@ class RecoveryConfig:
     """"memory": the dense model stays loaded; "cache": its top-k logits are cached to disk."""
     cache_topk: int = 64
     bf16: bool = True
+    kd_chunk: int | None = 2048
+    """Tokens per checkpointed chunk of the KD loss (see MaskPruneConfig)."""
     grad_checkpointing: bool = False
     """Recompute decoder-layer activations in the backward pass (see MaskPruneConfig)."""
 
@@ -138,7 +140,7 @@ def recover(student: Any, blocks: torch.Tensor, cfg: RecoveryConfig, teacher: An
         elif cfg.kd:
             with torch.no_grad(), autocast(cfg.bf16):
                 t_logits = teacher(ids).logits
-            loss_kd = kd_loss(logits, t_logits, cfg.temperature)
+            loss_kd = kd_loss(logits, t_logits, cfg.temperature, cfg.kd_chunk)
         loss_lm = lm_loss(logits, ids) if (cfg.lm_weight or not cfg.kd) else torch.zeros(())
         loss = loss_kd + (cfg.lm_weight if cfg.kd else 1.0) * loss_lm
         opt.zero_grad(set_to_none=True)

@@ -96,3 +96,20 @@ def test_straight_through_binary_runs_the_exact_structure():
     assert torch.equal(out.detach(), hard)
     (out * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
     assert torch.equal(soft.grad, torch.tensor([1.0, 2.0, 3.0]))
+
+
+def test_chunked_kd_loss_equals_the_whole_one():
+    from mptool.maskprune import kd_loss
+
+    g = torch.Generator().manual_seed(0)
+    teacher = torch.randn(3, 50, 97, generator=g)
+    grads = []
+    for chunk in (None, 16, 7):
+        student = torch.randn(3, 50, 97, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+        loss = kd_loss(student, teacher, 2.0, chunk)
+        loss.backward()
+        grads.append((loss.detach(), student.grad))
+    for loss, grad in grads[1:]:
+        assert torch.allclose(loss, grads[0][0], rtol=1e-6)
+        assert torch.allclose(grad, grads[0][1], atol=1e-8)
+    assert grads[0][0] > 0.1  # a real divergence, not zero

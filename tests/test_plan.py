@@ -24,23 +24,24 @@ def rss():
     return int(open("/proc/self/statm").read().split()[1]) * 4096
 base = rss()
 gc = sys.argv[1] == "1"
+chunk = int(sys.argv[2]) or None
 from conftest import tiny_model
 model = tiny_model("llama", hidden_size=512, num_hidden_layers=4, num_attention_heads=8,
                    num_key_value_heads=4, head_dim=64, intermediate_size=1536, vocab_size=8192)
 d = Dims.from_config(model.config)
 blocks = torch.randint(3, 8192, (8, 256))
 mp = MaskPrune(model, blocks, MaskPruneConfig(steps=3, batch_size=4, bf16=False, checkpoint_every=0,
-               init="ones", grad_checkpointing=gc), budget=0.5 * prunable_params(d, d.dense_target()))
+               init="ones", grad_checkpointing=gc, kd_chunk=chunk), budget=0.5 * prunable_params(d, d.dense_target()))
 mp.run()
 peak = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) * 1024  # per-mm: not inherited across exec
 print(json.dumps({"delta": peak - base, "config": model.config.to_dict()}))
 """
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_estimate_matches_measured_peak(tmp_path, checkpointing):
-    out = subprocess.run([sys.executable, "-c", CHILD, str(int(checkpointing))], capture_output=True, text=True,
-                         timeout=600)
+@pytest.mark.parametrize("checkpointing,kd_chunk", [(False, 0), (True, 0), (False, 128)])
+def test_estimate_matches_measured_peak(tmp_path, checkpointing, kd_chunk):
+    out = subprocess.run([sys.executable, "-c", CHILD, str(int(checkpointing)), str(kd_chunk)],
+                         capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     data = json.loads(out.stdout.strip().splitlines()[-1])
     from transformers import LlamaConfig
@@ -48,7 +49,8 @@ def test_estimate_matches_measured_peak(tmp_path, checkpointing):
     d = Dims.from_config(LlamaConfig(**{k: v for k, v in data["config"].items()
                                         if k not in ("architectures", "transformers_version", "model_type")}))
     est = estimate(d, PlanInput(batch_size=4, seq_len=256, lora_r=8, dtype_bytes=4,
-                                runtime_bytes=0.1 * 1024 ** 3, checkpointing=checkpointing), "mask")
+                                runtime_bytes=0.1 * 1024 ** 3, checkpointing=checkpointing,
+                                kd_chunk=kd_chunk or None), "mask")
     ratio = est["per_device_bytes"] / data["delta"]
     assert 1 - MARGIN <= ratio <= 1 + MARGIN, (ratio, est["parts"], data["delta"])
 
