@@ -28,6 +28,8 @@ def init_from_env() -> None:
     """Join the process group torchrun describes in the environment (no-op for one process)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":  # one GPU per process: nccl and FSDP use the current device
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
         dist.init_process_group(backend=backend)
 
 
