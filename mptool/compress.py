@@ -45,6 +45,8 @@ def validate(cfg: CompressConfig) -> None:
             problems.append(f"--{name.replace('_', '-')} {value} must be >= 1")
     if cfg.sharding not in ("ddp", "fsdp"):
         problems.append(f"--sharding {cfg.sharding!r} is not one of ddp, fsdp")
+    if cfg.dtype not in ("float32", "bfloat16"):
+        problems.append(f"--dtype {cfg.dtype!r} is not one of float32, bfloat16")
     if cfg.device not in ("auto", "cpu", "cuda"):
         problems.append(f"--device {cfg.device!r} is not one of auto, cpu, cuda")
     if not cfg.tp or any(t < 1 for t in cfg.tp):
@@ -165,9 +167,10 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
     from mptool.data import eval_token_stream, token_blocks
     from mptool.models import load_model
 
-    D.init_from_env()
-    main = D.is_main()
     validate(cfg)
+    D.init_from_env(cfg.device)
+    main = D.is_main()
+    weights_dtype = getattr(torch, cfg.dtype)
     dev = D.device(cfg.device)
     sharded = D.sharded(cfg.sharding)
     # under FSDP the weights stay on the CPU until FSDP moves each process's shard to the device;
@@ -178,7 +181,7 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
     texts, eval_text, eval_name = load_texts_for(cfg.data)
     fixed, budget = plan_target(cfg, model_dims(cfg.model, cfg.trust_remote_code))
     with console.status("loading model"):
-        model, tokenizer = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
+        model, tokenizer = load_model(cfg.model, dtype=weights_dtype, trust_remote_code=cfg.trust_remote_code)
     if not sharded:
         model.to(dev)
     d = Dims.from_config(model.config)
@@ -215,7 +218,7 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
             scores = score(model, "wanda-sp", o_stats, d_stats)
         trainer = MaskPrune(model, blocks, mask_cfg, target=fixed, budget=budget, tp=tuple(cfg.tp),
                             ffn_multiple=cfg.ffn_multiple, init_scores=scores, seed=cfg.seed,
-                            sharding=cfg.sharding)
+                            sharding=cfg.sharding, device=dev)
         trainer.extra_files = {"compress-config.yaml": yaml.safe_dump(to_dict(cfg), sort_keys=False)}
         if resume:
             trainer.load_checkpoint(ckpt)
@@ -228,7 +231,7 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
             advance(trainer.state.step)
             history = trainer.run(metrics, ckpt, progress=advance)
         pruned, keeps = trainer.finish(
-            reload=lambda: load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)[0])
+            reload=lambda: load_model(cfg.model, dtype=weights_dtype, trust_remote_code=cfg.trust_remote_code)[0])
         history = _read_jsonl(metrics) or history
         extra["maskprune"] = {
             "steps": trainer.state.step, "tokens": trainer.state.tokens,
@@ -252,7 +255,7 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
             extra["before_recovery"] = measure_ppl(pruned, eval_ids, protocol, "pruned, before recovery", dev)
         t0 = time.perf_counter()
         if cfg.method == "maskprune":  # the trainer merged into the dense weights: reload the teacher
-            model = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)[0]
+            model = load_model(cfg.model, dtype=weights_dtype, trust_remote_code=cfg.trust_remote_code)[0]
         with step(f"recovery (LoRA + KD, teacher in {rec_cfg.teacher})", total=rec_cfg.steps) as advance:
             pruned, rec_history = recover(pruned, blocks, rec_cfg, teacher=model,
                                           cache_path=ckpt_parent / "teacher-topk.safetensors",

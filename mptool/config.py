@@ -103,6 +103,9 @@ class CompressConfig:
     seed: int = 0
     trust_remote_code: bool = False
     """Allow custom model code from the model folder or hub (only when you trust it)."""
+    dtype: str = "float32"
+    """Dtype the weights are held, trained against and written in: float32, or bfloat16 (half the
+    weight memory, e.g. on GPUs; LoRA and masks stay fp32, merged into bf16 weights)."""
     device: str = "auto"
     """Where training and evaluation run: auto (cuda:LOCAL_RANK when a GPU is there, else cpu), cpu, cuda."""
     sharding: str = "ddp"

@@ -24,10 +24,11 @@ import torch.distributed as dist
 from mptool.errors import MptoolError
 
 
-def init_from_env() -> None:
-    """Join the process group torchrun describes in the environment (no-op for one process)."""
+def init_from_env(device_choice: str = "auto") -> None:
+    """Join the process group torchrun describes in the environment (no-op for one process):
+    nccl when this run uses GPUs, gloo on the CPU."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = "nccl" if device(device_choice).type == "cuda" else "gloo"
         if backend == "nccl":  # one GPU per process: nccl and FSDP use the current device
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
         dist.init_process_group(backend=backend)
@@ -152,6 +153,10 @@ def load_full_state(model: torch.nn.Module, opt: torch.optim.Optimizer | None,
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                          set_optimizer_state_dict)
 
-    set_model_state_dict(model, params, options=StateDictOptions(full_state_dict=True, strict=False))
+    result = set_model_state_dict(model, params, options=StateDictOptions(full_state_dict=True, strict=False))
+    if result.unexpected_keys:  # strict=False is for the frozen base weights, not for unknown tensors
+        raise MptoolError(f"checkpoint holds {len(result.unexpected_keys)} tensors this model does not have "
+                          f"(e.g. {sorted(result.unexpected_keys)[0]}); was it written for another model "
+                          "or mptool version?")
     if opt is not None and opt_state is not None:
         set_optimizer_state_dict(model, opt, opt_state, options=StateDictOptions(full_state_dict=True))

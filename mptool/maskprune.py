@@ -135,9 +135,10 @@ class MaskState:
                                                "mg", "mh", "mf")}
 
 
-def autocast(enabled: bool) -> Any:
-    """bf16 autocast on CPU (a no-op context when disabled)."""
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
+def autocast(enabled: bool, device: torch.device | str = "cpu") -> Any:
+    """bf16 autocast on ``device``'s type, cpu or cuda (a no-op context when disabled)."""
+    kind = device.type if isinstance(device, torch.device) else str(device).split(":")[0]
+    return torch.autocast(kind, dtype=torch.bfloat16, enabled=enabled)
 
 
 def enable_grad_checkpointing(model: Any) -> None:
@@ -184,7 +185,8 @@ class MaskPrune:
     def __init__(self, model: Any, blocks: torch.Tensor, cfg: MaskPruneConfig, *,
                  target: Target | None = None, budget: float | None = None,
                  tp: tuple[int, ...] = (1,), ffn_multiple: int = 64,
-                 init_scores: Any = None, seed: int = 0, sharding: str = "ddp") -> None:
+                 init_scores: Any = None, seed: int = 0, sharding: str = "ddp",
+                 device: torch.device | None = None) -> None:
         """Wrap ``model`` with LoRA and mask hooks.
 
         Under ``sharding="fsdp"`` with several processes the LoRA model is sharded with FSDP2
@@ -237,7 +239,7 @@ class MaskPrune:
         self.sharded = D.sharded(sharding)
         if self.sharded:
             D.fsdp_wrap(self.model, adapter.decoder_layers(self.model.base_model.model))
-        self.device = D.device() if self.sharded else next(model.parameters()).device
+        self.device = device or (D.device() if self.sharded else next(model.parameters()).device)
         self.lora_params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.lora_params, lr=cfg.lr_lora, weight_decay=0.0)
 
@@ -314,7 +316,7 @@ class MaskPrune:
         probe = self.blocks[: self.cfg.batch_size].to(self.device)
         was_training = self.model.training
         self.model.eval()
-        with torch.no_grad(), autocast(self.cfg.bf16):
+        with torch.no_grad(), autocast(self.cfg.bf16, self.device):
             self._masks_on = False
             with self.model.disable_adapter():
                 teacher = self.model(probe).logits
@@ -327,7 +329,9 @@ class MaskPrune:
                     self._set_masks(gmask, (hmask > 0).float(), fmask)
                 else:
                     self._set_masks(gmask * st.zg, (hmask > 0).float() * st.zh, fmask * st.zf)
-                scores[t] = kd_loss(self.model(probe).logits, teacher, self.cfg.temperature).item()
+                # averaged over ranks: every rank must fix the same shape
+                scores[t] = D.mean(kd_loss(self.model(probe).logits, teacher, self.cfg.temperature,
+                                           self.cfg.kd_chunk).item())
         self.model.train(was_training)
         best = min(scores, key=scores.get)
         st.snapped = [best.kv_heads, best.heads_per_group, best.ffn]
@@ -348,13 +352,13 @@ class MaskPrune:
         teacher = None
         if cfg.kd_distill:
             self._masks_on = False
-            with torch.no_grad(), self.model.disable_adapter(), autocast(cfg.bf16):
+            with torch.no_grad(), self.model.disable_adapter(), autocast(cfg.bf16, self.device):
                 teacher = self.model(ids).logits
             self._masks_on = True
         zg, zh, zf = (st.zg.clone().requires_grad_(True), st.zh.clone().requires_grad_(True),
                       st.zf.clone().requires_grad_(True))
         self._effective(zg, zh, zf)
-        with autocast(cfg.bf16):
+        with autocast(cfg.bf16, self.device):
             logits = self.model(ids).logits
         kd = kd_loss(logits, teacher, cfg.temperature, cfg.kd_chunk) if teacher is not None else torch.zeros(())
         lm = lm_loss(logits, ids) if (cfg.lm_weight or teacher is None) else torch.zeros(())

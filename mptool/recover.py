@@ -66,7 +66,7 @@ def cache_teacher(teacher: Any, blocks: torch.Tensor, batch_size: int, k: int, p
 
     values, index = [], []
     dev = next(teacher.parameters()).device
-    with torch.no_grad(), autocast(bf16):
+    with torch.no_grad(), autocast(bf16, dev):
         for start in range(0, len(blocks), batch_size):
             logits = teacher(blocks[start:start + batch_size].to(dev)).logits.float()
             top = logits.topk(k, dim=-1)
@@ -114,6 +114,8 @@ def recover(student: Any, blocks: torch.Tensor, cfg: RecoveryConfig, teacher: An
             cache_path = cache_path.with_name(f"{cache_path.stem}-rank{D.rank()}{cache_path.suffix}")
         cache_teacher(teacher, blocks[:n_blocks], cfg.batch_size, cfg.cache_topk, cache_path, cfg.bf16)
         cached = load_file(str(cache_path))
+        if not sharded:
+            teacher.cpu()  # its logits are cached: free the device for the student
     if sharded:
         cpu_copy = copy.deepcopy(student).cpu()  # the sharded student holds a shard only
         model = _with_lora(student, lora_config, seed)
@@ -130,7 +132,7 @@ def recover(student: Any, blocks: torch.Tensor, cfg: RecoveryConfig, teacher: An
         t0 = time.perf_counter()
         idx = [(step * cfg.batch_size + i) % len(blocks) for i in range(cfg.batch_size)]
         ids = D.shard(blocks[idx]).to(dev)
-        with autocast(cfg.bf16):
+        with autocast(cfg.bf16, dev):
             logits = model(ids).logits
         loss_kd = torch.zeros(())
         if cfg.kd and cached is not None:
@@ -138,7 +140,7 @@ def recover(student: Any, blocks: torch.Tensor, cfg: RecoveryConfig, teacher: An
             loss_kd = _topk_kd(logits, cached["values"][mine].to(dev), cached["index"][mine].to(dev),
                                cfg.temperature)
         elif cfg.kd:
-            with torch.no_grad(), autocast(cfg.bf16):
+            with torch.no_grad(), autocast(cfg.bf16, dev):
                 t_logits = teacher(ids).logits
             loss_kd = kd_loss(logits, t_logits, cfg.temperature, cfg.kd_chunk)
         loss_lm = lm_loss(logits, ids) if (cfg.lm_weight or not cfg.kd) else torch.zeros(())

@@ -278,3 +278,19 @@ def test_the_documented_recipe_is_the_defaults():
     path = Path(__file__).parent.parent / "recipes" / "maskprune.yaml"
     assert yaml.safe_load(path.read_text()) == to_dict(CompressConfig())
     assert load_config(CompressConfig, path) == CompressConfig()
+
+
+def test_bf16_weights_give_a_bf16_uniform_checkpoint(tiny_dir, text_file, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "o"
+    res = run("compress", tiny_dir, "--ratio", "0.5", "--max-steps", "4", "--dtype", "bfloat16",
+              *small(text_file), "--ffn-multiple", "32", "--out", out)
+    assert res.exit_code == 0, res.output
+    weights = load_file(str(out / "model.safetensors"))
+    assert {t.dtype for t in weights.values()} == {torch.bfloat16}
+    report = json.loads((out / "report.json").read_text())
+    assert report["pruned"]["prunable_kept"] <= 0.5 + 1e-9
+    ffn = {t.shape[0] for k, t in weights.items() if k.endswith("up_proj.weight")}
+    assert len(ffn) == 1  # uniform
+    assert report["pruned"]["perplexity"]["ppl"] < 10 * report["dense"]["perplexity"]["ppl"]
