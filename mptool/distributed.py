@@ -15,6 +15,7 @@ number of processes and either sharding. Only rank 0 writes checkpoints and outp
 
 from __future__ import annotations
 
+import datetime
 import os
 from typing import Iterable
 
@@ -31,7 +32,8 @@ def init_from_env(device_choice: str = "auto") -> None:
         backend = "nccl" if device(device_choice).type == "cuda" else "gloo"
         if backend == "nccl":  # one GPU per process: nccl and FSDP use the current device
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-        dist.init_process_group(backend=backend)
+        # rank 0 evaluates and writes alone while the others wait at a barrier: allow for it
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(hours=2))
 
 
 SHARDINGS = ("ddp", "fsdp")
