@@ -222,8 +222,10 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
         trainer.extra_files = {"compress-config.yaml": yaml.safe_dump(to_dict(cfg), sort_keys=False)}
         if resume:
             trainer.load_checkpoint(ckpt)
-            kept = [r for r in _read_jsonl(metrics) if r.get("step", 0) <= trainer.state.step]
-            metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            if main:  # one writer; the others wait so that nobody appends before the rewrite
+                kept = [r for r in _read_jsonl(metrics) if r.get("step", 0) <= trainer.state.step]
+                metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            D.barrier()
             console.print(f"resumed from {ckpt} at step {trainer.state.step}")
         elif main:
             metrics.unlink(missing_ok=True)
