@@ -18,6 +18,8 @@ weights replicated) or FSDP (weights, LoRA and optimiser states sharded) workers
   (``kd_chunk``) 3 full copies (both logits, the gradient) and 5 of ``chunk x vocab``;
 * runtime: a fixed allowance for the framework (CUDA context and allocator slack on GPU, about
   0.5 GiB; thread pools and oneDNN buffers on CPU, about 0.1 GiB).
+* FSDP gathering: a sharded process still holds whole parameters while they compute: the root
+  unit (embedding and LM head) through the step, and a decoder layer plus the next one prefetched;
 * teacher: mask learning reuses the student's weights with adapters disabled (no copy); recovery
   keeps the dense model too (``teacher="memory"``) unless its logits are cached.
 
@@ -69,6 +71,12 @@ def estimate(d: Dims, p: PlanInput, phase: str = "mask", target: Target | None =
     shard = p.gpus if p.sharding == "fsdp" else 1
     student = target if phase == "recovery" else None
     weights = total_params(d, student) * p.dtype_bytes / shard
+    gathered = 0.0
+    if shard > 1:  # FSDP: the root unit whole, and two decoder layers whole at a time
+        t = student or d.dense_target()
+        root = d.vocab_size * d.hidden_size * (1 if d.tied else 2)
+        layer = (total_params(d, t) - root) / d.num_layers
+        gathered = (root + 2 * layer) * p.dtype_bytes * (1 - 1 / shard)
     lora = 16 * lora_params(d, p.lora_r, student) / shard
     masks = 16 * d.num_layers * (d.num_kv_heads + d.num_heads + d.intermediate_size) if phase == "mask" else 0
     tokens = p.batch_size * p.seq_len / p.gpus
@@ -78,7 +86,7 @@ def estimate(d: Dims, p: PlanInput, phase: str = "mask", target: Target | None =
     teacher = 0.0
     if phase == "recovery" and p.recovery_teacher == "memory":
         teacher = total_params(d) * p.dtype_bytes / shard
-    parts = {"weights": weights, "lora_and_optimizer": lora, "masks": masks, "activations": acts,
+    parts = {"weights": weights, "fsdp_gathered": gathered, "lora_and_optimizer": lora, "masks": masks, "activations": acts,
              "logits": logits, "teacher": teacher, "runtime": p.runtime_bytes}
     return {"phase": phase, "per_device_bytes": sum(parts.values()), "parts": parts, "input": asdict(p)}
 
@@ -129,12 +137,12 @@ def print_plan(model: str | None, gpus: list[int], gpu_mem_gib: float, base: Pla
                         f"LoRA r={base.lora_r}, {base.dtype_bytes}-byte weights, {gpu_mem_gib:g} GiB GPUs, "
                         f"activation checkpointing {'on' if base.checkpointing else 'off'}; "
                         f"recovery student: {shape}")
-    for col in ("GPUs", "sharding", "phase", "weights", "LoRA+opt", "activations", "logits", "teacher",
-                "total", "fits"):
+    for col in ("GPUs", "sharding", "phase", "weights", "gathered", "LoRA+opt", "activations", "logits",
+                "teacher", "total", "fits"):
         table.add_column(col, justify="right")
     for r in rows:
         p = r["parts_gib"]
-        table.add_row(str(r["gpus"]), r["sharding"], r["phase"], f"{p['weights']:.1f}",
+        table.add_row(str(r["gpus"]), r["sharding"], r["phase"], f"{p['weights']:.1f}", f"{p['fsdp_gathered']:.1f}",
                       f"{p['lora_and_optimizer']:.2f}", f"{p['activations']:.1f}", f"{p['logits']:.1f}",
                       f"{p['teacher']:.1f}", f"{r['per_gpu_gib']:.1f}", "yes" if r["fits"] else "no")
     Console(width=140).print(table)

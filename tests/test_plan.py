@@ -129,3 +129,16 @@ def test_plan_needs_only_a_config_and_checkpointing_cuts_activations(tmp_path):
     assert abs(acts - 8 * 2048 * 32 * (8 * 4096 + 5 * 4096 + 4 * 1024 + 5 * 14336) * 2 / 1024 ** 3) < 0.1
     assert acts_ckpt < acts / 5
     assert ckpt["fsdp", "mask"]["parts_gib"]["weights"] == plain["fsdp", "mask"]["parts_gib"]["weights"]
+
+
+def test_fsdp_counts_the_gathered_root_and_two_layers():
+    d = Dims(model_type="llama", hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
+             head_dim=128, intermediate_size=14336, vocab_size=128256, tied=False, qkv_bias=False,
+             o_bias=False, mlp_bias=False, qk_norm=False)  # Llama-3-8B
+    one = estimate(d, PlanInput(gpus=1, sharding="fsdp"))["parts"]["fsdp_gathered"]
+    eight = estimate(d, PlanInput(gpus=8, sharding="fsdp"))["parts"]["fsdp_gathered"]
+    ddp = estimate(d, PlanInput(gpus=8, sharding="ddp"))["parts"]["fsdp_gathered"]
+    root = 2 * 128256 * 4096
+    layer = 2 * 4096 + 4096 * (4096 + 2 * 1024 + 4096) + 3 * 4096 * 14336  # norms, q/k/v/o, MLP
+    assert one == ddp == 0.0
+    assert abs(eight - (root + 2 * layer) * 2 * 7 / 8) < 1e3
