@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import yaml
 
+from mptool import distributed as D
 from mptool.config import CompressConfig, save_config, to_dict
 from mptool.errors import MptoolError
 from mptool.evaluate import PplProtocol, perplexity
@@ -43,12 +44,12 @@ def validate(cfg: CompressConfig) -> None:
         value = getattr(cfg.target, name)
         if value is not None and value < 1:
             problems.append(f"--{name.replace('_', '-')} {value} must be >= 1")
-    if cfg.sharding not in ("ddp", "fsdp"):
-        problems.append(f"--sharding {cfg.sharding!r} is not one of ddp, fsdp")
+    if cfg.sharding not in D.SHARDINGS:
+        problems.append(f"--sharding {cfg.sharding!r} is not one of {', '.join(D.SHARDINGS)}")
     if cfg.dtype not in ("float32", "bfloat16"):
         problems.append(f"--dtype {cfg.dtype!r} is not one of float32, bfloat16")
-    if cfg.device not in ("auto", "cpu", "cuda"):
-        problems.append(f"--device {cfg.device!r} is not one of auto, cpu, cuda")
+    if cfg.device not in D.DEVICES:
+        problems.append(f"--device {cfg.device!r} is not one of {', '.join(D.DEVICES)}")
     if not cfg.tp or any(t < 1 for t in cfg.tp):
         problems.append(f"--tp {cfg.tp} must list positive tensor-parallel sizes, e.g. 1,2,4")
     for path in (cfg.data.train, cfg.data.eval):
@@ -163,7 +164,6 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
     metrics and plots. MaskPrune checkpoints every ``maskprune.checkpoint_every`` steps into
     ``<out>.ckpt``; ``resume`` continues from such a folder.
     """
-    from mptool import distributed as D
     from mptool.data import eval_token_stream, token_blocks
     from mptool.models import load_model
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 import torch.distributed as dist
@@ -37,12 +37,13 @@ def init_from_env(device_choice: str = "auto") -> None:
 
 
 SHARDINGS = ("ddp", "fsdp")
+DEVICES = ("auto", "cpu", "cuda")
 
 
 def device(choice: str = "auto") -> torch.device:
     """The compute device of this process: ``cuda:LOCAL_RANK`` when CUDA is there (and asked), else CPU."""
-    if choice not in ("auto", "cpu", "cuda"):
-        raise MptoolError(f"device {choice!r} is not one of auto, cpu, cuda")
+    if choice not in DEVICES:
+        raise MptoolError(f"device {choice!r} is not one of {', '.join(DEVICES)}")
     if choice == "cuda" and not torch.cuda.is_available():
         raise MptoolError("device 'cuda' was asked for but torch sees no CUDA GPU; use --device cpu or auto")
     if choice == "cpu" or not torch.cuda.is_available():
@@ -130,6 +131,30 @@ def fsdp_wrap(model: torch.nn.Module, layers: Iterable[torch.nn.Module]) -> None
     for layer in layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
+
+
+def place(model: torch.nn.Module, layers: Iterable[torch.nn.Module], is_sharded: bool,
+          dev: torch.device) -> None:
+    """Shard ``model`` over the ranks (FSDP, onto each rank's device) or move it whole to ``dev``."""
+    if is_sharded:
+        fsdp_wrap(model, layers)
+    else:
+        model.to(dev)
+
+
+def unsharded_lora(sharded_model: torch.nn.Module, plain: torch.nn.Module, lora_config: Any) -> Any:
+    """``plain`` (whole base weights) with the LoRA weights gathered from ``sharded_model``.
+
+    A collective under FSDP: every rank calls it and gets the same peft model, ready to merge.
+    The throwaway LoRA initialisation does not move the RNG streams on.
+    """
+    from peft import get_peft_model
+
+    lora = full_trainable(sharded_model)
+    with torch.random.fork_rng(devices=[]):
+        model = get_peft_model(plain, lora_config)
+    load_full_state(model, None, lora, None)
+    return model
 
 
 def full_trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -137,8 +137,7 @@ class MaskState:
 
 def autocast(enabled: bool, device: torch.device | str = "cpu") -> Any:
     """bf16 autocast on ``device``'s type, cpu or cuda (a no-op context when disabled)."""
-    kind = device.type if isinstance(device, torch.device) else str(device).split(":")[0]
-    return torch.autocast(kind, dtype=torch.bfloat16, enabled=enabled)
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def enable_grad_checkpointing(model: Any) -> None:
@@ -500,8 +499,6 @@ class MaskPrune:
         needs ``reload()`` (a fresh dense model: the base weights are frozen, so this is exact)
         and merges the gathered LoRA into that; every rank gets the same plain model.
         """
-        from peft import get_peft_model
-
         from mptool.surgery import materialize
 
         keeps = self.keeps()
@@ -509,12 +506,7 @@ class MaskPrune:
         if self.sharded:
             if reload is None:
                 raise ValueError("a sharded trainer needs reload() to rebuild the dense weights")
-            lora = D.full_trainable(self.model)
-            with torch.random.fork_rng(devices=[]):  # loading must not move the RNG streams on
-                fresh = reload().cpu()
-            model = get_peft_model(fresh, self.lora_config)
-            D.load_full_state(model, None, lora, None)
-            self.model = model
+            self.model = D.unsharded_lora(self.model, reload().cpu(), self.lora_config)
         base = self.model.merge_and_unload().cpu()
         if self.cfg.forward == "scaled" or not self._hard():  # the binary forward ran kept units at scale 1
             self._fold(base)

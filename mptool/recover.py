@@ -87,7 +87,7 @@ def recover(student: Any, blocks: torch.Tensor, cfg: RecoveryConfig, teacher: An
     sharded onto it under FSDP; the merged model comes back on the CPU. The LoRA initialisation
     depends on ``seed`` only (not on what ran before), so every rank and every sharding starts alike.
     """
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
     if cfg.teacher not in ("memory", "cache"):
         raise ValueError(f"teacher must be 'memory' or 'cache', got {cfg.teacher!r}")
@@ -101,10 +101,7 @@ def recover(student: Any, blocks: torch.Tensor, cfg: RecoveryConfig, teacher: An
     lora_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
                              target_modules=[getattr(adapter, n) for n in LORA_TARGETS])
     if cfg.kd and teacher is not None:  # the dense teacher, sharded like the student or moved to its device
-        if sharded:
-            D.fsdp_wrap(teacher, adapter.decoder_layers(teacher))
-        else:
-            teacher.to(dev)
+        D.place(teacher, adapter.decoder_layers(teacher), sharded, dev)
     cached = None
     if cfg.kd and cfg.teacher == "cache":
         from safetensors.torch import load_file
@@ -116,12 +113,9 @@ def recover(student: Any, blocks: torch.Tensor, cfg: RecoveryConfig, teacher: An
         cached = load_file(str(cache_path))
         if not sharded:
             teacher.cpu()  # its logits are cached: free the device for the student
-    if sharded:
-        cpu_copy = copy.deepcopy(student).cpu()  # the sharded student holds a shard only
-        model = _with_lora(student, lora_config, seed)
-        D.fsdp_wrap(model, adapter.decoder_layers(model.base_model.model))
-    else:
-        model = _with_lora(student.to(dev), lora_config, seed)
+    cpu_copy = copy.deepcopy(student).cpu() if sharded else None  # a sharded student holds a shard only
+    model = _with_lora(student, lora_config, seed)
+    D.place(model, adapter.decoder_layers(model.base_model.model), sharded, dev)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     history, tokens = [], 0
@@ -161,9 +155,7 @@ def recover(student: Any, blocks: torch.Tensor, cfg: RecoveryConfig, teacher: An
             progress(1, info=f"loss {row['loss']:.4f}")
     model.eval()
     if sharded:
-        lora = D.full_trainable(model)
-        model = get_peft_model(cpu_copy, lora_config)
-        D.load_full_state(model, None, lora, None)
+        model = D.unsharded_lora(model, cpu_copy, lora_config)
     merged = model.merge_and_unload().cpu()
     for p in merged.parameters():
         p.requires_grad_(False)
