@@ -62,11 +62,11 @@ class MaskPruneConfig:
     mask_beta: float = 0.9
     """Momentum of the mask gradient (EMA, bias-corrected) before the step: averages the noise of
     small batches so that masks move on consistent evidence only. 0: the raw gradient."""
-    lr_lora: float = 3e-4
+    lr_lora: float = 2e-3
     lora_r: int = 8
     lora_alpha: int = 16
-    temperature: float = 2.0
-    lm_weight: float = 0.0
+    temperature: float = 1.0
+    lm_weight: float = 0.5
     """Weight of the next-token loss added to the KD loss."""
     dual: str = "ascent"
     """Multiplier update. "ascent": projected dual ascent y <- max(0, y + rho * violation).

@@ -34,11 +34,11 @@ class RecoveryConfig:
     max_tokens: int | None = None
     """Token budget: stop once this many training tokens were seen."""
     batch_size: int = 4
-    lr: float = 5e-4
+    lr: float = 2e-3
     lora_r: int = 16
     lora_alpha: int = 32
-    temperature: float = 2.0
-    lm_weight: float = 0.0
+    temperature: float = 1.0
+    lm_weight: float = 0.5
     """Weight of the next-token loss added to KD."""
     kd: bool = True
     """Ablation: False fine-tunes with the LM loss only (no teacher)."""
