@@ -48,6 +48,8 @@ def validate(cfg: CompressConfig) -> None:
         problems.append(f"--sharding {cfg.sharding!r} is not one of {', '.join(D.SHARDINGS)}")
     if cfg.dtype not in ("float32", "bfloat16"):
         problems.append(f"--dtype {cfg.dtype!r} is not one of float32, bfloat16")
+    if cfg.maskprune.select not in ("learned", "wanda-sp"):
+        problems.append(f"maskprune.select {cfg.maskprune.select!r} is not one of learned, wanda-sp")
     if cfg.device not in D.DEVICES:
         problems.append(f"--device {cfg.device!r} is not one of {', '.join(D.DEVICES)}")
     if not cfg.tp or any(t < 1 for t in cfg.tp):
@@ -234,6 +236,14 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
             history = trainer.run(metrics, ckpt, progress=advance)
         pruned, keeps = trainer.finish(
             reload=lambda: load_model(cfg.model, dtype=weights_dtype, trust_remote_code=cfg.trust_remote_code)[0])
+        if mask_cfg.select == "wanda-sp":  # keep MaskPrune's shape, cut the dense weights by wanda-sp
+            from mptool.baselines import select
+
+            dense = load_model(cfg.model, dtype=weights_dtype, trust_remote_code=cfg.trust_remote_code)[0].to(dev)
+            shape = keeps[0].target()
+            keeps = select(scores, shape) if scores is not None else one_shot_keeps(dense, "wanda-sp", calib, shape)
+            pruned = materialize(dense.cpu(), keeps)
+            del dense
         history = _read_jsonl(metrics) or history
         extra["maskprune"] = {
             "steps": trainer.state.step, "tokens": trainer.state.tokens,

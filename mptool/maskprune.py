@@ -90,6 +90,11 @@ class MaskPruneConfig:
     mask scores; nothing to fold); "scaled" runs top-k x mask value (values folded at the end)."""
     init: str = "wanda-sp"
     """Mask initialisation: "wanda-sp" (one-shot scores, rank-linear in [0.5, 1]) or "ones"."""
+    select: str = "learned"
+    """Which units are kept at the final target: "learned" (the top-k of the learned masks, with
+    the trained LoRA merged) or "wanda-sp" (MaskPrune decides the shape only; the units are the
+    one-shot wanda-sp ranking of the dense weights at that shape, LoRA dropped; recovery then
+    starts from there). At the CPU budget "wanda-sp" measured better (docs/maskprune.md)."""
     checkpoint_every: int = 20
     """Save a resumable checkpoint every N steps (0: never)."""
     kd_distill: bool = True

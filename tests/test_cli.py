@@ -81,6 +81,32 @@ def maskprune_args(text_file: Path, tmp_path: Path) -> list[str]:
     return [*small(text_file)[:-2], "--ratio", "0.5", "--ffn-multiple", "32", "--config", str(recipe)]
 
 
+def test_maskprune_select_wanda_sp_keeps_the_shape_and_cuts_the_dense_weights(tiny_dir, text_file, tmp_path):
+    """select: wanda-sp = MaskPrune's learned shape, cut from the dense weights by wanda-sp: the
+    same checkpoint, tensor for tensor, as the one-shot method at that shape."""
+    from safetensors.torch import load_file
+
+    recipe = tmp_path / "sel.yaml"
+    recipe.write_text("maskprune:\n  steps: 6\n  batch_size: 2\n  checkpoint_every: 0\n  lr_mask: 0.2\n"
+                      "  select: wanda-sp\n")
+    mp, one = tmp_path / "mp", tmp_path / "one"
+    res = run("compress", tiny_dir, *small(text_file), "--ratio", "0.5", "--ffn-multiple", "32",
+              "--config", recipe, "--out", mp)
+    assert res.exit_code == 0, res.output
+    t = json.loads((mp / "report.json").read_text())["pruned"]
+    res = run("compress", tiny_dir, "--method", "wanda-sp", "--kv-heads", t["kv_heads"], "--heads-per-group",
+              t["heads_per_group"], "--ffn", t["ffn"], *small(text_file), "--out", one)
+    assert res.exit_code == 0, res.output
+    assert json.loads((mp / "keeps.json").read_text()) == json.loads((one / "keeps.json").read_text())
+    a, b = load_file(mp / "model.safetensors"), load_file(one / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("maskprune:\n  select: best\n")
+    res = run("compress", tiny_dir, *small(text_file), "--config", bad, "--out", tmp_path / "never")
+    assert res.exit_code != 0 and "maskprune.select 'best' is not one of learned, wanda-sp" in res.output
+    assert not (tmp_path / "never").exists()
+
+
 def test_maskprune_is_the_default_and_reports_a_uniform_result(tiny_dir, text_file, tmp_path):
     from transformers import AutoModelForCausalLM
 
