@@ -10,8 +10,8 @@ Every method that trains gets the same number of training tokens ``T`` in all:
 
 A reference row puts the dense model itself through the same recovery: recovery's LM term
 adapts any model to the training text, so that row says how much of a recovered model's
-perplexity is adaptation rather than repair. One-shot rows use the fixed "same fraction of attention and FFN" split (their own rule) and,
-for comparison, the target MaskPrune learned at that ratio. Ablations (``--ablations``) at the
+perplexity is adaptation rather than repair. One-shot rows use the fixed "same fraction of
+attention and FFN" split (their own rule) and, for comparison, the target MaskPrune learned at that ratio. Ablations (``--ablations``) at the
 largest ratio: fixed multipliers instead of dual ascent, dual ascent with exact line search instead of
 plain projected dual ascent, and LoRA only (LM loss, no teacher) instead of LoRA +
 distillation, all with the same budget as ``maskprune + recovery``. One-shot methods at MaskPrune's

@@ -173,6 +173,10 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
     D.init_from_env(cfg.device)
     main = D.is_main()
     weights_dtype = getattr(torch, cfg.dtype)
+
+    def load_dense() -> Any:
+        return load_model(cfg.model, dtype=weights_dtype, trust_remote_code=cfg.trust_remote_code)[0]
+
     dev = D.device(cfg.device)
     sharded = D.sharded(cfg.sharding)
     # under FSDP the weights stay on the CPU until FSDP moves each process's shard to the device;
@@ -234,16 +238,17 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
         with step("mask learning", total=mask_cfg.steps) as advance:
             advance(trainer.state.step)
             history = trainer.run(metrics, ckpt, progress=advance)
-        pruned, keeps = trainer.finish(
-            reload=lambda: load_model(cfg.model, dtype=weights_dtype, trust_remote_code=cfg.trust_remote_code)[0])
-        if mask_cfg.select == "wanda-sp":  # keep MaskPrune's shape, cut the dense weights by wanda-sp
+        if mask_cfg.select == "wanda-sp":  # MaskPrune's shape only: the dense weights cut by wanda-sp
             from mptool.baselines import select
 
-            dense = load_model(cfg.model, dtype=weights_dtype, trust_remote_code=cfg.trust_remote_code)[0].to(dev)
-            shape = keeps[0].target()
-            keeps = select(scores, shape) if scores is not None else one_shot_keeps(dense, "wanda-sp", calib, shape)
-            pruned = materialize(dense.cpu(), keeps)
-            del dense
+            shape = trainer.keeps()[0].target()
+            model = load_dense()  # the trainer's model carries LoRA; this one is also recovery's teacher
+            keeps = (select(scores, shape) if scores is not None
+                     else one_shot_keeps(model.to(dev), "wanda-sp", calib, shape))
+            pruned = materialize(model.cpu(), keeps)
+        else:
+            pruned, keeps = trainer.finish(reload=load_dense)
+            model = None  # LoRA was merged into these weights: recovery reloads the dense teacher
         history = _read_jsonl(metrics) or history
         extra["maskprune"] = {
             "steps": trainer.state.step, "tokens": trainer.state.tokens,
@@ -266,8 +271,8 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
         if main:
             extra["before_recovery"] = measure_ppl(pruned, eval_ids, protocol, "pruned, before recovery", dev)
         t0 = time.perf_counter()
-        if cfg.method == "maskprune":  # the trainer merged into the dense weights: reload the teacher
-            model = load_model(cfg.model, dtype=weights_dtype, trust_remote_code=cfg.trust_remote_code)[0]
+        if model is None:
+            model = load_dense()
         with step(f"recovery (LoRA + KD, teacher in {rec_cfg.teacher})", total=rec_cfg.steps) as advance:
             pruned, rec_history = recover(pruned, blocks, rec_cfg, teacher=model,
                                           cache_path=ckpt_parent / "teacher-topk.safetensors",
