@@ -203,6 +203,7 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
 def print_summary(record: dict[str, Any]) -> None:
     """An aligned table of the checks, then where the export is and what it weighs."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from mptool.exporters.common import human_bytes
@@ -220,9 +221,9 @@ def print_summary(record: dict[str, Any]) -> None:
             table.add_row(name, f"{g['tokens_matched']} tokens matched{extra}",
                           "ties only" if g["ties"] else "identical", "ok")
         elif "skipped" in check:
-            table.add_row(name, "-", "-", f"skipped: {check['skipped']}")
+            table.add_row(name, "-", "-", escape(f"skipped: {check['skipped']}"))  # "[gpu]" is not markup
     Console(width=120).print(table)
-    Console(width=120).print(f"wrote {record['out']} ({human_bytes(record['sizes']['total_bytes'])}) "
-                             f"in {record['seconds']:.1f} s", highlight=False)
+    Console(width=120).print(escape(f"wrote {record['out']} ({human_bytes(record['sizes']['total_bytes'])}) "
+                                    f"in {record['seconds']:.1f} s"), highlight=False)
     if record["target"] == "vllm":
         Console(width=120).print(f"serve: {record['vllm']['serve_command']}", highlight=False)

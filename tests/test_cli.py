@@ -320,3 +320,31 @@ def test_bf16_weights_give_a_bf16_uniform_checkpoint(tiny_dir, text_file, tmp_pa
     ffn = {t.shape[0] for k, t in weights.items() if k.endswith("up_proj.weight")}
     assert len(ffn) == 1  # uniform
     assert report["pruned"]["perplexity"]["ppl"] < 10 * report["dense"]["perplexity"]["ppl"]
+
+
+def test_report_table_collects_compress_reports(tiny_dir, text_file, tmp_path, capsys):
+    """benchmarks/report_table.py: one row per report with its shape, tokens and perplexities;
+    anything that is not a compress report is refused with one line."""
+    from mptool.benchmarks.report_table import main as table
+
+    out = tmp_path / "mag"
+    args = [a for a in small(text_file) if a not in ("--recovery-steps", "0")]
+    res = run("compress", tiny_dir, "--method", "magnitude", "--ratio", "0.5", "--ffn-multiple", "32",
+              *args, "--recovery-steps", "3", "--out", out)
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "report.json").read_text())
+    table(["--out", str(tmp_path / "t"), str(out)])
+    rows = json.loads((tmp_path / "t.json").read_text())["rows"]
+    assert len(rows) == 1
+    r = rows[0]
+    assert r["run"] == "mag" and r["method"] == "magnitude + recovery"
+    assert r["target"] == [report["pruned"][k] for k in ("kv_heads", "heads_per_group", "ffn")]
+    assert r["ppl"] == report["pruned"]["perplexity"]["ppl"]
+    assert r["ppl_before_recovery"] == report["before_recovery"]["ppl"]
+    assert r["train_tokens"] == r["recovery_tokens"] == report["recovery"]["tokens"] > 0
+    assert f"{r['ppl']:.2f}" in (tmp_path / "t.md").read_text()
+    bogus = tmp_path / "bogus.json"
+    bogus.write_text('{"method": "x"}')
+    with pytest.raises(SystemExit) as e:
+        table(["--out", str(tmp_path / "u"), str(bogus)])
+    assert "not an mptool compress report" in str(e.value) and not (tmp_path / "u.json").exists()

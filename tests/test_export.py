@@ -520,3 +520,16 @@ def test_real_smollm2_vllm_dense_refused_on_tp2_pruned_runs_on_tp2(smollm2_prune
     assert check["greedy"]["identical"] and check["greedy"]["tokens_matched"] == 48, check
     assert check["greedy"]["logprob_max_abs_diff"] < 0.01
     assert "TP=2 ./serve.sh" in (out / "SERVE.md").read_text()
+
+
+def test_summary_prints_brackets_as_text(capsys):
+    """A skip reason such as "pip install 'mptool[gpu]'" is text, not rich markup (a GPU run once
+    printed "(pip install 'mptool', or )")."""
+    from mptool.exporters import print_summary
+
+    reason = "vLLM is not installed (pip install 'mptool[cpu]', or [gpu])"
+    print_summary({"target": "vllm", "dtype": "bfloat16", "parity": {"vllm_engine": {"skipped": reason}},
+                   "out": "/tmp/x[1]", "sizes": {"total_bytes": 1000}, "seconds": 1.0,
+                   "vllm": {"serve_command": "vllm serve x"}})
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "'mptool[cpu]', or [gpu])" in printed and "/tmp/x[1]" in printed
