@@ -214,6 +214,12 @@ def print_summary(record: dict[str, Any]) -> None:
     for name, check in record["parity"].items():
         if "max_abs_diff" in check:
             table.add_row(name, f"max |diff| {check['max_abs_diff']:.3g}", f"{check['bound']:.3g}", "ok")
+            if "weights" in check:
+                table.add_row(f"{name}: tensors", f"{check['weights']['identical']} identical", "all", "ok")
+            if "in_dtype" in check:
+                d = check["in_dtype"]
+                table.add_row(f"{name} in {d['dtype']}", f"max |diff| {d['max_abs_diff']:.3g}, "
+                              f"top-1 {d['top1_agreement']:.0%}", "-", "recorded")
         elif "greedy" in check or "tokens_matched" in check:
             g = check.get("greedy", check)
             extra = f", |logprob diff| {g['logprob_max_abs_diff']:.2g}" if "logprob_max_abs_diff" in g else ""

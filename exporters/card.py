@@ -80,8 +80,15 @@ def model_card(name: str, record: dict[str, Any], report: dict[str, Any] | None,
 
 def _describe_check(check: Any) -> str:
     if isinstance(check, dict) and "max_abs_diff" in check:
-        return (f"max |logit diff| {check['max_abs_diff']:.3g} <= {check['bound']:.3g} "
+        text = (f"max |logit diff| {check['max_abs_diff']:.3g} <= {check['bound']:.3g} "
                 f"(atol {check['tolerance']['atol']:g} + rtol {check['tolerance']['rtol']:g} x max |logit|)")
+        if "weights" in check:
+            text += f"; {check['weights']['identical']} written tensors identical to the source's"
+        if "in_dtype" in check:
+            d = check["in_dtype"]
+            text += (f"; computed in {d['dtype']}: max |diff| {d['max_abs_diff']:.3g} "
+                     f"({d['relative']:.1%} of max |logit|), top-1 agreement {d['top1_agreement']:.1%}")
+        return text
     if isinstance(check, dict) and "tokens_matched" in check:
         ties = f", {len(check['ties'])} tie(s)" if check.get("ties") else ""
         return (f"{check['prompts']} prompts x {check['new_tokens']} greedy tokens, "

@@ -10,8 +10,10 @@ Checks, in order:
    FFN % t. An illegal size is refused with the reason and the nearest legal shapes (of the dense
    model, when the folder has mptool's ``report.json``). vLLM itself would stop later with
    "Total number of attention heads (9) must be divisible by tensor parallel size (2)".
-2. **The written checkpoint** reloaded with transformers in the serving dtype against the fp32
-   source (:data:`mptool.exporters.hf.TOLERANCE`).
+2. **The written checkpoint**: its tensors equal the source's in the serving dtype, and reloaded
+   with transformers (weights upcast to fp32) it reproduces the logits of the source with the same
+   rounding (:data:`mptool.exporters.hf.TOLERANCE`); the difference in the serving dtype itself
+   from the fp32 source is recorded.
 3. **A real load**, where vLLM is installed: ``vllm.LLM`` on the written folder in a subprocess
    (:mod:`mptool.exporters.vllm_check`), for each requested TP size the host can run, in fp32 with
    ``enforce_eager``; its greedy tokens from random prompts must equal those of transformers
@@ -40,7 +42,7 @@ from typing import Any, Callable
 from mptool.errors import MptoolError
 from mptool.exporters.common import (Tolerance, compare_tokens, logprob_diff, random_ids, reference_greedy,
                                      special_ids)
-from mptool.exporters.hf import TOLERANCE, read_report, reload_and_compare, save_checkpoint
+from mptool.exporters.hf import TOLERANCE, read_report, reload_and_compare, rounded_reference, save_checkpoint
 
 ENGINE_DTYPE = "float32"
 ENGINE_TOLERANCE = Tolerance(atol=1e-4, rtol=1e-3)
@@ -256,11 +258,13 @@ def export(src: Any, tmp: Path, dtype: str, cfg: Any, advance: Callable[..., Non
     name = cfg.resolved_out().name
     sizes = sorted(set(cfg.tp))
     advance(0, info=PHASES[0])
+    rounded = rounded_reference(src, dtype)
     save_checkpoint(src.model, src.tokenizer, tmp, dtype, cfg.max_shard_size, src.folder)
     advance(1, info=PHASES[1])
     tol = TOLERANCE[dtype]
     checks: dict[str, Any] = {"transformers_logits": reload_and_compare(
-        tmp, dtype, src.ids, src.ref_logits, tol, f"vllm export ({dtype}) reloaded with transformers")}
+        tmp, dtype, src.ids, rounded, tol, f"vllm export ({dtype}) reloaded with transformers",
+        written=src.model, fp32_ref=src.ref_logits)}
     advance(1, info=PHASES[2])
 
     engine: list[dict[str, Any]] = []

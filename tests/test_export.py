@@ -142,9 +142,18 @@ def test_hf_export_of_a_pruned_model_shards_and_carries_the_report(pruned_tiny, 
     assert res.exit_code == 0, res.output
     assert "transformers_logits" in res.output and "wrote" in res.output
     rec = record(out)
-    assert rec["dtype"] == "bfloat16" and rec["tolerance"]["rtol"] == 0.15
+    assert rec["dtype"] == "bfloat16" and rec["tolerance"]["rtol"] == 1e-4
     assert_checks_passed(rec)
+    logits = rec["parity"]["transformers_logits"]
+    # the reload (upcast) equals the source with bf16-rounded weights; bf16 arithmetic is recorded
+    assert logits["max_abs_diff"] == 0.0
+    assert logits["in_dtype"]["dtype"] == "bfloat16" and 0 < logits["in_dtype"]["max_abs_diff"]
+    assert 0.0 <= logits["in_dtype"]["top1_agreement"] <= 1.0
     shards = sorted(out.glob("model-*.safetensors"))
+    from safetensors import safe_open
+
+    n = sum(len(list(safe_open(str(f), framework="pt").keys())) for f in shards)
+    assert logits["weights"] == {"tensors": n, "identical": n}
     assert len(shards) > 1 and (out / "model.safetensors.index.json").is_file()
     config = json.loads((out / "config.json").read_text())
     assert config["head_dim"] == 16 and config["num_attention_heads"] == 6 and config["dtype"] == "bfloat16"
@@ -533,3 +542,27 @@ def test_summary_prints_brackets_as_text(capsys):
                    "vllm": {"serve_command": "vllm serve x"}})
     printed = " ".join(capsys.readouterr().out.split())
     assert "'mptool[cpu]', or [gpu])" in printed and "/tmp/x[1]" in printed
+
+
+def test_one_changed_weight_element_fails_a_bf16_export(tokenizer_dir, tmp_path, monkeypatch):
+    """A change too small for any logit bound against the unrounded fp32 source (one element of one
+    matrix) fails the export: the written tensors must equal the source's in the written dtype."""
+    import mptool.exporters.hf as hf
+    from safetensors.torch import load_file, save_file
+
+    original = hf.save_checkpoint
+
+    def save_then_nudge(model, tokenizer, folder, *args, **kwargs):
+        original(model, tokenizer, folder, *args, **kwargs)
+        path = next(Path(folder).glob("*.safetensors"))
+        tensors = load_file(str(path))
+        name = next(k for k in tensors if k.endswith("layers.1.mlp.up_proj.weight"))
+        tensors[name][0, 0] += 0.0625
+        save_file(tensors, str(path), metadata={"format": "pt"})
+
+    monkeypatch.setattr(hf, "save_checkpoint", save_then_nudge)
+    src = save_tiny("llama", tokenizer_dir, tmp_path / "src")
+    out = tmp_path / "hf"
+    with pytest.raises(ParityError, match="exceeds the tolerance|written tensors differ"):
+        export(ExportConfig(model=str(src), target="hf", dtype="bfloat16", out=str(out)))
+    assert_nothing_left(out)
