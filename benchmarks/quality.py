@@ -1,6 +1,9 @@
 """Quality benchmark: held-out perplexity of dense, one-shot, one-shot + recovery and MaskPrune.
 
     python -m mptool.benchmarks.quality --ratios 0.2,0.5 --tokens 49152
+    python -m mptool.benchmarks.quality --device cuda --tokens 475136 --seq-len 512 --batch-size 16 \
+        --tag smollm2_gpu --ablations          # a larger budget on a GPU (not run yet: an H200 did
+                                               # about 0.3 s per 8 k-token step, so ~40 steps a row)
 
 Every method that trains gets the same number of training tokens ``T`` in all:
 
@@ -32,6 +35,7 @@ from typing import Any
 
 import torch
 
+from mptool import distributed as D
 from mptool.baselines import METHODS, calibrate, score, select
 from mptool.compress import param_count, peak_rss_mb
 from mptool.data import default_texts, eval_token_stream, token_blocks
@@ -49,7 +53,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
+        self.dev = D.device(args.device)
         self.model, self.tok = load_model(args.model)
+        self.model.to(self.dev)
         self.d = Dims.from_config(self.model.config)
         train, held_out = default_texts()
         self.ids = eval_token_stream(self.tok, held_out, args.eval_tokens)
@@ -75,6 +81,7 @@ class Bench:
                  self.args.tokens, time.perf_counter() - t0)
 
     def ppl(self, model: Any, label: str) -> float:
+        model.to(self.dev)
         with step(f"ppl {label}", total=self.ids.numel()) as adv:
             return perplexity(model, self.ids, self.protocol, progress=adv)["ppl"]
 
@@ -97,15 +104,17 @@ class Bench:
     def recovered(self, pruned: Any, tokens: int, teacher: Any, **kw: Any) -> Any:
         cfg = self.rec_cfg(tokens, **kw)
         with step("recovery", total=cfg.steps) as adv:
-            out, _ = recover(pruned, self.blocks, cfg, teacher=teacher, progress=adv)
+            out, _ = recover(pruned, self.blocks, cfg, teacher=teacher, progress=adv, device=self.dev)
         return out
 
     def maskprune(self, ratio: float, tokens: int, **kw: Any) -> tuple[Any, Target, dict]:
         model, _ = load_model(self.args.model)
+        model.to(self.dev)
         cfg = MaskPruneConfig(steps=self.steps(tokens), batch_size=self.args.batch_size,
                               checkpoint_every=0, **kw)
         budget = (1 - ratio) * prunable_params(self.d, self.d.dense_target())
-        trainer = MaskPrune(model, self.blocks, cfg, budget=budget, init_scores=self.scores["wanda-sp"])
+        trainer = MaskPrune(model, self.blocks, cfg, budget=budget, init_scores=self.scores["wanda-sp"],
+                            device=self.dev)
         with step(f"mask learning @ {ratio}", total=cfg.steps) as adv:
             hist = trainer.run(progress=adv)
         pruned, keeps = trainer.finish()
@@ -169,7 +178,8 @@ class Bench:
             "benchmark": "quality",
             "command": f"python -m mptool.benchmarks.quality --ratios {a.ratios} --tokens {a.tokens} "
                        f"--seq-len {a.seq_len} --batch-size {a.batch_size} --eval-tokens {a.eval_tokens} "
-                       f"--calib-tokens {a.calib_tokens}" + (" --ablations" if a.ablations else ""),
+                       f"--calib-tokens {a.calib_tokens}" + (" --ablations" if a.ablations else "")
+                       + (f" --device {a.device}" if a.device != "cpu" else ""),
             "model": a.model or "embedded:SmolLM2-135M-Instruct",
             "protocol": dataclasses.asdict(self.protocol),
             "training": {"text": "austen: 5 training novels", "tokens_per_method": a.tokens,
@@ -180,6 +190,8 @@ class Bench:
             "wall_s": round(time.perf_counter() - self.started, 1),
             "peak_rss_mb": round(peak_rss_mb(), 1),
             "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                            "device": str(self.dev),
+                            "gpu": torch.cuda.get_device_name(0) if self.dev.type == "cuda" else None,
                             "python": platform.python_version(), "machine": platform.machine()},
         }
         out = Path(a.out)
@@ -194,7 +206,8 @@ def markdown(result: dict) -> str:
         f"Held-out perplexity on {result['protocol']['text']} ({result['protocol']['max_tokens']} tokens, "
         f"window {result['protocol']['window']}). Every trained method: {t['tokens_per_method']} training "
         f"tokens in all (batch {t['batch_size']} x {t['seq_len']}). Wall time of the whole table: "
-        f"{result['wall_s'] / 60:.0f} min on {result['environment']['threads']} CPU threads.",
+        f"{result['wall_s'] / 60:.0f} min on " + (result["environment"].get("gpu") or
+                                                   f"{result['environment']['threads']} CPU threads") + ".",
         "",
         "| method | removed | KV heads | heads/group | FFN | params | ppl | × dense | train tokens | time |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -218,6 +231,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--calib-tokens", type=int, default=16384)
     ap.add_argument("--eval-tokens", type=int, default=16384)
     ap.add_argument("--ablations", action="store_true")
+    ap.add_argument("--device", default="cpu", choices=list(D.DEVICES),
+                    help="cpu (default: the committed table) | cuda | auto")
     ap.add_argument("--tag", default="smollm2")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
