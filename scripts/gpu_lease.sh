@@ -11,6 +11,9 @@
 #                                     # carried halves), gpu_check.sh, a larger-budget quality run,
 #                                     # torch-on-cuda bench of dense vs MaskPrune 50%, and a
 #                                     # 1B-shaped random-weight bench (speed does not depend on values)
+#   bash scripts/gpu_lease.sh quality # instead of main (not run yet): the whole quality table on the
+#                                     # GPU (python -m mptool.benchmarks.quality --device cuda), rows
+#                                     # saved as they finish; QUALITY_RATIOS / _TOKENS / _ABLATIONS=
 #
 # Carried folders (ignored by git): .gpuA/ (call 1) and .gpuB/ (call 2), each with the Austen
 # text, the model's config and tokenizer (skeleton/), the gguf wheel, and one half of the GGUF file
@@ -22,7 +25,7 @@
 # (that session made the mptool.benchmarks/exporters symlinks and copied the first half by hand,
 # which PYTHONSAFEPATH and the probe's copy now do.)
 set -uo pipefail
-MODE=${1:?probe or main}
+MODE=${1:?probe, main or quality}
 OUT=${OUT:?set OUT}
 PY=${PYTHON:-python3}
 BUDGET_S=${BUDGET_S:-420}
@@ -50,9 +53,9 @@ pack() { tar czf "$OUT/results.tgz" -C "$STATE" --exclude='*.safetensors' --excl
 
 echo "== gpu_lease.sh $MODE $(date -u +%FT%TZ) on $(hostname), budget $BUDGET_S s"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || [ "$DEVICE" = cpu ] || exit 2
-if [ "${SKIP_INSTALL:-0}" != 1 ] && [ ! -d /tmp/site/mptool ]; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$SRC"/whl/*.whl \
-    && "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site . \
+if [ "${SKIP_INSTALL:-0}" != 1 ]; then  # every call: a warm machine keeps the last call's copy
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site "$SRC"/whl/*.whl \
+    && "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --upgrade --target /tmp/site . \
     || { echo "error: installing mptool and gguf failed"; exit 3; }
 fi
 [ -d /tmp/site/mptool ] && export PYTHONPATH=/tmp/site
@@ -116,7 +119,7 @@ EOF
   exit 0
 fi
 
-# ---- main ----
+# ---- main / quality: the real model first ----
 REAL=0
 PART_A=$STATE/gguf.partA
 [ -f "$PART_A" ] || PART_A=.gpuA/gguf.part
@@ -137,6 +140,18 @@ if [ "$REAL" = 0 ]; then
   MODEL=$MPTOOL_CACHE/smol-random
 fi
 echo "== model $MODEL (real weights: $REAL); $(left) s left"
+
+if [ "$MODE" = quality ]; then  # the whole quality table (every row of the CPU one) at a GPU budget
+  [ "$REAL" = 1 ] || { echo "error: the quality table needs the real weights (both GGUF halves)"; exit 4; }
+  timeout $(( $(left) - 10 )) "$PY" -m mptool.benchmarks.quality --device $DEVICE \
+    --ratios ${QUALITY_RATIOS:-0.2,0.5} --tokens ${QUALITY_TOKENS:-475136} --seq-len ${GPU_SEQ:-512} \
+    --batch-size ${GPU_BATCH:-16} --eval-tokens ${QUALITY_EVAL:-16384} ${QUALITY_ABLATIONS---ablations} --tag smollm2_gpu \
+    --out "$STATE/quality_smollm2_gpu"
+  echo "quality exit $?"
+  pack
+  echo "== quality done in $(( $(date +%s) - START )) s"
+  exit 0
+fi
 
 echo "== stage 1: scripts/gpu_check.sh (compress 30 steps on cuda, vLLM export)"
 MODEL=$MODEL OUT=$STATE/check STEPS=${CHECK_STEPS:-30} BUDGET_S=${CHECK_S:-300} ALLOW_CPU=${ALLOW_CPU:-0} bash scripts/gpu_check.sh
