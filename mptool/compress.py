@@ -50,6 +50,9 @@ def validate(cfg: CompressConfig) -> None:
         problems.append(f"--dtype {cfg.dtype!r} is not one of float32, bfloat16")
     if cfg.maskprune.select not in ("learned", "wanda-sp"):
         problems.append(f"maskprune.select {cfg.maskprune.select!r} is not one of learned, wanda-sp")
+    sf = cfg.maskprune.snap_frac
+    if sf is not None and not 0 <= sf <= 1:
+        problems.append(f"maskprune.snap_frac {sf} must be in [0, 1] (or null: the end of the warm-up)")
     if cfg.device not in D.DEVICES:
         problems.append(f"--device {cfg.device!r} is not one of {', '.join(D.DEVICES)}")
     if not cfg.tp or any(t < 1 for t in cfg.tp):

@@ -105,6 +105,10 @@ def test_maskprune_select_wanda_sp_keeps_the_shape_and_cuts_the_dense_weights(ti
     res = run("compress", tiny_dir, *small(text_file), "--config", bad, "--out", tmp_path / "never")
     assert res.exit_code != 0 and "maskprune.select 'best' is not one of learned, wanda-sp" in res.output
     assert not (tmp_path / "never").exists()
+    bad.write_text("maskprune:\n  snap_frac: 1.5\n")
+    res = run("compress", tiny_dir, *small(text_file), "--config", bad, "--out", tmp_path / "never")
+    assert res.exit_code != 0 and "maskprune.snap_frac 1.5 must be in [0, 1]" in res.output
+    assert not (tmp_path / "never").exists()
 
 
 def test_maskprune_is_the_default_and_reports_a_uniform_result(tiny_dir, text_file, tmp_path):

@@ -66,6 +66,28 @@ def test_learned_targets_meet_the_budget_and_are_legal():
     assert {k.target() for k in keeps} == {t}
 
 
+def test_snap_frac_zero_fixes_the_shape_before_the_first_step():
+    """snap_frac 0 (default): the legal shape is chosen before step 1 and every step anneals toward
+    it (the learned targets never move); None fixes it at the end of the warm-up."""
+    model = tiny_model("llama")
+    d = Dims.from_config(model.config)
+    budget = 0.5 * prunable_params(d, d.dense_target())
+    mp = MaskPrune(model, blocks(d.vocab_size), cfg(steps=6, snap_frac=0.0), budget=budget, ffn_multiple=32)
+    assert mp.state.snapped is None
+    mp.step()
+    snapped = list(mp.state.snapped)
+    assert prunable_params(d, Target(*snapped)) <= budget
+    history = [mp.step() for _ in range(5)]
+    assert list(mp.state.snapped) == snapped
+    assert [history[-1][k] for k in ("s_kv", "s_heads", "s_ffn")] == [float(v) for v in snapped]
+    late = MaskPrune(tiny_model("llama"), blocks(d.vocab_size), cfg(steps=6, snap_frac=None), budget=budget,
+                     ffn_multiple=32)
+    late.step()
+    assert late.state.snapped is None  # warm-up 0.5 x 6 steps: fixed after step 3
+    late.step(), late.step()
+    assert late.state.snapped is not None
+
+
 def test_multipliers_grow_while_the_constraint_is_violated():
     model = tiny_model("qwen2")
     d = Dims.from_config(model.config)
