@@ -64,8 +64,10 @@ def greedy(model, ids: list[int], n: int) -> list[int]:
                           min_new_tokens=n)[0, len(ids):].tolist()
 
 
-def tamper(monkeypatch, *modules) -> None:
-    """Make every written checkpoint differ from the source: one weight changed after saving."""
+def tamper(monkeypatch, *modules, weight: str = "layers.0.mlp.down_proj.weight",
+           edit=lambda t: t + 1.0) -> None:
+    """Make every written checkpoint differ from the source: ``edit`` applied to one weight (by
+    default +1 on every element of a down_proj) after saving."""
     import mptool.exporters.hf as hf
     from safetensors.torch import load_file, save_file
 
@@ -75,8 +77,8 @@ def tamper(monkeypatch, *modules) -> None:
         original(model, tokenizer, folder, *args, **kwargs)
         path = next(Path(folder).glob("*.safetensors"))
         tensors = load_file(str(path))
-        name = next(k for k in tensors if k.endswith("layers.0.mlp.down_proj.weight"))
-        tensors[name] = tensors[name] + 1.0
+        name = next(k for k in tensors if k.endswith(weight))
+        tensors[name] = edit(tensors[name])
         save_file(tensors, str(path), metadata={"format": "pt"})
 
     for module in (hf, *modules):
@@ -547,20 +549,11 @@ def test_summary_prints_brackets_as_text(capsys):
 def test_one_changed_weight_element_fails_a_bf16_export(tokenizer_dir, tmp_path, monkeypatch):
     """A change too small for any logit bound against the unrounded fp32 source (one element of one
     matrix) fails the export: the written tensors must equal the source's in the written dtype."""
-    import mptool.exporters.hf as hf
-    from safetensors.torch import load_file, save_file
+    def nudge(t):
+        t[0, 0] += 0.0625
+        return t
 
-    original = hf.save_checkpoint
-
-    def save_then_nudge(model, tokenizer, folder, *args, **kwargs):
-        original(model, tokenizer, folder, *args, **kwargs)
-        path = next(Path(folder).glob("*.safetensors"))
-        tensors = load_file(str(path))
-        name = next(k for k in tensors if k.endswith("layers.1.mlp.up_proj.weight"))
-        tensors[name][0, 0] += 0.0625
-        save_file(tensors, str(path), metadata={"format": "pt"})
-
-    monkeypatch.setattr(hf, "save_checkpoint", save_then_nudge)
+    tamper(monkeypatch, weight="layers.1.mlp.up_proj.weight", edit=nudge)
     src = save_tiny("llama", tokenizer_dir, tmp_path / "src")
     out = tmp_path / "hf"
     with pytest.raises(ParityError, match="exceeds the tolerance|written tensors differ"):
