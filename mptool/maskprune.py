@@ -15,14 +15,16 @@ mask is ``zg * zh``. The problem solved is
   (``z <- clip(z - lr * y, 0, 1)``);
 * multipliers take projected dual-ascent steps, ``y <- max(0, y + rho * violation)``;
 * targets ``s`` anneal from dense to final over the warm-up. With ``--ratio`` the final
-  targets are learned: gradient steps on the Lagrangian in ``s`` (``-sum y + mu dP/ds``)
-  under the parameter budget, snapped to the nearest legal shape when the warm-up ends;
-* after the warm-up (``hard_frac`` of the steps) the forward pass uses the hard top-``s_k``
-  mask of each layer times the mask values, with straight-through gradients, so the trained
-  structure is exactly the one kept.
+  legal shape is chosen under the parameter budget: by default (``snap_frac=0``) before the
+  first step, by the KD loss of each legal candidate at the initial masks; with
+  ``snap_frac=None`` the targets are learned during the warm-up (value-per-parameter steps,
+  projected onto the annealed budget) and fixed to a legal shape when it ends;
+* from ``hard_frac`` of the steps on (0: from the start) the forward pass runs the hard
+  top-``s_k`` mask of each layer (0/1 with ``forward="binary"``, times the mask values with
+  ``"scaled"``), with straight-through gradients, so the trained structure is exactly the one kept.
 
 Finish: binarise top-k per layer, merge LoRA, fold the kept mask values into ``o_proj`` /
-``down_proj`` columns, slice with :func:`mptool.surgery.materialize`.
+``down_proj`` columns (``"scaled"`` only), slice with :func:`mptool.surgery.materialize`.
 """
 
 from __future__ import annotations
