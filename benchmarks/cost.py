@@ -4,7 +4,7 @@
 
 Each mode runs in its own subprocess (so peak memory is its own): ``mask`` is MaskPrune mask
 learning (masks, multipliers, LoRA, KD against the adapter-disabled teacher); ``lora`` is the same
-LoRA + KD loop on the dense model with no masks. Reports median step time and peak RSS of each
+LoRA + KD (+ the LM term, as configured) loop on the dense model with no masks. Reports median step time and peak RSS of each
 and their ratios; writes ``benchmarks/results/cost_<tag>.json``.
 """
 
@@ -26,7 +26,7 @@ def child(mode: str, steps: int, seq_len: int, batch: int, model_spec: str | Non
     import torch
 
     from mptool.data import default_texts, token_blocks
-    from mptool.maskprune import MaskPrune, MaskPruneConfig, autocast, kd_loss
+    from mptool.maskprune import MaskPrune, MaskPruneConfig, autocast, kd_loss, lm_loss
     from mptool.models import load_model
     from mptool.shapes import Dims, prunable_params
 
@@ -56,7 +56,9 @@ def child(mode: str, steps: int, seq_len: int, batch: int, model_spec: str | Non
             with torch.no_grad(), peft_model.disable_adapter(), autocast(cfg.bf16):
                 teacher = peft_model(ids).logits
             with autocast(cfg.bf16):
-                loss = kd_loss(peft_model(ids).logits, teacher, cfg.temperature)
+                logits = peft_model(ids).logits
+            # the same loss as mask learning: KD (chunked as there) + the weighted next-token term
+            loss = kd_loss(logits, teacher, cfg.temperature, cfg.kd_chunk) + cfg.lm_weight * lm_loss(logits, ids)
             opt.zero_grad()
             loss.backward()
             opt.step()
