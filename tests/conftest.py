@@ -60,10 +60,13 @@ def family(request) -> str:
 @pytest.fixture
 def tokenizer_dir(tmp_path_factory) -> Path:
     """A small byte-level BPE tokenizer trained offline on a few sentences (vocab <= 320)."""
+    return make_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+def make_tokenizer(out: Path) -> Path:
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
     from transformers import PreTrainedTokenizerFast
 
-    out = tmp_path_factory.mktemp("tok")
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

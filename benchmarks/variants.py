@@ -1,0 +1,111 @@
+"""MaskPrune + recovery variants at one ratio, on the quality benchmark's budget and protocol.
+
+    python -m mptool.benchmarks.variants --ratio 0.5 --variants \
+        '[{"name": "default"}, {"name": "lr 0", "lr_mask": 0.0}, {"name": "flap init", "init": "flap"}]'
+
+Each variant is a set of ``MaskPruneConfig`` overrides plus three keys of its own: ``name``,
+``init`` (which one-shot score initialises the masks: wanda-sp, flap or magnitude) and
+``mask_tokens`` (tokens of mask learning; the rest of ``--tokens`` goes to recovery, default half).
+Same data, calibration, seed and held-out text as ``mptool.benchmarks.quality``, so a variant
+named "default" reproduces that table's "maskprune + recovery" row. Rows are appended to
+``benchmarks/results/variants_<tag>.jsonl`` as they finish (a long sweep keeps what it measured).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mptool import distributed as D
+from mptool.benchmarks.quality import RESULTS, Bench
+from mptool.maskprune import MaskPrune, MaskPruneConfig
+from mptool.models import load_model
+from mptool.progress import console, step
+from mptool.shapes import describe, prunable_params
+
+OWN_KEYS = ("name", "init", "mask_tokens")
+
+
+class _Bench(Bench):
+    def save(self) -> None:  # rows go to the JSONL instead of a quality table
+        pass
+
+
+def run_variant(bench: Bench, ratio: float, variant: dict[str, Any]) -> dict[str, Any]:
+    a = bench.args
+    overrides = {k: v for k, v in variant.items() if k not in OWN_KEYS}
+    init = variant.get("init", "wanda-sp")
+    if init not in bench.scores:
+        raise ValueError(f"unknown init score {init!r}: one of {', '.join(bench.scores)}")
+    mask_tokens = int(variant.get("mask_tokens", a.tokens // 2))
+    if not 0 < mask_tokens <= a.tokens:
+        raise ValueError(f"mask_tokens must be in (0, {a.tokens}], got {mask_tokens}")
+    t0 = time.perf_counter()
+    model, _ = load_model(a.model)
+    model.to(bench.dev)
+    cfg = MaskPruneConfig(steps=bench.steps(mask_tokens), batch_size=a.batch_size, checkpoint_every=0, **overrides)
+    budget = (1 - ratio) * prunable_params(bench.d, bench.d.dense_target())
+    trainer = MaskPrune(model, bench.blocks, cfg, budget=budget, init_scores=bench.scores[init], device=bench.dev)
+    with step(f"mask learning: {variant['name']}", total=cfg.steps) as adv:
+        hist = trainer.run(progress=adv)
+    pruned, keeps = trainer.finish()
+    target = keeps[0].target()
+    before = bench.ppl(pruned, f"{variant['name']} before recovery")
+    rec_tokens = a.tokens - mask_tokens
+    if rec_tokens >= a.batch_size * a.seq_len:
+        pruned = bench.recovered(pruned, rec_tokens, bench.model)
+    return {"name": variant["name"], "ratio": ratio, "overrides": overrides, "init": init,
+            "mask_tokens": mask_tokens, "recovery_tokens": rec_tokens, **describe(bench.d, target),
+            "ppl_before_recovery": before, "ppl": bench.ppl(pruned, variant["name"]),
+            "final_violation": hist[-1]["hard_violation"], "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variants", required=True, help="JSON list of variants (see above)")
+    ap.add_argument("--ratio", type=float, default=0.5)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--tokens", type=int, default=32768, help="training tokens per variant, in all")
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--calib-tokens", type=int, default=16384)
+    ap.add_argument("--eval-tokens", type=int, default=8192)
+    ap.add_argument("--device", default="cpu", choices=list(D.DEVICES))
+    ap.add_argument("--tag", default="smollm2")
+    ap.add_argument("--out", default=None, help="JSONL file (default benchmarks/results/variants_<tag>.jsonl)")
+    args = ap.parse_args(argv)
+    try:
+        variants = json.loads(args.variants)
+        assert isinstance(variants, list) and all(isinstance(v, dict) and "name" in v for v in variants)
+    except (json.JSONDecodeError, AssertionError):
+        ap.error('--variants must be a JSON list of objects, each with a "name"')
+    out = Path(args.out or RESULTS / f"variants_{args.tag}.jsonl")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    args.ablations, args.ratios = False, str(args.ratio)
+    torch.manual_seed(0)
+    bench = _Bench.__new__(_Bench)
+    bench.started = time.perf_counter()
+    _Bench.__init__(bench, args)
+    command = "python -m mptool.benchmarks.variants " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in (("ratio", args.ratio), ("tokens", args.tokens),
+                                                    ("seq_len", args.seq_len), ("batch_size", args.batch_size),
+                                                    ("calib_tokens", args.calib_tokens),
+                                                    ("eval_tokens", args.eval_tokens)))
+    rows = []
+    for v in variants:
+        row = {**run_variant(bench, args.ratio, dict(v)), "dense_ppl": bench.dense_ppl, "command": command}
+        rows.append(row)
+        console.print(f"[bold]{row['name']}[/bold]: ({row['kv_heads']}, {row['heads_per_group']}, {row['ffn']}) "
+                      f"ppl {row['ppl_before_recovery']:.2f} -> {row['ppl']:.2f}")
+        with out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""The quality benchmark and its variants sweep on a tiny model: the fairness rules of the table.
+
+Every trained row must get the same training tokens, MaskPrune's rows must meet the budget with
+the same counts in every layer, the ablations must compare at MaskPrune's own shape (the shape is
+fixed before the first step, from the initial masks), and a "default" variant must reproduce the
+table's MaskPrune + recovery row exactly (same data, seed and protocol).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import make_tokenizer, tiny_model
+
+
+ARGS = ["--tokens", "512", "--seq-len", "32", "--batch-size", "2", "--calib-tokens", "128",
+        "--eval-tokens", "192"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    from transformers import AutoTokenizer
+
+    out = tmp_path_factory.mktemp("tiny_llama")
+    tiny_model("llama").save_pretrained(out)
+    tok = make_tokenizer(tmp_path_factory.mktemp("tok"))
+    AutoTokenizer.from_pretrained(tok).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def table(model_dir, tmp_path_factory) -> dict:
+    from mptool.benchmarks import quality
+
+    out = tmp_path_factory.mktemp("q") / "quality_tiny"
+    quality.main(["--model", str(model_dir), "--ratios", "0.5", "--ablations", "--out", str(out), *ARGS])
+    result = json.loads(out.with_suffix(".json").read_text())
+    result["md"] = out.with_suffix(".md").read_text()
+    return result
+
+
+def test_every_trained_row_gets_the_same_tokens(table):
+    trained = [r for r in table["rows"] if r["train_tokens"]]
+    assert len(trained) >= 8
+    assert {r["train_tokens"] for r in trained} == {512}
+    # one Markdown line per JSON row, under a header and a separator
+    assert len([ln for ln in table["md"].splitlines() if ln.startswith("| ")]) == len(table["rows"]) + 1
+
+
+def test_maskprune_rows_meet_the_budget_and_ablations_share_its_shape(table):
+    rows = {r["method"]: r for r in table["rows"] if r["ratio"] == 0.5}
+    mp = rows["maskprune + recovery"]
+    assert mp["prunable_kept"] <= 0.5 + 1e-9
+    assert mp["final_violation"] == 0
+    shape = (mp["kv_heads"], mp["heads_per_group"], mp["ffn"])
+    ablations = [r for m, r in rows.items() if m.startswith("ablation")]
+    assert len(ablations) == 3
+    for r in ablations:
+        assert (r["kv_heads"], r["heads_per_group"], r["ffn"]) == shape, r["method"]
+    for r in table["rows"]:
+        assert r["ppl"] > 1 and r["ppl_x_dense"] == pytest.approx(r["ppl"] / table["rows"][0]["ppl"])
+
+
+def test_default_variant_reproduces_the_table_row(table, model_dir, tmp_path):
+    from mptool.benchmarks import variants
+
+    out = tmp_path / "v.jsonl"
+    rows = variants.main(["--model", str(model_dir), "--ratio", "0.5", "--out", str(out), *ARGS,
+                          "--variants", '[{"name": "default"}, {"name": "frozen", "lr_mask": 0.0}]'])
+    assert [json.loads(ln)["name"] for ln in out.read_text().splitlines()] == ["default", "frozen"]
+    mp = next(r for r in table["rows"] if r["method"] == "maskprune + recovery")
+    assert rows[0]["ppl"] == pytest.approx(mp["ppl"], rel=1e-6)
+    assert rows[0]["ppl_before_recovery"] == pytest.approx(mp["ppl_before_recovery"], rel=1e-6)
+    assert rows[0]["mask_tokens"] + rows[0]["recovery_tokens"] == 512
+    assert rows[1]["overrides"] == {"lr_mask": 0.0}
+
+
+def test_variants_reject_bad_input(model_dir, tmp_path, capsys):
+    from mptool.benchmarks import variants
+
+    with pytest.raises(SystemExit) as exc:
+        variants.main(["--variants", "not json", "--out", str(tmp_path / "x.jsonl")])
+    assert exc.value.code == 2
+    assert "JSON list" in capsys.readouterr().err
+    assert not (tmp_path / "x.jsonl").exists()
