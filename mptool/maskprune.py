@@ -247,6 +247,10 @@ class MaskPrune:
                                s=[float(final.kv_heads), float(final.heads_per_group), float(final.ffn)],
                                snapped=[final.kv_heads, final.heads_per_group, final.ffn] if target else None)
         self._masks_on = True
+        # hard masks of the previous step and the churn between them (a diagnostic, not state:
+        # the first step after a resume reports 0)
+        self._prev_hard: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._churn = {"churn_heads": 0.0, "churn_ffn": 0.0}
         self.extra_files: dict[str, str] = {}
         """Text files written into every checkpoint (the caller's resolved config)."""
         self._heads: list[torch.Tensor] = []
@@ -303,12 +307,18 @@ class MaskPrune:
         if self._hard():
             kv, hpg, ffn = self.hard_counts()
             gmask, hmask = M.group_topk(zg.detach(), zh.detach(), kv, hpg)
+            fmask = M.topk_mask(zf.detach(), ffn)
             st_fn = M.straight_through_binary if self.cfg.forward == "binary" else M.straight_through
             g = st_fn(zg, gmask)
             h = st_fn(zh, (hmask > 0).float())
-            f = st_fn(zf, M.topk_mask(zf.detach(), ffn))
+            f = st_fn(zf, fmask)
+            heads = (hmask > 0).reshape(d.num_layers, d.num_heads)
+            self._churn = {"churn_heads": M.churn(self._prev_hard[0], heads) if self._prev_hard else 0.0,
+                           "churn_ffn": M.churn(self._prev_hard[1], fmask > 0) if self._prev_hard else 0.0}
+            self._prev_hard = (heads, fmask > 0)
         else:
             g, h, f = zg, zh, zf
+            self._churn, self._prev_hard = {"churn_heads": 0.0, "churn_ffn": 0.0}, None
         self._set_masks(g, h, f)
 
     def _set_masks(self, g: torch.Tensor, h: torch.Tensor, f: torch.Tensor) -> None:
@@ -440,6 +450,7 @@ class MaskPrune:
             "y_max": float(max(st.yg.max(), st.yh.max(), st.yf.max())), "mu": st.mu,
             "s_kv": s_kv, "s_heads": s_h, "s_ffn": s_f,
             "binarity": M.binarity(torch.cat([st.zg.flatten(), st.zh.flatten(), st.zf.flatten()])),
+            **self._churn,
             "hard": self._hard(),
         }
 
@@ -631,7 +642,7 @@ class MaskPrune:
             if progress:
                 progress(1, info=f"kd {row['kd']:.3f} viol {max(row['viol_kv'], row['viol_heads'], row['viol_ffn']):.3f} "
                                  f"s=({row['s_kv']:.2f},{row['s_heads']:.2f},{row['s_ffn']:.0f}) "
-                                 f"bin {row['binarity']:.2f}")
+                                 f"bin {row['binarity']:.2f} churn {row['churn_ffn']:.3f}")
             if checkpoint_dir is not None and cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0:
                 self.save_checkpoint(checkpoint_dir)
             if stop_after is not None and st.step >= stop_after:

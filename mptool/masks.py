@@ -112,6 +112,16 @@ def straight_through_binary(soft: torch.Tensor, hard: torch.Tensor) -> torch.Ten
     return hard + (soft - soft.detach())
 
 
+def churn(before: torch.Tensor, after: torch.Tensor) -> float:
+    """Fraction of the units kept in ``after`` that were not kept in ``before`` (boolean masks).
+
+    Units that only leave (a shrinking top-k over fixed scores) give 0; every swap across the
+    top-k boundary counts once.
+    """
+    kept = after.sum()
+    return float((after & ~before).sum() / kept) if kept else 0.0
+
+
 def binarity(z: torch.Tensor, low: float = 0.05, high: float = 0.95) -> float:
     """Fraction of mask values strictly between ``low`` and ``high`` (0: fully binary)."""
     return ((z > low) & (z < high)).float().mean().item()

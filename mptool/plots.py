@@ -49,6 +49,10 @@ def training_curves(history: Sequence[dict], path: Path) -> None:
         ax2 = axes[1, 0].twinx()
         ax2.plot(steps, [r["binarity"] for r in mask], color="gray", linestyle="--")
         ax2.set_ylabel("binarity (fraction in (0.05, 0.95))", color="gray")
+        if "churn_ffn" in mask[0]:
+            ax3 = axes[1, 2].twinx()
+            ax3.plot(steps, [r["churn_ffn"] for r in mask], color="gray", linestyle="--")
+            ax3.set_ylabel("FFN churn (kept units new this step)", color="gray")
     for ax in axes.flat:
         ax.set_xlabel("step")
     fig.tight_layout()

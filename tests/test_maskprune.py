@@ -161,3 +161,20 @@ def test_grad_checkpointing_gives_the_same_training(family):
     a, b = plain.finish()[0].state_dict(), ckpt.finish()[0].state_dict()
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6), k
+
+
+def test_churn_is_zero_with_frozen_masks_and_reported_with_moving_ones():
+    """Frozen masks over an annealed target only shed units (churn 0 every step); a large mask
+    step on a random model moves units across the top-k boundary, and the metric shows it."""
+    d = Dims.from_config(tiny_model("llama").config)
+    rows = {}
+    for lr in (0.0, 0.5):
+        torch.manual_seed(0)
+        scores = torch.rand(d.num_layers, d.intermediate_size)
+        mp = MaskPrune(tiny_model("llama"), blocks(d.vocab_size), cfg(steps=8, lr_mask=lr, warmup_frac=0.5),
+                       target=Target(2, 1, 64))
+        mp.state.zf = scores.clone()  # distinct values: a well-defined top-k
+        rows[lr] = mp.run()
+    assert all(r["churn_ffn"] == 0.0 and r["churn_heads"] == 0.0 for r in rows[0.0])
+    assert max(r["churn_ffn"] for r in rows[0.5]) > 0
+    assert all(0.0 <= r["churn_ffn"] <= 1.0 for r in rows[0.5])

@@ -113,3 +113,12 @@ def test_chunked_kd_loss_equals_the_whole_one():
         assert torch.allclose(loss, grads[0][0], rtol=1e-6)
         assert torch.allclose(grad, grads[0][1], atol=1e-8)
     assert grads[0][0] > 0.1  # a real divergence, not zero
+
+
+def test_churn_counts_units_that_enter_the_top_k():
+    before = torch.tensor([[True, True, False, False], [True, False, True, False]])
+    shrink = torch.tensor([[True, False, False, False], [True, False, False, False]])
+    assert M.churn(before, shrink) == 0.0  # units only left
+    swap = torch.tensor([[True, False, True, False], [False, True, True, False]])
+    assert M.churn(before, swap) == 2 / 4  # one new unit in each row, four kept
+    assert M.churn(before, torch.zeros_like(before)) == 0.0
