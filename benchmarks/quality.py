@@ -52,6 +52,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
+        self.started = time.perf_counter()
         self.args = args
         self.dev = D.device(args.device)
         self.model, self.tok = load_model(args.model)
@@ -107,13 +108,15 @@ class Bench:
             out, _ = recover(pruned, self.blocks, cfg, teacher=teacher, progress=adv, device=self.dev)
         return out
 
-    def maskprune(self, ratio: float, tokens: int, **kw: Any) -> tuple[Any, Target, dict]:
+    def maskprune(self, ratio: float, tokens: int, scores: str = "wanda-sp", **kw: Any) -> tuple[Any, Target, dict]:
+        """MaskPrune with ``tokens`` of mask learning, masks initialised from the one-shot ``scores``
+        (``kw``: MaskPruneConfig overrides). Returns (sliced model, target, run info)."""
         model, _ = load_model(self.args.model)
         model.to(self.dev)
         cfg = MaskPruneConfig(steps=self.steps(tokens), batch_size=self.args.batch_size,
                               checkpoint_every=0, **kw)
         budget = (1 - ratio) * prunable_params(self.d, self.d.dense_target())
-        trainer = MaskPrune(model, self.blocks, cfg, budget=budget, init_scores=self.scores["wanda-sp"],
+        trainer = MaskPrune(model, self.blocks, cfg, budget=budget, init_scores=self.scores[scores],
                             device=self.dev)
         with step(f"mask learning @ {ratio}", total=cfg.steps) as adv:
             hist = trainer.run(progress=adv)
@@ -238,10 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     args.out = args.out or str(RESULTS / f"quality_{args.tag}")
     torch.manual_seed(0)
-    started = time.perf_counter()
-    bench = Bench.__new__(Bench)
-    bench.started = started
-    Bench.__init__(bench, args)
+    bench = Bench(args)
     ratios = [float(r) for r in args.ratios.split(",")]
     bench.dense_reference()
     for ratio in ratios:

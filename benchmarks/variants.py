@@ -23,10 +23,8 @@ import torch
 
 from mptool import distributed as D
 from mptool.benchmarks.quality import RESULTS, Bench
-from mptool.maskprune import MaskPrune, MaskPruneConfig
-from mptool.models import load_model
-from mptool.progress import console, step
-from mptool.shapes import describe, prunable_params
+from mptool.progress import console
+from mptool.shapes import describe
 
 OWN_KEYS = ("name", "init", "mask_tokens")
 
@@ -46,15 +44,7 @@ def run_variant(bench: Bench, ratio: float, variant: dict[str, Any]) -> dict[str
     if not 0 < mask_tokens <= a.tokens:
         raise ValueError(f"mask_tokens must be in (0, {a.tokens}], got {mask_tokens}")
     t0 = time.perf_counter()
-    model, _ = load_model(a.model)
-    model.to(bench.dev)
-    cfg = MaskPruneConfig(steps=bench.steps(mask_tokens), batch_size=a.batch_size, checkpoint_every=0, **overrides)
-    budget = (1 - ratio) * prunable_params(bench.d, bench.d.dense_target())
-    trainer = MaskPrune(model, bench.blocks, cfg, budget=budget, init_scores=bench.scores[init], device=bench.dev)
-    with step(f"mask learning: {variant['name']}", total=cfg.steps) as adv:
-        hist = trainer.run(progress=adv)
-    pruned, keeps = trainer.finish()
-    target = keeps[0].target()
+    pruned, target, info = bench.maskprune(ratio, mask_tokens, scores=init, **overrides)
     before = bench.ppl(pruned, f"{variant['name']} before recovery")
     rec_tokens = a.tokens - mask_tokens
     if rec_tokens >= a.batch_size * a.seq_len:
@@ -62,7 +52,7 @@ def run_variant(bench: Bench, ratio: float, variant: dict[str, Any]) -> dict[str
     return {"name": variant["name"], "ratio": ratio, "overrides": overrides, "init": init,
             "mask_tokens": mask_tokens, "recovery_tokens": rec_tokens, **describe(bench.d, target),
             "ppl_before_recovery": before, "ppl": bench.ppl(pruned, variant["name"]),
-            "final_violation": hist[-1]["hard_violation"], "seconds": round(time.perf_counter() - t0, 1)}
+            "final_violation": info["final_violation"], "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
@@ -88,9 +78,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     out.parent.mkdir(parents=True, exist_ok=True)
     args.ablations, args.ratios = False, str(args.ratio)
     torch.manual_seed(0)
-    bench = _Bench.__new__(_Bench)
-    bench.started = time.perf_counter()
-    _Bench.__init__(bench, args)
+    bench = _Bench(args)
     command = "python -m mptool.benchmarks.variants " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in (("ratio", args.ratio), ("tokens", args.tokens),
                                                     ("seq_len", args.seq_len), ("batch_size", args.batch_size),

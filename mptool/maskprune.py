@@ -312,10 +312,10 @@ class MaskPrune:
             g = st_fn(zg, gmask)
             h = st_fn(zh, (hmask > 0).float())
             f = st_fn(zf, fmask)
-            heads = (hmask > 0).reshape(d.num_layers, d.num_heads)
-            self._churn = {"churn_heads": M.churn(self._prev_hard[0], heads) if self._prev_hard else 0.0,
-                           "churn_ffn": M.churn(self._prev_hard[1], fmask > 0) if self._prev_hard else 0.0}
-            self._prev_hard = (heads, fmask > 0)
+            kept = ((hmask > 0).reshape(d.num_layers, d.num_heads), fmask > 0)
+            prev = self._prev_hard or kept  # first hard step: nothing to compare with, churn 0
+            self._churn = {"churn_heads": M.churn(prev[0], kept[0]), "churn_ffn": M.churn(prev[1], kept[1])}
+            self._prev_hard = kept
         else:
             g, h, f = zg, zh, zf
             self._churn, self._prev_hard = {"churn_heads": 0.0, "churn_ffn": 0.0}, None

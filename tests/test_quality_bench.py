@@ -78,7 +78,7 @@ def test_default_variant_reproduces_the_table_row(table, model_dir, tmp_path):
     assert rows[1]["overrides"] == {"lr_mask": 0.0}
 
 
-def test_variants_reject_bad_input(model_dir, tmp_path, capsys):
+def test_variants_reject_bad_input(tmp_path, capsys):
     from mptool.benchmarks import variants
 
     with pytest.raises(SystemExit) as exc:
