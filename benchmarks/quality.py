@@ -102,22 +102,24 @@ class Bench:
     def rec_cfg(self, tokens: int, **kw: Any) -> RecoveryConfig:
         return RecoveryConfig(steps=self.steps(tokens), batch_size=self.args.batch_size, **kw)
 
-    def recovered(self, pruned: Any, tokens: int, teacher: Any, **kw: Any) -> Any:
+    def recovered(self, pruned: Any, tokens: int, teacher: Any, seed: int = 0, **kw: Any) -> Any:
         cfg = self.rec_cfg(tokens, **kw)
         with step("recovery", total=cfg.steps) as adv:
-            out, _ = recover(pruned, self.blocks, cfg, teacher=teacher, progress=adv, device=self.dev)
+            out, _ = recover(pruned, self.blocks, cfg, teacher=teacher, progress=adv, device=self.dev, seed=seed)
         return out
 
-    def maskprune(self, ratio: float, tokens: int, scores: str = "wanda-sp", **kw: Any) -> tuple[Any, Target, dict]:
+    def maskprune(self, ratio: float, tokens: int, scores: str = "wanda-sp", seed: int = 0,
+                  **kw: Any) -> tuple[Any, Target, dict]:
         """MaskPrune with ``tokens`` of mask learning, masks initialised from the one-shot ``scores``
-        (``kw``: MaskPruneConfig overrides). Returns (sliced model, target, run info)."""
+        (``kw``: MaskPruneConfig overrides; ``seed``: LoRA initialisation). Returns (sliced model,
+        target, run info)."""
         model, _ = load_model(self.args.model)
         model.to(self.dev)
         cfg = MaskPruneConfig(steps=self.steps(tokens), batch_size=self.args.batch_size,
                               checkpoint_every=0, **kw)
         budget = (1 - ratio) * prunable_params(self.d, self.d.dense_target())
         trainer = MaskPrune(model, self.blocks, cfg, budget=budget, init_scores=self.scores[scores],
-                            device=self.dev)
+                            device=self.dev, seed=seed)
         with step(f"mask learning @ {ratio}", total=cfg.steps) as adv:
             hist = trainer.run(progress=adv)
         pruned, keeps = trainer.finish()

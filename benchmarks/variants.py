@@ -3,9 +3,13 @@
     python -m mptool.benchmarks.variants --ratio 0.5 --variants \
         '[{"name": "default"}, {"name": "lr 0", "lr_mask": 0.0}, {"name": "flap init", "init": "flap"}]'
 
-Each variant is a set of ``MaskPruneConfig`` overrides plus three keys of its own: ``name``,
-``init`` (which one-shot score initialises the masks: wanda-sp, flap or magnitude) and
-``mask_tokens`` (tokens of mask learning; the rest of ``--tokens`` goes to recovery, default half).
+Each variant is a set of ``MaskPruneConfig`` overrides plus keys of its own: ``name``,
+``init`` (which one-shot score initialises the masks: wanda-sp, flap or magnitude),
+``mask_tokens`` (tokens of mask learning; the rest of ``--tokens`` goes to recovery, default half)
+and ``seed`` (LoRA initialisation of mask learning and recovery, default 0: repeat a variant with
+other seeds to see the spread). ``{"name": ..., "oneshot": "flap", "shape": [3, 3, 512]}`` is a
+one-shot row instead: that method's units at that shape, then all of ``--tokens`` on recovery
+(the baseline a MaskPrune variant at the same shape has to beat).
 Same data, calibration, seed and held-out text as ``mptool.benchmarks.quality``, so a variant
 named "default" reproduces that table's "maskprune + recovery" row. Rows are appended to
 ``benchmarks/results/variants_<tag>.jsonl`` as they finish (a long sweep keeps what it measured).
@@ -22,11 +26,13 @@ from typing import Any
 import torch
 
 from mptool import distributed as D
+from mptool.baselines import select
 from mptool.benchmarks.quality import RESULTS, Bench
 from mptool.progress import console
-from mptool.shapes import describe
+from mptool.shapes import Target, describe
+from mptool.surgery import materialize
 
-OWN_KEYS = ("name", "init", "mask_tokens")
+OWN_KEYS = ("name", "init", "mask_tokens", "seed", "oneshot", "shape")
 
 
 class _Bench(Bench):
@@ -34,9 +40,31 @@ class _Bench(Bench):
         pass
 
 
+def run_oneshot(bench: Bench, ratio: float, variant: dict[str, Any]) -> dict[str, Any]:
+    """One-shot units at an explicit shape, then every training token on recovery."""
+    method, seed = variant["oneshot"], int(variant.get("seed", 0))
+    if method not in bench.scores:
+        raise ValueError(f"unknown one-shot method {method!r}: one of {', '.join(bench.scores)}")
+    try:
+        target = Target(*(int(v) for v in variant["shape"]))
+    except (KeyError, TypeError, ValueError):
+        raise ValueError('a "oneshot" variant needs "shape": [kv_heads, heads_per_group, ffn]') from None
+    t0 = time.perf_counter()
+    pruned = materialize(bench.model, select(bench.scores[method], target))
+    before = bench.ppl(pruned, f"{variant['name']} one-shot")
+    pruned = bench.recovered(pruned, bench.args.tokens, bench.model, seed=seed)
+    return {"name": variant["name"], "ratio": ratio, "oneshot": method, "seed": seed, "init": method,
+            "mask_tokens": 0, "recovery_tokens": bench.args.tokens, **describe(bench.d, target),
+            "ppl_before_recovery": before, "ppl": bench.ppl(pruned, variant["name"]),
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
 def run_variant(bench: Bench, ratio: float, variant: dict[str, Any]) -> dict[str, Any]:
+    if "oneshot" in variant:
+        return run_oneshot(bench, ratio, variant)
     a = bench.args
     overrides = {k: v for k, v in variant.items() if k not in OWN_KEYS}
+    seed = int(variant.get("seed", 0))
     init = variant.get("init", "wanda-sp")
     if init not in bench.scores:
         raise ValueError(f"unknown init score {init!r}: one of {', '.join(bench.scores)}")
@@ -44,12 +72,12 @@ def run_variant(bench: Bench, ratio: float, variant: dict[str, Any]) -> dict[str
     if not 0 < mask_tokens <= a.tokens:
         raise ValueError(f"mask_tokens must be in (0, {a.tokens}], got {mask_tokens}")
     t0 = time.perf_counter()
-    pruned, target, info = bench.maskprune(ratio, mask_tokens, scores=init, **overrides)
+    pruned, target, info = bench.maskprune(ratio, mask_tokens, scores=init, seed=seed, **overrides)
     before = bench.ppl(pruned, f"{variant['name']} before recovery")
     rec_tokens = a.tokens - mask_tokens
     if rec_tokens >= a.batch_size * a.seq_len:
-        pruned = bench.recovered(pruned, rec_tokens, bench.model)
-    return {"name": variant["name"], "ratio": ratio, "overrides": overrides, "init": init,
+        pruned = bench.recovered(pruned, rec_tokens, bench.model, seed=seed)
+    return {"name": variant["name"], "ratio": ratio, "overrides": overrides, "init": init, "seed": seed,
             "mask_tokens": mask_tokens, "recovery_tokens": rec_tokens, **describe(bench.d, target),
             "ppl_before_recovery": before, "ppl": bench.ppl(pruned, variant["name"]),
             "final_violation": info["final_violation"], "seconds": round(time.perf_counter() - t0, 1)}

@@ -78,6 +78,27 @@ def test_default_variant_reproduces_the_table_row(table, model_dir, tmp_path):
     assert rows[1]["overrides"] == {"lr_mask": 0.0}
 
 
+def test_oneshot_and_seeded_variants(table, model_dir, tmp_path):
+    """A one-shot variant at a shape reproduces the table's one-shot + recovery row at that shape;
+    another seed changes the LoRA initialisation and so the result, nothing else."""
+    from mptool.benchmarks import variants
+
+    flap = next(r for r in table["rows"] if r["method"] == "flap + recovery" and r["split"] == "fixed rule")
+    shape = [flap["kv_heads"], flap["heads_per_group"], flap["ffn"]]
+    rows = variants.main(["--model", str(model_dir), "--ratio", "0.5", "--out", str(tmp_path / "v.jsonl"), *ARGS,
+                          "--variants", json.dumps([{"name": "flap", "oneshot": "flap", "shape": shape},
+                                                    {"name": "seed 1", "seed": 1}])])
+    assert rows[0]["ppl"] == pytest.approx(flap["ppl"], rel=1e-6)
+    assert (rows[0]["mask_tokens"], rows[0]["recovery_tokens"]) == (0, 512)
+    assert [rows[0][k] for k in ("kv_heads", "heads_per_group", "ffn")] == shape
+    mp = next(r for r in table["rows"] if r["method"] == "maskprune + recovery")
+    assert rows[1]["seed"] == 1 and rows[1]["overrides"] == {}
+    assert rows[1]["ppl"] != pytest.approx(mp["ppl"], rel=1e-6)
+    with pytest.raises(ValueError, match="shape"):
+        variants.main(["--model", str(model_dir), "--out", str(tmp_path / "w.jsonl"), *ARGS,
+                       "--variants", '[{"name": "x", "oneshot": "flap"}]'])
+
+
 def test_variants_reject_bad_input(tmp_path, capsys):
     from mptool.benchmarks import variants
 
