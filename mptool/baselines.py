@@ -113,3 +113,35 @@ def select(scores: Scores, t: Target) -> list[LayerKeep]:
         keeps.append(LayerKeep(groups, [mask_indices(hmask[layer, g]) for g in groups],
                                mask_indices(fmask[layer])))
     return keeps
+
+
+@torch.no_grad()
+def kd_split(model: Any, scores: Scores, cands: list[Target], probe: torch.Tensor, temperature: float = 1.0,
+             chunk: int | None = 2048, bf16: bool = True) -> tuple[Target, dict[str, float]]:
+    """The candidate target whose units (by ``scores``) distil best from the dense model.
+
+    Each legal candidate is scored by the KD loss, on the ``probe`` batch, of the dense model with
+    only that candidate's units kept (mask hooks, no copy); the lowest wins. No training: the
+    shape rule of MaskPrune (``snap_frac: 0``) applied to a one-shot score, so one-shot methods
+    can use a learned split of the budget instead of the fixed "same fraction" rule.
+    Returns (best target, {target: KD loss}, best first).
+    """
+    from mptool.hooks import apply_masks, keeps_to_masks
+    from mptool.maskprune import autocast, score_shapes
+
+    if not cands:
+        raise MptoolError("no legal target within the budget to choose from")
+    d = Dims.from_config(model.config)
+    dev = next(model.parameters()).device
+    probe = probe.to(dev)
+    masks: dict[str, list[torch.Tensor]] = {}
+
+    def keep(t: Target) -> None:
+        masks["heads"], masks["ffn"] = keeps_to_masks(d, select(scores, t))
+
+    with autocast(bf16, dev):
+        teacher = model(probe).logits
+        with apply_masks(model, lambda i: masks["heads"][i], lambda i: masks["ffn"][i]):
+            result = score_shapes(cands, keep, lambda: model(probe).logits, teacher, temperature, chunk)
+    best = min(result, key=result.get)
+    return best, {str(t): round(v, 4) for t, v in sorted(result.items(), key=lambda kv: kv[1])}

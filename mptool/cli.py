@@ -45,6 +45,9 @@ def compress(
     model: Optional[str] = ModelArg,
     method: Optional[str] = typer.Option(None, help="maskprune (default) | magnitude | wanda-sp | flap"),
     ratio: Optional[float] = typer.Option(None, help="Fraction of prunable parameters to remove, in (0, 1)."),
+    split: Optional[str] = typer.Option(None, help="One-shot methods with --ratio: balanced (default: same "
+                                        "fraction of attention and FFN) | kd (the legal target whose units "
+                                        "distil best on a probe batch, MaskPrune's shape rule)."),
     kv_heads: Optional[int] = typer.Option(None, help="Explicit target: KV groups kept per layer."),
     heads_per_group: Optional[int] = typer.Option(None, help="Explicit target: query heads per kept group."),
     ffn: Optional[int] = typer.Option(None, help="Explicit target: FFN channels per layer."),
@@ -86,7 +89,7 @@ def compress(
             resume=resume)
         return
     cfg = load_config(CompressConfig, config, {
-        "model": model, "method": method, "ratio": ratio, "target.kv_heads": kv_heads,
+        "model": model, "method": method, "ratio": ratio, "split": split, "target.kv_heads": kv_heads,
         "target.heads_per_group": heads_per_group, "target.ffn": ffn, "tp": _tp(tp), "ffn_multiple": ffn_multiple, "data.seq_len": seq_len,
         "data.train": data, "data.eval": eval_data, "data.calib_tokens": calib_tokens,
         "ppl.max_tokens": eval_tokens, "out": out, "overwrite": overwrite, "seed": seed,

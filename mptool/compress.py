@@ -8,7 +8,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import yaml
@@ -26,6 +26,7 @@ from mptool.surgery import LayerKeep, materialize, save_keeps
 
 ONE_SHOT = ("magnitude", "wanda-sp", "flap")
 METHODS = ("maskprune", *ONE_SHOT)
+SPLITS = ("balanced", "kd")
 
 
 def validate(cfg: CompressConfig) -> None:
@@ -48,6 +49,8 @@ def validate(cfg: CompressConfig) -> None:
         problems.append(f"--sharding {cfg.sharding!r} is not one of {', '.join(D.SHARDINGS)}")
     if cfg.dtype not in ("float32", "bfloat16"):
         problems.append(f"--dtype {cfg.dtype!r} is not one of float32, bfloat16")
+    if cfg.split not in SPLITS:
+        problems.append(f"--split {cfg.split!r} is not one of {', '.join(SPLITS)}")
     if cfg.maskprune.select not in ("learned", "wanda-sp"):
         problems.append(f"maskprune.select {cfg.maskprune.select!r} is not one of learned, wanda-sp")
     sf = cfg.maskprune.snap_frac
@@ -127,15 +130,20 @@ def measure_ppl(model: Any, ids: torch.Tensor, protocol: PplProtocol, label: str
         return perplexity(model, ids, protocol, progress=advance)
 
 
-def one_shot_keeps(model: Any, method: str, blocks: torch.Tensor, target: Target) -> list[LayerKeep]:
-    """Kept units of a one-shot method (calibration runs where the model's weights are)."""
+def one_shot_keeps(model: Any, method: str, blocks: torch.Tensor, target: Target | None,
+                   split: Callable[[Any], Target] | None = None) -> list[LayerKeep]:
+    """Kept units of a one-shot method (calibration runs where the model's weights are).
+
+    ``target`` None: ``split(scores)`` chooses it from the method's scores (``--split kd``).
+    """
     from mptool.baselines import calibrate, score, select
 
     o_stats = d_stats = None
     if method != "magnitude":
         with step(f"calibrate ({len(blocks)} x {blocks.shape[1]} tokens)", total=len(blocks)) as advance:
             o_stats, d_stats = calibrate(model, blocks, progress=advance)
-    return select(score(model, method, o_stats, d_stats), target)
+    scores = score(model, method, o_stats, d_stats)
+    return select(scores, target if target is not None else split(scores))
 
 
 def param_count(model: Any) -> int:
@@ -143,8 +151,9 @@ def param_count(model: Any) -> int:
 
 
 def plan_target(cfg: CompressConfig, d: Dims) -> tuple[Target | None, float | None]:
-    """(fixed target, None) or, for MaskPrune with a ratio, (None, parameter budget) to learn under."""
-    if cfg.method == "maskprune" and not cfg.target.is_set():
+    """(fixed target, None) or, for MaskPrune or ``--split kd`` with a ratio, (None, parameter
+    budget) to choose the target under."""
+    if (cfg.method == "maskprune" or cfg.split == "kd") and not cfg.target.is_set():
         ratio = cfg.ratio if cfg.ratio is not None else CompressConfig.DEFAULT_RATIO
         return None, (1.0 - ratio) * prunable_params(d, d.dense_target())
     return resolve_target(cfg, d), None
@@ -211,8 +220,10 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
     history: list[dict] = []
     extra: dict[str, Any] = {}
     mask_cfg, rec_cfg = cfg.maskprune, cfg.recovery
-    train_tokens = max(mask_cfg.steps * mask_cfg.batch_size if cfg.method == "maskprune" else 0,
-                        rec_cfg.steps * rec_cfg.batch_size) * cfg.data.seq_len
+    # MaskPrune's steps, or the probe batch of --split kd (the same first blocks MaskPrune probes)
+    first = (mask_cfg.steps * mask_cfg.batch_size if cfg.method == "maskprune"
+             else mask_cfg.batch_size if fixed is None else 0)
+    train_tokens = max(first, rec_cfg.steps * rec_cfg.batch_size) * cfg.data.seq_len
     blocks = token_blocks(tokenizer, texts, cfg.data.seq_len, max(train_tokens, cfg.data.seq_len))
 
     t0 = time.perf_counter()
@@ -263,7 +274,21 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
         }
         del trainer
     else:
-        keeps = one_shot_keeps(model, cfg.method, calib, fixed)
+        split = None
+        if fixed is None:  # --split kd
+            from mptool.baselines import kd_split
+            from mptool.shapes import candidates
+
+            ratio = cfg.ratio if cfg.ratio is not None else CompressConfig.DEFAULT_RATIO
+            cands = candidates(d, ratio, cfg.tp, cfg.ffn_multiple)
+
+            def split(scores: Any) -> Target:
+                with console.status(f"scoring {len(cands)} legal targets by KD on a probe batch"):
+                    best, extra["candidate_kd"] = kd_split(model, scores, cands, blocks[: mask_cfg.batch_size],
+                                                           rec_cfg.temperature, rec_cfg.kd_chunk, rec_cfg.bf16)
+                return best
+
+        keeps = one_shot_keeps(model, cfg.method, calib, fixed, split)
         pruned = materialize(model.cpu(), keeps)
     timings["prune_s"] = round(time.perf_counter() - t0, 1)
     target = keeps[0].target()

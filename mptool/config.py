@@ -86,6 +86,12 @@ class CompressConfig:
     """Pruning method: maskprune (learned masks, the default), or one-shot magnitude, wanda-sp, flap."""
     ratio: float | None = None
     """Fraction of prunable parameters to remove, in (0, 1); used when no explicit target."""
+    split: str = "balanced"
+    """One-shot methods with --ratio: how the budget is split between unit types. "balanced": the
+    legal target whose kept attention fraction is closest to its kept FFN fraction (the classic
+    rule); "kd": every legal target within the budget is scored by the KD loss, on one probe batch,
+    of the dense model with only the method's units at that target kept, and the lowest wins
+    (MaskPrune's own shape rule, no training). MaskPrune always learns its split."""
     target: TargetConfig = field(default_factory=TargetConfig)
     tp: list[int] = field(default_factory=lambda: [1])
     """Tensor-parallel sizes the result must load with in vLLM."""

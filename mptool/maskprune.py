@@ -191,6 +191,21 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
     return total / n * t * t
 
 
+def score_shapes(cands: list[Target], keep: Callable[[Target], None], student: Callable[[], torch.Tensor],
+                 teacher: torch.Tensor, temperature: float, chunk: int | None = None) -> dict[Target, float]:
+    """The KD loss against ``teacher`` of the model with each candidate's units kept.
+
+    ``keep(t)`` sets the masks to the units kept at target ``t``; ``student()`` runs the probe
+    batch. Averaged over ranks, so that every rank fixes the same shape. The rule MaskPrune uses
+    to fix its legal shape, and ``--split kd`` for one-shot methods.
+    """
+    scores = {}
+    for t in cands:
+        keep(t)
+        scores[t] = D.mean(kd_loss(student(), teacher, temperature, chunk).item())
+    return scores
+
+
 def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
 
@@ -356,17 +371,17 @@ class MaskPrune:
             with self.model.disable_adapter():
                 teacher = self.model(probe).logits
             self._masks_on = True
-            scores = {}
-            for t in cands:
+
+            def keep(t: Target) -> None:
                 gmask, hmask = M.group_topk(st.zg, st.zh, t.kv_heads, t.heads_per_group)
                 fmask = M.topk_mask(st.zf, t.ffn)
                 if self.cfg.forward == "binary":
                     self._set_masks(gmask, (hmask > 0).float(), fmask)
                 else:
                     self._set_masks(gmask * st.zg, (hmask > 0).float() * st.zh, fmask * st.zf)
-                # averaged over ranks: every rank must fix the same shape
-                scores[t] = D.mean(kd_loss(self.model(probe).logits, teacher, self.cfg.temperature,
-                                           self.cfg.kd_chunk).item())
+
+            scores = score_shapes(cands, keep, lambda: self.model(probe).logits, teacher,
+                                  self.cfg.temperature, self.cfg.kd_chunk)
         self.model.train(was_training)
         best = min(scores, key=scores.get)
         st.snapped = [best.kv_heads, best.heads_per_group, best.ffn]
