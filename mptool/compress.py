@@ -205,7 +205,8 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
     d = Dims.from_config(model.config)
     dense_count = param_count(model)
     console.print(f"dense {d.dense_target()} -> " + (f"target {fixed}" if fixed else
-                  f"learned target within {budget:,.0f} prunable parameters"))
+                  f"{'learned' if cfg.method == 'maskprune' else 'KD-chosen'} target within "
+                  f"{budget:,.0f} prunable parameters"))
     eval_ids = eval_token_stream(tokenizer, eval_text, cfg.ppl.max_tokens)
     protocol = PplProtocol(cfg.ppl.window, cfg.ppl.stride, cfg.ppl.max_tokens, eval_name)
     calib = token_blocks(tokenizer, texts, cfg.data.seq_len, cfg.data.calib_tokens)
