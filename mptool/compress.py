@@ -51,6 +51,11 @@ def validate(cfg: CompressConfig) -> None:
         problems.append(f"--dtype {cfg.dtype!r} is not one of float32, bfloat16")
     if cfg.split not in SPLITS:
         problems.append(f"--split {cfg.split!r} is not one of {', '.join(SPLITS)}")
+    elif cfg.split == "kd" and cfg.method == "maskprune":
+        problems.append("--split kd is for one-shot methods (--method magnitude|wanda-sp|flap); "
+                        "MaskPrune learns its own split")
+    elif cfg.split == "kd" and cfg.target.is_set():
+        problems.append("--split kd chooses the target within --ratio; give --ratio, not an explicit target")
     if cfg.maskprune.select not in ("learned", "wanda-sp"):
         problems.append(f"maskprune.select {cfg.maskprune.select!r} is not one of learned, wanda-sp")
     sf = cfg.maskprune.snap_frac

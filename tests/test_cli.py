@@ -134,9 +134,13 @@ def test_one_shot_split_kd_is_maskprunes_shape_rule(tiny_dir, text_file, tmp_pat
     # the default split is the fixed rule, with no candidate scoring
     assert run("compress", *common, "--method", "wanda-sp", "--out", bal).exit_code == 0
     assert "candidate_kd" not in json.loads((bal / "report.json").read_text())
-    res = run("compress", *common, "--method", "wanda-sp", "--split", "best", "--out", tmp_path / "never")
-    assert res.exit_code != 0 and "--split 'best' is not one of balanced, kd" in res.output
-    assert not (tmp_path / "never").exists()
+    explicit = [tiny_dir, *small(text_file), "--method", "flap", "--ffn", "64"]
+    for args, needle in [([*common, "--method", "wanda-sp", "--split", "best"], "--split 'best' is not one of"),
+                         ([*common, "--split", "kd"], "--split kd is for one-shot methods"),
+                         ([*explicit, "--split", "kd"], "give --ratio, not an explicit target")]:
+        res = run("compress", *args, "--out", tmp_path / "never")
+        assert res.exit_code != 0 and needle in res.output, res.output
+        assert not (tmp_path / "never").exists()
 
 
 def test_maskprune_is_the_default_and_reports_a_uniform_result(tiny_dir, text_file, tmp_path):
