@@ -51,8 +51,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 class Bench:
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, table: bool = True) -> None:
+        """``table=False``: rows are not written as a quality table (the sweeps write their own)."""
         self.started = time.perf_counter()
+        self.table = table
         self.args = args
         self.dev = D.device(args.device)
         self.model, self.tok = load_model(args.model)
@@ -178,6 +180,8 @@ class Bench:
                  self.ppl(mp, "LoRA only"), T, time.perf_counter() - t0, **info)
 
     def save(self) -> None:
+        if not self.table:
+            return
         a = self.args
         result = {
             "benchmark": "quality",

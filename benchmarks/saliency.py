@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = Path(args.out or RESULTS / f"saliency_{args.tag}.json")
     torch.manual_seed(0)
     started = time.perf_counter()
-    bench = _Bench(args)
+    bench = Bench(args, table=False)
     target = Target(args.kv_heads, args.heads_per_group, args.ffn)
     model, calib = bench.model, bench.calib
     wmask = M.topk_mask(bench.scores["wanda-sp"].ffn, target.ffn)
@@ -159,9 +159,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
              "frac_t_above_2": float((t > 2).float().mean()), "sequences": len(calib),
              "gradient_seconds": round(grad_s, 1)}
     rows = []
+    ws = bench.scores["wanda-sp"]
     for name, ffn_scores in selections(bench.scores, g_mask, g_dense, args.batch_size).items():
-        sc = bench.scores["wanda-sp"]
-        keeps = select(Scores(sc.heads, sc.groups, ffn_scores), target)
+        keeps = select(Scores(ws.heads, ws.groups, ffn_scores), target)
         kept = M.topk_mask(ffn_scores, target.ffn) > 0
         pruned = materialize(model, keeps)
         row = {"selection": name, "ppl": bench.ppl(pruned, name),
@@ -181,11 +181,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     return result
-
-
-class _Bench(Bench):
-    def save(self) -> None:  # the result is written by main
-        pass
 
 
 if __name__ == "__main__":

@@ -35,10 +35,6 @@ from mptool.surgery import materialize
 OWN_KEYS = ("name", "init", "mask_tokens", "seed", "oneshot", "shape")
 
 
-class _Bench(Bench):
-    def save(self) -> None:  # rows go to the JSONL instead of a quality table
-        pass
-
 
 def run_oneshot(bench: Bench, ratio: float, variant: dict[str, Any]) -> dict[str, Any]:
     """One-shot units at an explicit shape, then every training token on recovery."""
@@ -106,7 +102,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     out.parent.mkdir(parents=True, exist_ok=True)
     args.ablations, args.ratios = False, str(args.ratio)
     torch.manual_seed(0)
-    bench = _Bench(args)
+    bench = Bench(args, table=False)
     command = "python -m mptool.benchmarks.variants " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in (("ratio", args.ratio), ("tokens", args.tokens),
                                                     ("seq_len", args.seq_len), ("batch_size", args.batch_size),

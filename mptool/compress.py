@@ -8,7 +8,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import yaml
@@ -102,8 +102,7 @@ def resolve_target(cfg: CompressConfig, d: Dims) -> Target:
         )
         validate_target(d, t, cfg.tp, cfg.ffn_multiple)
         return t
-    ratio = cfg.ratio if cfg.ratio is not None else CompressConfig.DEFAULT_RATIO
-    return balanced_target(d, ratio, cfg.tp, cfg.ffn_multiple)
+    return balanced_target(d, cfg.ratio_or_default, cfg.tp, cfg.ffn_multiple)
 
 
 def eval_text_for(path: str | None) -> tuple[str, str]:
@@ -135,20 +134,22 @@ def measure_ppl(model: Any, ids: torch.Tensor, protocol: PplProtocol, label: str
         return perplexity(model, ids, protocol, progress=advance)
 
 
-def one_shot_keeps(model: Any, method: str, blocks: torch.Tensor, target: Target | None,
-                   split: Callable[[Any], Target] | None = None) -> list[LayerKeep]:
-    """Kept units of a one-shot method (calibration runs where the model's weights are).
-
-    ``target`` None: ``split(scores)`` chooses it from the method's scores (``--split kd``).
-    """
-    from mptool.baselines import calibrate, score, select
+def one_shot_scores(model: Any, method: str, blocks: torch.Tensor) -> Any:
+    """Unit scores of a one-shot method (calibration runs where the model's weights are)."""
+    from mptool.baselines import calibrate, score
 
     o_stats = d_stats = None
     if method != "magnitude":
         with step(f"calibrate ({len(blocks)} x {blocks.shape[1]} tokens)", total=len(blocks)) as advance:
             o_stats, d_stats = calibrate(model, blocks, progress=advance)
-    scores = score(model, method, o_stats, d_stats)
-    return select(scores, target if target is not None else split(scores))
+    return score(model, method, o_stats, d_stats)
+
+
+def one_shot_keeps(model: Any, method: str, blocks: torch.Tensor, target: Target) -> list[LayerKeep]:
+    """Kept units of a one-shot method at ``target``."""
+    from mptool.baselines import select
+
+    return select(one_shot_scores(model, method, blocks), target)
 
 
 def param_count(model: Any) -> int:
@@ -159,8 +160,7 @@ def plan_target(cfg: CompressConfig, d: Dims) -> tuple[Target | None, float | No
     """(fixed target, None) or, for MaskPrune or ``--split kd`` with a ratio, (None, parameter
     budget) to choose the target under."""
     if (cfg.method == "maskprune" or cfg.split == "kd") and not cfg.target.is_set():
-        ratio = cfg.ratio if cfg.ratio is not None else CompressConfig.DEFAULT_RATIO
-        return None, (1.0 - ratio) * prunable_params(d, d.dense_target())
+        return None, (1.0 - cfg.ratio_or_default) * prunable_params(d, d.dense_target())
     return resolve_target(cfg, d), None
 
 
@@ -234,14 +234,9 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
 
     t0 = time.perf_counter()
     if cfg.method == "maskprune":
-        from mptool.baselines import calibrate, score
         from mptool.maskprune import MaskPrune
 
-        scores = None
-        if mask_cfg.init == "wanda-sp":
-            with step(f"calibrate ({len(calib)} x {calib.shape[1]} tokens)", total=len(calib)) as advance:
-                o_stats, d_stats = calibrate(model, calib, progress=advance)
-            scores = score(model, "wanda-sp", o_stats, d_stats)
+        scores = one_shot_scores(model, "wanda-sp", calib) if mask_cfg.init == "wanda-sp" else None
         trainer = MaskPrune(model, blocks, mask_cfg, target=fixed, budget=budget, tp=tuple(cfg.tp),
                             ffn_multiple=cfg.ffn_multiple, init_scores=scores, seed=cfg.seed,
                             sharding=cfg.sharding, device=dev)
@@ -280,21 +275,18 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
         }
         del trainer
     else:
-        split = None
+        from mptool.baselines import select
+
+        scores = one_shot_scores(model, cfg.method, calib)
         if fixed is None:  # --split kd
             from mptool.baselines import kd_split
             from mptool.shapes import candidates
 
-            ratio = cfg.ratio if cfg.ratio is not None else CompressConfig.DEFAULT_RATIO
-            cands = candidates(d, ratio, cfg.tp, cfg.ffn_multiple)
-
-            def split(scores: Any) -> Target:
-                with console.status(f"scoring {len(cands)} legal targets by KD on a probe batch"):
-                    best, extra["candidate_kd"] = kd_split(model, scores, cands, blocks[: mask_cfg.batch_size],
-                                                           rec_cfg.temperature, rec_cfg.kd_chunk, rec_cfg.bf16)
-                return best
-
-        keeps = one_shot_keeps(model, cfg.method, calib, fixed, split)
+            cands = candidates(d, cfg.ratio_or_default, cfg.tp, cfg.ffn_multiple)
+            with console.status(f"scoring {len(cands)} legal targets by KD on a probe batch"):
+                fixed, extra["candidate_kd"] = kd_split(model, scores, cands, blocks[: mask_cfg.batch_size],
+                                                        rec_cfg.temperature, rec_cfg.kd_chunk, rec_cfg.bf16)
+        keeps = select(scores, fixed)
         pruned = materialize(model.cpu(), keeps)
     timings["prune_s"] = round(time.perf_counter() - t0, 1)
     target = keeps[0].target()

@@ -119,6 +119,11 @@ class CompressConfig:
 
     DEFAULT_RATIO = 0.2
 
+    @property
+    def ratio_or_default(self) -> float:
+        """--ratio, or DEFAULT_RATIO when neither a ratio nor a target was given."""
+        return self.ratio if self.ratio is not None else self.DEFAULT_RATIO
+
 
 @dataclass
 class EvalConfig:
