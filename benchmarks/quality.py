@@ -104,10 +104,12 @@ class Bench:
     def rec_cfg(self, tokens: int, **kw: Any) -> RecoveryConfig:
         return RecoveryConfig(steps=self.steps(tokens), batch_size=self.args.batch_size, **kw)
 
-    def recovered(self, pruned: Any, tokens: int, teacher: Any, seed: int = 0, **kw: Any) -> Any:
+    def recovered(self, pruned: Any, tokens: int, teacher: Any, seed: int = 0, offset: int = 0, **kw: Any) -> Any:
+        """Recovery on ``tokens`` from block ``offset`` on (after mask learning: the blocks it did not see)."""
         cfg = self.rec_cfg(tokens, **kw)
         with step("recovery", total=cfg.steps) as adv:
-            out, _ = recover(pruned, self.blocks, cfg, teacher=teacher, progress=adv, device=self.dev, seed=seed)
+            out, _ = recover(pruned, self.blocks, cfg, teacher=teacher, progress=adv, device=self.dev, seed=seed,
+                             offset=offset)
         return out
 
     def maskprune(self, ratio: float, tokens: int, scores: str = "wanda-sp", seed: int = 0,
@@ -126,7 +128,8 @@ class Bench:
             hist = trainer.run(progress=adv)
         pruned, keeps = trainer.finish()
         info = {"final_violation": hist[-1]["hard_violation"], "binarity": hist[-1]["binarity"],
-                "step_s_median": sorted(r["step_s"] for r in hist)[len(hist) // 2]}
+                "step_s_median": sorted(r["step_s"] for r in hist)[len(hist) // 2],
+                "mask_blocks": trainer.state.step * cfg.batch_size}
         return pruned, keeps[0].target(), info
 
     def run_ratio(self, ratio: float) -> None:
@@ -138,7 +141,7 @@ class Bench:
         t0 = time.perf_counter()
         mp, learned_half, info = self.maskprune(ratio, half)
         before = self.ppl(mp, "maskprune (T/2)")
-        mp = self.recovered(mp, half, self.model)
+        mp = self.recovered(mp, half, self.model, offset=info["mask_blocks"])
         self.add("maskprune + recovery", ratio, learned_half, self.ppl(mp, "maskprune + recovery"), T,
                  time.perf_counter() - t0, ppl_before_recovery=before, **info)
         del mp
@@ -165,17 +168,17 @@ class Bench:
         T, half = self.args.tokens, self.args.tokens // 2
         t0 = time.perf_counter()
         mp, target, info = self.maskprune(ratio, half, fixed_multiplier=0.5)
-        mp = self.recovered(mp, half, self.model)
+        mp = self.recovered(mp, half, self.model, offset=info["mask_blocks"])
         self.add("ablation: fixed multipliers (y=0.5) + recovery", ratio, target,
                  self.ppl(mp, "fixed multipliers"), T, time.perf_counter() - t0, **info)
         t0 = time.perf_counter()
         mp, target, info = self.maskprune(ratio, half, dual="exact")
-        mp = self.recovered(mp, half, self.model)
+        mp = self.recovered(mp, half, self.model, offset=info["mask_blocks"])
         self.add("ablation: dual ascent with exact line search + recovery", ratio, target,
                  self.ppl(mp, "exact multipliers"), T, time.perf_counter() - t0, **info)
         t0 = time.perf_counter()
         mp, target, info = self.maskprune(ratio, half, kd_distill=False)
-        mp = self.recovered(mp, half, None, kd=False)
+        mp = self.recovered(mp, half, None, kd=False, offset=info["mask_blocks"])
         self.add("ablation: LoRA only (LM loss, no distillation)", ratio, target,
                  self.ppl(mp, "LoRA only"), T, time.perf_counter() - t0, **info)
 

@@ -72,7 +72,7 @@ def run_variant(bench: Bench, ratio: float, variant: dict[str, Any]) -> dict[str
     before = bench.ppl(pruned, f"{variant['name']} before recovery")
     rec_tokens = a.tokens - mask_tokens
     if rec_tokens >= a.batch_size * a.seq_len:
-        pruned = bench.recovered(pruned, rec_tokens, bench.model, seed=seed)
+        pruned = bench.recovered(pruned, rec_tokens, bench.model, seed=seed, offset=info["mask_blocks"])
     return {"name": variant["name"], "ratio": ratio, "overrides": overrides, "init": init, "seed": seed,
             "mask_tokens": mask_tokens, "recovery_tokens": rec_tokens, **describe(bench.d, target),
             "ppl_before_recovery": before, "ppl": bench.ppl(pruned, variant["name"]),

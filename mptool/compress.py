@@ -227,12 +227,15 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
     extra: dict[str, Any] = {}
     mask_cfg, rec_cfg = cfg.maskprune, cfg.recovery
     # MaskPrune's steps, or the probe batch of --split kd (the same first blocks MaskPrune probes)
+    # Recovery after MaskPrune continues where mask learning stopped (new text, not a second pass)
     first = (mask_cfg.steps * mask_cfg.batch_size if cfg.method == "maskprune"
              else mask_cfg.batch_size if fixed is None else 0)
-    train_tokens = max(first, rec_cfg.steps * rec_cfg.batch_size) * cfg.data.seq_len
+    rec_blocks = rec_cfg.steps * rec_cfg.batch_size
+    train_tokens = (first + rec_blocks if cfg.method == "maskprune" else max(first, rec_blocks)) * cfg.data.seq_len
     blocks = token_blocks(tokenizer, texts, cfg.data.seq_len, max(train_tokens, cfg.data.seq_len))
 
     t0 = time.perf_counter()
+    data_offset = 0  # blocks consumed before recovery
     if cfg.method == "maskprune":
         from mptool.maskprune import MaskPrune
 
@@ -265,6 +268,7 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
             pruned, keeps = trainer.finish(reload=load_dense)
             model = None  # LoRA was merged into these weights: recovery reloads the dense teacher
         history = _read_jsonl(metrics) or history
+        data_offset = trainer.state.step * mask_cfg.batch_size
         extra["maskprune"] = {
             "steps": trainer.state.step, "tokens": trainer.state.tokens,
             "final_violation": history[-1]["hard_violation"] if history else None,
@@ -303,10 +307,12 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
             pruned, rec_history = recover(pruned, blocks, rec_cfg, teacher=model,
                                           cache_path=ckpt_parent / "teacher-topk.safetensors",
                                           metrics_path=metrics, progress=advance,
-                                          sharding=cfg.sharding, device=dev, seed=cfg.seed)
+                                          sharding=cfg.sharding, device=dev, seed=cfg.seed,
+                                          offset=data_offset)
         history += rec_history
         timings["recovery_s"] = round(time.perf_counter() - t0, 1)
         extra["recovery"] = {"steps": len(rec_history), "tokens": rec_history[-1]["tokens"] if rec_history else 0,
+                             "first_block": data_offset % len(blocks), "blocks": len(blocks),
                              "step_s_median": _median([r["step_s"] for r in rec_history])}
     del model
     if not main:  # rank 0 evaluates and writes

@@ -80,8 +80,12 @@ def cache_teacher(teacher: Any, blocks: torch.Tensor, batch_size: int, k: int, p
 def recover(student: Any, blocks: torch.Tensor, cfg: RecoveryConfig, teacher: Any = None,
             cache_path: Path | None = None, metrics_path: Path | None = None,
             progress: Callable[..., None] | None = None, sharding: str = "ddp",
-            device: torch.device | None = None, seed: int = 0) -> tuple[Any, list[dict]]:
+            device: torch.device | None = None, seed: int = 0, offset: int = 0) -> tuple[Any, list[dict]]:
     """Train LoRA on ``student`` against the teacher, merge, return ``(plain model, history)``.
+
+    ``offset`` is the data position: the first block trained on (the blocks wrap around). After
+    mask learning it is the number of blocks mask learning consumed, so that recovery trains on
+    new text instead of repeating what the masks were learned on.
 
     The student (and the teacher) are moved to ``device`` (default: where the student is), or
     sharded onto it under FSDP; the merged model comes back on the CPU. The LoRA initialisation
@@ -91,6 +95,8 @@ def recover(student: Any, blocks: torch.Tensor, cfg: RecoveryConfig, teacher: An
 
     if cfg.teacher not in ("memory", "cache"):
         raise ValueError(f"teacher must be 'memory' or 'cache', got {cfg.teacher!r}")
+    if offset % len(blocks):
+        blocks = torch.roll(blocks, -(offset % len(blocks)), dims=0)
     adapter = get_adapter(student.config)
     sharded = D.sharded(sharding)
     dev = device or (D.device() if sharded else next(student.parameters()).device)

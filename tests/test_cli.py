@@ -154,6 +154,8 @@ def test_maskprune_is_the_default_and_reports_a_uniform_result(tiny_dir, text_fi
     assert report["maskprune"]["final_violation"] == 0.0 and report["maskprune"]["steps"] == 8
     assert report["prunable_removed"] >= 0.5 and report["recovery"]["steps"] == 2
     assert "before_recovery" in report
+    # recovery trains on new text: the 8 x 2 blocks of mask learning are followed by 2 x 2 more
+    assert report["recovery"]["blocks"] == 8 * 2 + 2 * 2 and report["recovery"]["first_block"] == 8 * 2
     model = AutoModelForCausalLM.from_pretrained(out)
     shapes = {(l.self_attn.q_proj.out_features, l.self_attn.k_proj.out_features, l.mlp.down_proj.in_features)
               for l in model.model.layers}
