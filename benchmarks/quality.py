@@ -112,7 +112,7 @@ class Bench:
                              offset=offset)
         return out
 
-    def maskprune(self, ratio: float, tokens: int, scores: str = "wanda-sp", seed: int = 0,
+    def maskprune(self, ratio: float, tokens: int, scores: str | None = None, seed: int = 0,
                   **kw: Any) -> tuple[Any, Target, dict]:
         """MaskPrune with ``tokens`` of mask learning, masks initialised from the one-shot ``scores``
         (``kw``: MaskPruneConfig overrides; ``seed``: LoRA initialisation). Returns (sliced model,
@@ -122,7 +122,7 @@ class Bench:
         cfg = MaskPruneConfig(steps=self.steps(tokens), batch_size=self.args.batch_size,
                               checkpoint_every=0, **kw)
         budget = (1 - ratio) * prunable_params(self.d, self.d.dense_target())
-        trainer = MaskPrune(model, self.blocks, cfg, budget=budget, init_scores=self.scores[scores],
+        trainer = MaskPrune(model, self.blocks, cfg, budget=budget, init_scores=self.scores.get(scores or cfg.init),
                             device=self.dev, seed=seed)
         with step(f"mask learning @ {ratio}", total=cfg.steps) as adv:
             hist = trainer.run(progress=adv)

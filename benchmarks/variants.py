@@ -4,7 +4,7 @@
         '[{"name": "default"}, {"name": "lr 0", "lr_mask": 0.0}, {"name": "flap init", "init": "flap"}]'
 
 Each variant is a set of ``MaskPruneConfig`` overrides plus keys of its own: ``name``,
-``init`` (which one-shot score initialises the masks: wanda-sp, flap or magnitude),
+``init`` (which one-shot score initialises the masks: flap (the default), wanda-sp or magnitude),
 ``mask_tokens`` (tokens of mask learning; the rest of ``--tokens`` goes to recovery, default half)
 and ``seed`` (LoRA initialisation of mask learning and recovery, default 0: repeat a variant with
 other seeds to see the spread). ``{"name": ..., "oneshot": "flap", "shape": [3, 3, 512]}`` is a
@@ -28,6 +28,7 @@ import torch
 from mptool import distributed as D
 from mptool.baselines import select
 from mptool.benchmarks.quality import RESULTS, Bench
+from mptool.maskprune import MaskPruneConfig
 from mptool.progress import console
 from mptool.shapes import Target, describe
 from mptool.surgery import materialize
@@ -61,7 +62,7 @@ def run_variant(bench: Bench, ratio: float, variant: dict[str, Any]) -> dict[str
     a = bench.args
     overrides = {k: v for k, v in variant.items() if k not in OWN_KEYS}
     seed = int(variant.get("seed", 0))
-    init = variant.get("init", "wanda-sp")
+    init = variant.get("init", MaskPruneConfig().init)
     if init not in bench.scores:
         raise ValueError(f"unknown init score {init!r}: one of {', '.join(bench.scores)}")
     mask_tokens = int(variant.get("mask_tokens", a.tokens // 2))

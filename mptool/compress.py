@@ -56,8 +56,10 @@ def validate(cfg: CompressConfig) -> None:
                         "MaskPrune learns its own split")
     elif cfg.split == "kd" and cfg.target.is_set():
         problems.append("--split kd chooses the target within --ratio; give --ratio, not an explicit target")
-    if cfg.maskprune.select not in ("learned", "wanda-sp"):
-        problems.append(f"maskprune.select {cfg.maskprune.select!r} is not one of learned, wanda-sp")
+    if cfg.maskprune.select not in ("learned", *ONE_SHOT):
+        problems.append(f"maskprune.select {cfg.maskprune.select!r} is not one of learned, {', '.join(ONE_SHOT)}")
+    if cfg.maskprune.init not in (*ONE_SHOT, "ones"):
+        problems.append(f"maskprune.init {cfg.maskprune.init!r} is not one of {', '.join(ONE_SHOT)}, ones")
     sf = cfg.maskprune.snap_frac
     if sf is not None and not 0 <= sf <= 1:
         problems.append(f"maskprune.snap_frac {sf} must be in [0, 1] (or null: the end of the warm-up)")
@@ -239,7 +241,7 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
     if cfg.method == "maskprune":
         from mptool.maskprune import MaskPrune
 
-        scores = one_shot_scores(model, "wanda-sp", calib) if mask_cfg.init == "wanda-sp" else None
+        scores = one_shot_scores(model, mask_cfg.init, calib) if mask_cfg.init != "ones" else None
         trainer = MaskPrune(model, blocks, mask_cfg, target=fixed, budget=budget, tp=tuple(cfg.tp),
                             ffn_multiple=cfg.ffn_multiple, init_scores=scores, seed=cfg.seed,
                             sharding=cfg.sharding, device=dev)
@@ -256,13 +258,13 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
         with step("mask learning", total=mask_cfg.steps) as advance:
             advance(trainer.state.step)
             history = trainer.run(metrics, ckpt, progress=advance)
-        if mask_cfg.select == "wanda-sp":  # MaskPrune's shape only: the dense weights cut by wanda-sp
+        if mask_cfg.select != "learned":  # MaskPrune's shape only: the dense weights cut by a one-shot score
             from mptool.baselines import select
 
             shape = trainer.keeps()[0].target()
             model = load_dense()  # the trainer's model carries LoRA; this one is also recovery's teacher
-            keeps = (select(scores, shape) if scores is not None
-                     else one_shot_keeps(model.to(dev), "wanda-sp", calib, shape))
+            keeps = (select(scores, shape) if scores is not None and mask_cfg.select == mask_cfg.init
+                     else one_shot_keeps(model.to(dev), mask_cfg.select, calib, shape))
             pruned = materialize(model.cpu(), keeps)
         else:
             pruned, keeps = trainer.finish(reload=load_dense)

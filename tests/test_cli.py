@@ -103,7 +103,11 @@ def test_maskprune_select_wanda_sp_keeps_the_shape_and_cuts_the_dense_weights(ti
     bad = tmp_path / "bad.yaml"
     bad.write_text("maskprune:\n  select: best\n")
     res = run("compress", tiny_dir, *small(text_file), "--config", bad, "--out", tmp_path / "never")
-    assert res.exit_code != 0 and "maskprune.select 'best' is not one of learned, wanda-sp" in res.output
+    assert res.exit_code != 0 and "maskprune.select 'best' is not one of learned, magnitude, wanda-sp, flap" in res.output
+    assert not (tmp_path / "never").exists()
+    bad.write_text("maskprune:\n  init: random\n")
+    res = run("compress", tiny_dir, *small(text_file), "--config", bad, "--out", tmp_path / "never")
+    assert res.exit_code != 0 and "maskprune.init 'random' is not one of magnitude, wanda-sp, flap, ones" in res.output
     assert not (tmp_path / "never").exists()
     bad.write_text("maskprune:\n  snap_frac: 1.5\n")
     res = run("compress", tiny_dir, *small(text_file), "--config", bad, "--out", tmp_path / "never")
@@ -113,15 +117,15 @@ def test_maskprune_select_wanda_sp_keeps_the_shape_and_cuts_the_dense_weights(ti
 
 def test_one_shot_split_kd_is_maskprunes_shape_rule(tiny_dir, text_file, tmp_path):
     """--split kd: a one-shot method chooses its target the way MaskPrune fixes its shape before
-    the first step (KD of each legal candidate on the same probe batch). With wanda-sp, whose
-    scores also initialise MaskPrune's masks, the result is MaskPrune's shape cut by wanda-sp
-    (select: wanda-sp), unit for unit, with the same candidate scores."""
+    the first step (KD of each legal candidate on the same probe batch). With flap, whose scores
+    also initialise MaskPrune's masks by default, the result is MaskPrune's shape cut by flap
+    (select: flap), unit for unit, with the same candidate scores."""
     recipe = tmp_path / "sel.yaml"
-    recipe.write_text("maskprune:\n  steps: 2\n  batch_size: 2\n  checkpoint_every: 0\n  select: wanda-sp\n")
+    recipe.write_text("maskprune:\n  steps: 2\n  batch_size: 2\n  checkpoint_every: 0\n  select: flap\n")
     mp, kd, bal = tmp_path / "mp", tmp_path / "kd", tmp_path / "bal"
     common = [tiny_dir, *small(text_file), "--ratio", "0.5", "--ffn-multiple", "32", "--config", recipe]
     assert run("compress", *common, "--out", mp).exit_code == 0
-    res = run("compress", *common, "--method", "wanda-sp", "--split", "kd", "--out", kd)
+    res = run("compress", *common, "--method", "flap", "--split", "kd", "--out", kd)
     assert res.exit_code == 0, res.output
     a, b = json.loads((mp / "report.json").read_text()), json.loads((kd / "report.json").read_text())
     assert json.loads((mp / "keeps.json").read_text()) == json.loads((kd / "keeps.json").read_text())
@@ -132,7 +136,7 @@ def test_one_shot_split_kd_is_maskprunes_shape_rule(tiny_dir, text_file, tmp_pat
     assert best == "kv_heads={kv_heads} heads_per_group={heads_per_group} ffn={ffn}".format(**b["pruned"])
     assert b["prunable_removed"] >= 0.5
     # the default split is the fixed rule, with no candidate scoring
-    assert run("compress", *common, "--method", "wanda-sp", "--out", bal).exit_code == 0
+    assert run("compress", *common, "--method", "flap", "--out", bal).exit_code == 0
     assert "candidate_kd" not in json.loads((bal / "report.json").read_text())
     explicit = [tiny_dir, *small(text_file), "--method", "flap", "--ffn", "64"]
     for args, needle in [([*common, "--method", "wanda-sp", "--split", "best"], "--split 'best' is not one of"),
