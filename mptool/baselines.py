@@ -10,8 +10,10 @@ measured against and its optional mask initialisation.
   of ``o_proj`` / ``down_proj``, ``sum_i |W_ij| * ||X_j||_2`` over calibration tokens, summed
   over a unit's columns.
 * ``flap``: the fluctuation metric ``Var(X_j) * ||W_{:,j}||^2``, summed over a unit's columns.
-  FLAP's bias compensation is not applied: it would add biases to ``o_proj``/``down_proj``,
-  which Llama-family checkpoints cannot hold, and the result must stay a plain checkpoint.
+  FLAP's bias compensation is not applied: it needs biases on ``o_proj``/``down_proj``, which
+  Mistral/Qwen2 checkpoints cannot hold, Qwen3 only on ``o_proj`` and Llama only with
+  ``attention_bias``/``mlp_bias`` (which add q/k/v and gate/up biases too), and the result must
+  keep the dense model's layout.
 
 A KV group's score is the sum of its query heads' scores (plus its k/v norms for magnitude).
 """
