@@ -9,7 +9,9 @@ Each variant is a set of ``MaskPruneConfig`` overrides plus keys of its own: ``n
 and ``seed`` (LoRA initialisation of mask learning and recovery, default 0: repeat a variant with
 other seeds to see the spread). ``{"name": ..., "oneshot": "flap", "shape": [3, 3, 512]}`` is a
 one-shot row instead: that method's units at that shape, then all of ``--tokens`` on recovery
-(the baseline a MaskPrune variant at the same shape has to beat).
+(the baseline a MaskPrune variant at the same shape has to beat); with ``"phases": [[16384, 8],
+[16384, 16]]`` its recovery runs in phases of (tokens, LoRA rank), each a fresh adapter merged
+before the next, on consecutive text: MaskPrune's two-phase structure without the mask learning.
 Same data, calibration, seed and held-out text as ``mptool.benchmarks.quality``, so a variant
 named "default" reproduces that table's "maskprune + recovery" row. Rows are appended to
 ``benchmarks/results/variants_<tag>.jsonl`` as they finish (a long sweep keeps what it measured).
@@ -33,7 +35,7 @@ from mptool.progress import console
 from mptool.shapes import Target, describe
 from mptool.surgery import materialize
 
-OWN_KEYS = ("name", "init", "mask_tokens", "seed", "oneshot", "shape")
+OWN_KEYS = ("name", "init", "mask_tokens", "seed", "oneshot", "shape", "phases")
 
 
 
@@ -46,13 +48,24 @@ def run_oneshot(bench: Bench, ratio: float, variant: dict[str, Any]) -> dict[str
         target = Target(*(int(v) for v in variant["shape"]))
     except (KeyError, TypeError, ValueError):
         raise ValueError('a "oneshot" variant needs "shape": [kv_heads, heads_per_group, ffn]') from None
+    phases = variant.get("phases", [[bench.args.tokens, 16]])
+    try:
+        phases = [(int(t), int(r)) for t, r in phases]
+        assert sum(t for t, _ in phases) == bench.args.tokens and all(t > 0 and r > 0 for t, r in phases)
+    except (TypeError, ValueError, AssertionError):
+        raise ValueError(f'"phases" must be [[tokens, lora_r], ...] with tokens summing to {bench.args.tokens}') from None
     t0 = time.perf_counter()
     pruned = materialize(bench.model, select(bench.scores[method], target))
     before = bench.ppl(pruned, f"{variant['name']} one-shot")
-    pruned = bench.recovered(pruned, bench.args.tokens, bench.model, seed=seed)
+    offset, between = 0, []
+    for i, (tokens, r) in enumerate(phases):  # each phase: a fresh adapter of rank r (alpha 2r), merged
+        if i:
+            between.append(bench.ppl(pruned, f"{variant['name']} after phase {i}"))
+        pruned = bench.recovered(pruned, tokens, bench.model, seed=seed, offset=offset, lora_r=r, lora_alpha=2 * r)
+        offset += bench.steps(tokens) * bench.args.batch_size
     return {"name": variant["name"], "ratio": ratio, "oneshot": method, "seed": seed, "init": method,
-            "mask_tokens": 0, "recovery_tokens": bench.args.tokens, **describe(bench.d, target),
-            "ppl_before_recovery": before, "ppl": bench.ppl(pruned, variant["name"]),
+            "mask_tokens": 0, "recovery_tokens": bench.args.tokens, "phases": phases, "ppl_between_phases": between,
+            **describe(bench.d, target), "ppl_before_recovery": before, "ppl": bench.ppl(pruned, variant["name"]),
             "seconds": round(time.perf_counter() - t0, 1)}
 
 

@@ -99,6 +99,26 @@ def test_oneshot_and_seeded_variants(table, model_dir, tmp_path):
                        "--variants", '[{"name": "x", "oneshot": "flap"}]'])
 
 
+def test_oneshot_recovery_in_phases(table, model_dir, tmp_path):
+    """"phases" splits a one-shot row's recovery like MaskPrune's two phases: one phase of every
+    token at rank 16 is the plain row; two phases train differently and report the perplexity
+    between them; phases that do not add up to the budget are refused."""
+    from mptool.benchmarks import variants
+
+    flap = next(r for r in table["rows"] if r["method"] == "flap + recovery" and r["split"] == "fixed rule")
+    shape = [flap["kv_heads"], flap["heads_per_group"], flap["ffn"]]
+    rows = variants.main(["--model", str(model_dir), "--ratio", "0.5", "--out", str(tmp_path / "v.jsonl"), *ARGS,
+                          "--variants", json.dumps([
+                              {"name": "one", "oneshot": "flap", "shape": shape, "phases": [[512, 16]]},
+                              {"name": "two", "oneshot": "flap", "shape": shape, "phases": [[256, 8], [256, 16]]}])])
+    assert rows[0]["ppl"] == pytest.approx(flap["ppl"], rel=1e-6) and rows[0]["ppl_between_phases"] == []
+    assert rows[1]["phases"] == [(256, 8), (256, 16)] and len(rows[1]["ppl_between_phases"]) == 1
+    assert rows[1]["ppl"] != pytest.approx(flap["ppl"], rel=1e-6)
+    with pytest.raises(ValueError, match="summing to 512"):
+        variants.main(["--model", str(model_dir), "--out", str(tmp_path / "w.jsonl"), *ARGS, "--variants",
+                       json.dumps([{"name": "x", "oneshot": "flap", "shape": shape, "phases": [[256, 8]]}])])
+
+
 def test_variants_reject_bad_input(tmp_path, capsys):
     from mptool.benchmarks import variants
 
