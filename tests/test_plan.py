@@ -31,7 +31,7 @@ model = tiny_model("llama", hidden_size=512, num_hidden_layers=4, num_attention_
 d = Dims.from_config(model.config)
 blocks = torch.randint(3, 8192, (8, 256))
 mp = MaskPrune(model, blocks, MaskPruneConfig(steps=3, batch_size=4, bf16=False, checkpoint_every=0,
-               init="ones", grad_checkpointing=gc, kd_chunk=chunk), budget=0.5 * prunable_params(d, d.dense_target()))
+               init="ones", grad_checkpointing=gc, kd_chunk=chunk, lora_r=8, lora_alpha=16), budget=0.5 * prunable_params(d, d.dense_target()))
 mp.run()
 peak = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) * 1024  # per-mm: not inherited across exec
 print(json.dumps({"delta": peak - base, "config": model.config.to_dict()}))
