@@ -14,17 +14,19 @@ import torch
 import yaml
 
 from mptool import distributed as D
+from mptool.baselines import METHODS
 from mptool.config import CompressConfig, save_config, to_dict
 from mptool.errors import MptoolError
 from mptool.evaluate import PplProtocol, perplexity
 from mptool.io import atomic_dir
+from mptool.maskprune import INITS
 from mptool.models import looks_like_path
 from mptool.progress import console, step
 from mptool.shapes import (Dims, Target, balanced_target, check_ratio, describe, prunable_params,
                            validate_target)
 from mptool.surgery import LayerKeep, materialize, save_keeps
 
-ONE_SHOT = ("magnitude", "wanda-sp", "flap")
+ONE_SHOT = METHODS
 METHODS = ("maskprune", *ONE_SHOT)
 SPLITS = ("balanced", "kd")
 
@@ -58,8 +60,8 @@ def validate(cfg: CompressConfig) -> None:
         problems.append("--split kd chooses the target within --ratio; give --ratio, not an explicit target")
     if cfg.maskprune.select not in ("learned", *ONE_SHOT):
         problems.append(f"maskprune.select {cfg.maskprune.select!r} is not one of learned, {', '.join(ONE_SHOT)}")
-    if cfg.maskprune.init not in (*ONE_SHOT, "ones"):
-        problems.append(f"maskprune.init {cfg.maskprune.init!r} is not one of {', '.join(ONE_SHOT)}, ones")
+    if cfg.maskprune.init not in INITS:
+        problems.append(f"maskprune.init {cfg.maskprune.init!r} is not one of {', '.join(INITS)}")
     sf = cfg.maskprune.snap_frac
     if sf is not None and not 0 <= sf <= 1:
         problems.append(f"maskprune.snap_frac {sf} must be in [0, 1] (or null: the end of the warm-up)")
@@ -228,8 +230,8 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
     history: list[dict] = []
     extra: dict[str, Any] = {}
     mask_cfg, rec_cfg = cfg.maskprune, cfg.recovery
-    # MaskPrune's steps, or the probe batch of --split kd (the same first blocks MaskPrune probes)
-    # Recovery after MaskPrune continues where mask learning stopped (new text, not a second pass)
+    # MaskPrune's steps, or the probe batch of --split kd (the same first blocks MaskPrune probes);
+    # recovery after MaskPrune continues where mask learning stopped (new text, not a second pass)
     first = (mask_cfg.steps * mask_cfg.batch_size if cfg.method == "maskprune"
              else mask_cfg.batch_size if fixed is None else 0)
     rec_blocks = rec_cfg.steps * rec_cfg.batch_size

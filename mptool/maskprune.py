@@ -42,14 +42,15 @@ import torch.nn.functional as F
 
 from mptool import distributed as D
 from mptool import masks as M
+from mptool.baselines import METHODS
 from mptool.families import get_adapter
 from mptool.hooks import apply_masks
 from mptool.shapes import Dims, Target, continuous_params, prunable_params, snap
 from mptool.surgery import LayerKeep
 
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
-INITS = ("flap", "wanda-sp", "magnitude", "ones")
-"""Mask initialisations: a one-shot score (mptool.baselines.METHODS), or all ones."""
+INITS = (*METHODS, "ones")
+"""Mask initialisations: a one-shot score, or all ones."""
 
 
 @dataclass
@@ -256,13 +257,13 @@ class MaskPrune:
             raise ValueError(f"unknown multiplier update {cfg.dual!r}: exact or ascent")
         if cfg.forward not in ("binary", "scaled"):
             raise ValueError(f"unknown mask forward {cfg.forward!r}: binary or scaled")
-        if cfg.init in INITS and cfg.init != "ones" and init_scores is not None:
+        if cfg.init not in INITS:
+            raise ValueError(f"unknown mask init {cfg.init!r}: one of {', '.join(INITS)}")
+        if cfg.init != "ones" and init_scores is not None:
             zg, zh, zf = (M.init_from_scores(init_scores.groups).cpu(), M.init_from_scores(init_scores.heads).cpu(),
                           M.init_from_scores(init_scores.ffn).cpu())
-        elif cfg.init in INITS:
-            zg, zh, zf = torch.ones(L, G), torch.ones(L, G, R), torch.ones(L, I)
         else:
-            raise ValueError(f"unknown mask init {cfg.init!r}: one of {', '.join(INITS)}")
+            zg, zh, zf = torch.ones(L, G), torch.ones(L, G, R), torch.ones(L, I)
         final = target or d.dense_target()
         self.state = MaskState(zg=zg.clone(), zh=zh.clone(), zf=zf.clone(), yg=torch.zeros(L),
                                yh=torch.zeros(L, G), yf=torch.zeros(L),

@@ -95,8 +95,8 @@ def recover(student: Any, blocks: torch.Tensor, cfg: RecoveryConfig, teacher: An
 
     if cfg.teacher not in ("memory", "cache"):
         raise ValueError(f"teacher must be 'memory' or 'cache', got {cfg.teacher!r}")
-    if offset % len(blocks):
-        blocks = torch.roll(blocks, -(offset % len(blocks)), dims=0)
+    if shift := offset % len(blocks):
+        blocks = torch.roll(blocks, -shift, dims=0)
     adapter = get_adapter(student.config)
     sharded = D.sharded(sharding)
     dev = device or (D.device() if sharded else next(student.parameters()).device)
