@@ -9,7 +9,8 @@ Every method that trains gets the same number of training tokens ``T`` in all:
 
 * ``<one-shot> + recovery``: the one-shot cut, then ``T`` tokens of LoRA + KD recovery;
 * ``maskprune``: ``T`` tokens of mask learning (LoRA + KD inside), no recovery;
-* ``maskprune + recovery``: ``T/2`` tokens of mask learning, ``T/2`` of recovery.
+* ``maskprune + recovery``: ``T/2`` tokens of mask learning, ``T/2`` of recovery that continues
+  mask learning's adapter on the frozen masks (``recovery.adapter: continue``, compress's default).
 
 A reference row puts the dense model itself through the same recovery: recovery's LM term
 adapts any model to the training text, so that row says how much of a recovered model's
@@ -113,23 +114,42 @@ class Bench:
         return out
 
     def maskprune(self, ratio: float, tokens: int, scores: str | None = None, seed: int = 0,
+                  rec_tokens: int = 0, rec_kw: dict[str, Any] | None = None,
                   **kw: Any) -> tuple[Any, Target, dict]:
         """MaskPrune with ``tokens`` of mask learning, masks initialised from the one-shot ``scores``
-        (``kw``: MaskPruneConfig overrides; ``seed``: LoRA initialisation). Returns (sliced model,
-        target, run info)."""
+        (``kw``: MaskPruneConfig overrides; ``seed``: LoRA initialisation), then ``rec_tokens`` of
+        recovery (``rec_kw``: RecoveryConfig overrides; with ``adapter: "continue"``, the default,
+        it continues mask learning's adapter on the frozen masks, else a fresh adapter after the
+        cut). Returns (sliced model, target, run info); ``info["ppl_before_recovery"]`` is the
+        perplexity at the cut when there was recovery."""
         model, _ = load_model(self.args.model)
         model.to(self.dev)
         cfg = MaskPruneConfig(steps=self.steps(tokens), batch_size=self.args.batch_size,
                               checkpoint_every=0, **kw)
+        rec = self.rec_cfg(rec_tokens, **(rec_kw or {})) if rec_tokens else None
         budget = (1 - ratio) * prunable_params(self.d, self.d.dense_target())
         trainer = MaskPrune(model, self.blocks, cfg, budget=budget, init_scores=self.scores.get(scores or cfg.init),
                             device=self.dev, seed=seed)
+        continued = rec is not None and rec.adapter == "continue"
+        if continued:
+            trainer.continue_with(rec)
         with step(f"mask learning @ {ratio}", total=cfg.steps) as adv:
             hist = trainer.run(progress=adv)
-        pruned, keeps = trainer.finish()
         info = {"final_violation": hist[-1]["hard_violation"], "binarity": hist[-1]["binarity"],
                 "step_s_median": sorted(r["step_s"] for r in hist)[len(hist) // 2],
                 "mask_blocks": trainer.state.step * cfg.batch_size}
+        if continued:
+            trainer.freeze()
+            info["ppl_before_recovery"] = self.ppl(trainer.model, "maskprune, before recovery")
+            with step("recovery (mask learning's adapter continued)", total=rec.steps) as adv:
+                trainer.run_recovery(progress=adv)
+        pruned, keeps = trainer.finish()
+        if rec is not None and not continued:
+            info["ppl_before_recovery"] = self.ppl(pruned, "maskprune, before recovery")
+            pruned = self.recovered(pruned, rec_tokens, self.model, seed=seed, offset=info["mask_blocks"],
+                                    **{k: v for k, v in (rec_kw or {}).items() if k != "adapter"})
+        if rec is not None:
+            info["recovery_adapter"] = "continued" if continued else "fresh"
         return pruned, keeps[0].target(), info
 
     def run_ratio(self, ratio: float) -> None:
@@ -139,11 +159,9 @@ class Bench:
         self.add("maskprune", ratio, learned, self.ppl(mp, "maskprune"), T, time.perf_counter() - t0, **info)
         del mp
         t0 = time.perf_counter()
-        mp, learned_half, info = self.maskprune(ratio, half)
-        before = self.ppl(mp, "maskprune (T/2)")
-        mp = self.recovered(mp, half, self.model, offset=info["mask_blocks"])
+        mp, learned_half, info = self.maskprune(ratio, half, rec_tokens=T - half)
         self.add("maskprune + recovery", ratio, learned_half, self.ppl(mp, "maskprune + recovery"), T,
-                 time.perf_counter() - t0, ppl_before_recovery=before, **info)
+                 time.perf_counter() - t0, **info)
         del mp
         fixed = balanced_target(self.d, ratio)
         for method in METHODS:
@@ -167,18 +185,15 @@ class Bench:
     def ablations(self, ratio: float) -> None:
         T, half = self.args.tokens, self.args.tokens // 2
         t0 = time.perf_counter()
-        mp, target, info = self.maskprune(ratio, half, fixed_multiplier=0.5)
-        mp = self.recovered(mp, half, self.model, offset=info["mask_blocks"])
+        mp, target, info = self.maskprune(ratio, half, rec_tokens=T - half, fixed_multiplier=0.5)
         self.add("ablation: fixed multipliers (y=0.5) + recovery", ratio, target,
                  self.ppl(mp, "fixed multipliers"), T, time.perf_counter() - t0, **info)
         t0 = time.perf_counter()
-        mp, target, info = self.maskprune(ratio, half, dual="exact")
-        mp = self.recovered(mp, half, self.model, offset=info["mask_blocks"])
+        mp, target, info = self.maskprune(ratio, half, rec_tokens=T - half, dual="exact")
         self.add("ablation: dual ascent with exact line search + recovery", ratio, target,
                  self.ppl(mp, "exact multipliers"), T, time.perf_counter() - t0, **info)
         t0 = time.perf_counter()
-        mp, target, info = self.maskprune(ratio, half, kd_distill=False)
-        mp = self.recovered(mp, half, None, kd=False, offset=info["mask_blocks"])
+        mp, target, info = self.maskprune(ratio, half, rec_tokens=T - half, rec_kw={"kd": False}, kd_distill=False)
         self.add("ablation: LoRA only (LM loss, no distillation)", ratio, target,
                  self.ppl(mp, "LoRA only"), T, time.perf_counter() - t0, **info)
 

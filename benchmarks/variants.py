@@ -5,7 +5,9 @@
 
 Each variant is a set of ``MaskPruneConfig`` overrides plus keys of its own: ``name``,
 ``init`` (which one-shot score initialises the masks: flap (the default), wanda-sp or magnitude),
-``mask_tokens`` (tokens of mask learning; the rest of ``--tokens`` goes to recovery, default half)
+``mask_tokens`` (tokens of mask learning; the rest of ``--tokens`` goes to recovery, default half),
+``adapter`` ("continue", the default: recovery trains mask learning's adapter on; "fresh": a new
+adapter after the cut, the behaviour before)
 and ``seed`` (LoRA initialisation of mask learning and recovery, default 0: repeat a variant with
 other seeds to see the spread). ``{"name": ..., "oneshot": "flap", "shape": [3, 3, 512]}`` is a
 one-shot row instead: that method's units at that shape, then all of ``--tokens`` on recovery
@@ -35,7 +37,7 @@ from mptool.progress import console
 from mptool.shapes import Target, describe
 from mptool.surgery import materialize
 
-OWN_KEYS = ("name", "init", "mask_tokens", "seed", "oneshot", "shape", "phases")
+OWN_KEYS = ("name", "init", "mask_tokens", "seed", "oneshot", "shape", "phases", "adapter")
 
 
 
@@ -81,15 +83,22 @@ def run_variant(bench: Bench, ratio: float, variant: dict[str, Any]) -> dict[str
     mask_tokens = int(variant.get("mask_tokens", a.tokens // 2))
     if not 0 < mask_tokens <= a.tokens:
         raise ValueError(f"mask_tokens must be in (0, {a.tokens}], got {mask_tokens}")
+    adapter = variant.get("adapter", "continue")
+    if adapter not in ("continue", "fresh"):
+        raise ValueError(f'"adapter" must be "continue" or "fresh", got {adapter!r}')
     t0 = time.perf_counter()
-    pruned, target, info = bench.maskprune(ratio, mask_tokens, scores=init, seed=seed, **overrides)
-    before = bench.ppl(pruned, f"{variant['name']} before recovery")
     rec_tokens = a.tokens - mask_tokens
-    if rec_tokens >= a.batch_size * a.seq_len:
-        pruned = bench.recovered(pruned, rec_tokens, bench.model, seed=seed, offset=info["mask_blocks"])
+    if rec_tokens < a.batch_size * a.seq_len:
+        rec_tokens = 0
+    pruned, target, info = bench.maskprune(ratio, mask_tokens, scores=init, seed=seed, rec_tokens=rec_tokens,
+                                           rec_kw={"adapter": adapter}, **overrides)
+    before = info.get("ppl_before_recovery")
+    if before is None:
+        before = bench.ppl(pruned, variant["name"])
     return {"name": variant["name"], "ratio": ratio, "overrides": overrides, "init": init, "seed": seed,
-            "mask_tokens": mask_tokens, "recovery_tokens": rec_tokens, **describe(bench.d, target),
-            "ppl_before_recovery": before, "ppl": bench.ppl(pruned, variant["name"]),
+            "mask_tokens": mask_tokens, "recovery_tokens": rec_tokens,
+            "adapter": adapter if rec_tokens else None, **describe(bench.d, target),
+            "ppl_before_recovery": before, "ppl": bench.ppl(pruned, variant["name"]) if rec_tokens else before,
             "final_violation": info["final_violation"], "seconds": round(time.perf_counter() - t0, 1)}
 
 

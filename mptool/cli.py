@@ -64,7 +64,9 @@ def compress(
     trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code", help="Allow the model's custom code."),
     max_steps: Optional[int] = typer.Option(None, help="MaskPrune: mask-learning steps (default 60)."),
     max_tokens: Optional[int] = typer.Option(None, help="MaskPrune: token budget of mask learning."),
-    recovery_steps: Optional[int] = typer.Option(None, help="LoRA + KD recovery steps after slicing (0: none)."),
+    recovery_steps: Optional[int] = typer.Option(None, help="LoRA + KD recovery steps after mask learning or slicing (0: none)."),
+    recovery_adapter: Optional[str] = typer.Option(None, help="After MaskPrune: continue (its LoRA trains on, masks "
+                                                   "frozen; default) | fresh (slice, then a new adapter)."),
     resume: Optional[str] = typer.Option(None, help="Continue an interrupted run from its <out>.ckpt folder."),
     device: Optional[str] = typer.Option(None, help="auto (GPU cuda:LOCAL_RANK when there is one) | cpu | cuda."),
     grad_checkpointing: Optional[bool] = typer.Option(None, "--grad-checkpointing",
@@ -94,7 +96,7 @@ def compress(
         "data.train": data, "data.eval": eval_data, "data.calib_tokens": calib_tokens,
         "ppl.max_tokens": eval_tokens, "out": out, "overwrite": overwrite, "seed": seed,
         "trust_remote_code": trust_remote_code, "maskprune.steps": max_steps,
-        "maskprune.max_tokens": max_tokens, "recovery.steps": recovery_steps,
+        "maskprune.max_tokens": max_tokens, "recovery.steps": recovery_steps, "recovery.adapter": recovery_adapter,
         "device": device, "sharding": sharding, "dtype": dtype, "maskprune.grad_checkpointing": grad_checkpointing,
         "recovery.grad_checkpointing": grad_checkpointing,
     })

@@ -65,6 +65,8 @@ def validate(cfg: CompressConfig) -> None:
     sf = cfg.maskprune.snap_frac
     if sf is not None and not 0 <= sf <= 1:
         problems.append(f"maskprune.snap_frac {sf} must be in [0, 1] (or null: the end of the warm-up)")
+    if cfg.recovery.adapter not in ("continue", "fresh"):
+        problems.append(f"recovery.adapter {cfg.recovery.adapter!r} is not one of continue, fresh")
     if cfg.device not in D.DEVICES:
         problems.append(f"--device {cfg.device!r} is not one of {', '.join(D.DEVICES)}")
     if not cfg.tp or any(t < 1 for t in cfg.tp):
@@ -179,6 +181,14 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _before_resume(row: dict, st: Any) -> bool:
+    """Whether a metrics row was logged at or before the checkpoint being resumed (``st``)."""
+    if row.get("phase", "mask") == "mask":
+        return row.get("step", 0) <= (st.step if st.frozen_at is None else st.frozen_at)
+    # recovery rows count from the cut; a fresh adapter's recovery is never resumed: it restarts
+    return st.frozen_at is not None and st.frozen_at + row.get("step", 0) <= st.step
+
+
 def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str, Any]:
     """Run the whole compress job; returns the report (also written to ``<out>/report.json``).
 
@@ -240,6 +250,10 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
 
     t0 = time.perf_counter()
     data_offset = 0  # blocks consumed before recovery
+    # recovery after MaskPrune continues mask learning's adapter on the frozen masks (one LoRA
+    # across the cut) unless asked for a fresh one; a one-shot selection has no adapter to continue
+    continued = (cfg.method == "maskprune" and rec_cfg.steps > 0 and rec_cfg.adapter == "continue"
+                 and mask_cfg.select == "learned")
     if cfg.method == "maskprune":
         from mptool.maskprune import MaskPrune
 
@@ -247,19 +261,33 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
         trainer = MaskPrune(model, blocks, mask_cfg, target=fixed, budget=budget, tp=tuple(cfg.tp),
                             ffn_multiple=cfg.ffn_multiple, init_scores=scores, seed=cfg.seed,
                             sharding=cfg.sharding, device=dev)
+        if continued:
+            trainer.continue_with(rec_cfg)
         trainer.extra_files = {"compress-config.yaml": yaml.safe_dump(to_dict(cfg), sort_keys=False)}
         if resume:
             trainer.load_checkpoint(ckpt)
             if main:  # one writer; the others wait so that nobody appends before the rewrite
-                kept = [r for r in _read_jsonl(metrics) if r.get("step", 0) <= trainer.state.step]
+                kept = [r for r in _read_jsonl(metrics) if _before_resume(r, trainer.state)]
                 metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))
             D.barrier()
             console.print(f"resumed from {ckpt} at step {trainer.state.step}")
         elif main:
             metrics.unlink(missing_ok=True)
+        st = trainer.state
         with step("mask learning", total=mask_cfg.steps) as advance:
-            advance(trainer.state.step)
+            advance(st.step if st.frozen_at is None else mask_cfg.steps)
             history = trainer.run(metrics, ckpt, progress=advance)
+        if continued:
+            mask_steps = st.frozen_at if st.frozen_at is not None else st.step
+            trainer.freeze()  # the masked model now computes exactly what the sliced one will
+            if main and not trainer.sharded and st.step == st.frozen_at:  # not when resumed mid-recovery
+                extra["before_recovery"] = measure_ppl(trainer.model, eval_ids, protocol,
+                                                       "pruned, before recovery", dev)
+            t1 = time.perf_counter()
+            with step("recovery (LoRA + KD, mask learning's adapter continued)", total=rec_cfg.steps) as advance:
+                advance(st.step - st.frozen_at)
+                trainer.run_recovery(metrics, ckpt, progress=advance)
+            timings["recovery_s"] = round(time.perf_counter() - t1, 1)
         if mask_cfg.select != "learned":  # MaskPrune's shape only: the dense weights cut by a one-shot score
             from mptool.baselines import select
 
@@ -272,15 +300,23 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
             pruned, keeps = trainer.finish(reload=load_dense)
             model = None  # LoRA was merged into these weights: recovery reloads the dense teacher
         history = _read_jsonl(metrics) or history
+        mask_rows = [r for r in history if r.get("phase", "mask") == "mask"]
         data_offset = trainer.state.step * mask_cfg.batch_size
         extra["maskprune"] = {
-            "steps": trainer.state.step, "tokens": trainer.state.tokens,
-            "final_violation": history[-1]["hard_violation"] if history else None,
-            "binarity": history[-1]["binarity"] if history else None,
-            "learned_targets": history[-1] and [history[-1]["s_kv"], history[-1]["s_heads"], history[-1]["s_ffn"]],
-            "step_s_median": _median([r["step_s"] for r in history]),
-            "candidate_kd": trainer.state.snap_scores,
+            "steps": mask_steps if continued else st.step,
+            "tokens": st.frozen_tokens if continued else st.tokens,
+            "final_violation": mask_rows[-1]["hard_violation"] if mask_rows else None,
+            "binarity": mask_rows[-1]["binarity"] if mask_rows else None,
+            "learned_targets": mask_rows[-1] and [mask_rows[-1]["s_kv"], mask_rows[-1]["s_heads"], mask_rows[-1]["s_ffn"]],
+            "step_s_median": _median([r["step_s"] for r in mask_rows]),
+            "candidate_kd": st.snap_scores,
         }
+        if continued:
+            rec_rows = [r for r in history if r.get("phase") == "recovery"]
+            extra["recovery"] = {"adapter": "continued", "steps": len(rec_rows),
+                                 "tokens": rec_rows[-1]["tokens"] if rec_rows else 0,
+                                 "first_block": (mask_steps * mask_cfg.batch_size) % len(blocks), "blocks": len(blocks),
+                                 "step_s_median": _median([r["step_s"] for r in rec_rows])}
         del trainer
     else:
         from mptool.baselines import select
@@ -296,10 +332,10 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
                                                         rec_cfg.temperature, rec_cfg.kd_chunk, rec_cfg.bf16)
         keeps = select(scores, fixed)
         pruned = materialize(model.cpu(), keeps)
-    timings["prune_s"] = round(time.perf_counter() - t0, 1)
+    timings["prune_s"] = round(time.perf_counter() - t0 - timings.get("recovery_s", 0.0), 1)
     target = keeps[0].target()
 
-    if rec_cfg.steps > 0:
+    if rec_cfg.steps > 0 and not continued:
         from mptool.recover import recover
 
         if main:
@@ -315,7 +351,7 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
                                           offset=data_offset)
         history += rec_history
         timings["recovery_s"] = round(time.perf_counter() - t0, 1)
-        extra["recovery"] = {"steps": len(rec_history), "tokens": rec_history[-1]["tokens"] if rec_history else 0,
+        extra["recovery"] = {"adapter": "fresh", "steps": len(rec_history), "tokens": rec_history[-1]["tokens"] if rec_history else 0,
                              "first_block": data_offset % len(blocks), "blocks": len(blocks),
                              "step_s_median": _median([r["step_s"] for r in rec_history])}
     del model

@@ -156,6 +156,8 @@ class MaskState:
     tokens: int = 0
     snapped: list[int] | None = None  # the legal target once fixed
     snap_scores: dict[str, float] | None = None  # KD loss of each candidate target when it was fixed
+    frozen_at: int | None = None  # the step at which mask learning ended and recovery began (continued LoRA)
+    frozen_tokens: int = 0  # tokens seen by then
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {k: getattr(self, k) for k in ("zg", "zh", "zf", "yg", "yh", "yf", "ig", "ih", "if_",
@@ -287,6 +289,8 @@ class MaskPrune:
         self.device = device or (D.device() if self.sharded else next(model.parameters()).device)
         self.lora_params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.lora_params, lr=cfg.lr_lora, weight_decay=0.0)
+        self.rec: Any = None
+        """Recovery that continues this trainer's LoRA (``continue_with``), or None."""
 
     # ------------------------------------------------------------------ masks in the forward
 
@@ -383,12 +387,7 @@ class MaskPrune:
             self._masks_on = True
 
             def keep(t: Target) -> None:
-                gmask, hmask = M.group_topk(st.zg, st.zh, t.kv_heads, t.heads_per_group)
-                fmask = M.topk_mask(st.zf, t.ffn)
-                if self.cfg.forward == "binary":
-                    self._set_masks(gmask, (hmask > 0).float(), fmask)
-                else:
-                    self._set_masks(gmask * st.zg, (hmask > 0).float() * st.zh, fmask * st.zf)
+                self._set_kept(t.kv_heads, t.heads_per_group, t.ffn, scaled=self.cfg.forward == "scaled")
 
             scores = score_shapes(cands, keep, lambda: self.model(probe).logits, teacher,
                                   self.cfg.temperature, self.cfg.kd_chunk)
@@ -400,13 +399,19 @@ class MaskPrune:
     # ------------------------------------------------------------------ one step
 
     def _batch(self) -> torch.Tensor:
-        n, bs = len(self.blocks), self.cfg.batch_size
-        start = (self.state.step * bs) % n
+        n, bs, st = len(self.blocks), self.cfg.batch_size, self.state
+        if st.frozen_at is None:
+            start = st.step * bs
+        else:  # recovery continues on the blocks after those mask learning consumed
+            bs = self.rec.batch_size
+            start = st.frozen_at * self.cfg.batch_size + (st.step - st.frozen_at) * bs
         idx = [(start + i) % n for i in range(bs)]
         return self.blocks[idx]
 
     def step(self) -> dict[str, float]:
         cfg, st, d = self.cfg, self.state, self.d
+        if st.frozen_at is not None:
+            return self._recovery_step()
         if self._snap_due():  # snap_frac 0: the shape is fixed before the first step
             self._snap()
         global_ids = self._batch()
@@ -572,7 +577,7 @@ class MaskPrune:
                 raise ValueError("a sharded trainer needs reload() to rebuild the dense weights")
             self.model = D.unsharded_lora(self.model, reload().cpu(), self.lora_config)
         base = self.model.merge_and_unload().cpu()
-        if self.cfg.forward == "scaled" or not self._hard():  # the binary forward ran kept units at scale 1
+        if self._scaled():  # the binary forward ran kept units at scale 1
             self._fold(base)
         for p in base.parameters():
             p.requires_grad_(False)
@@ -654,9 +659,45 @@ class MaskPrune:
         ``stop_after`` ends the loop early at that step (tests use it to simulate a kill).
         """
         cfg, st = self.cfg, self.state
+
+        def more() -> bool:
+            return (st.frozen_at is None and st.step < cfg.steps
+                    and (cfg.max_tokens is None or st.tokens < cfg.max_tokens))
+
+        def info(row: dict) -> str:
+            return (f"kd {row['kd']:.3f} viol {max(row['viol_kv'], row['viol_heads'], row['viol_ffn']):.3f} "
+                    f"s=({row['s_kv']:.2f},{row['s_heads']:.2f},{row['s_ffn']:.0f}) "
+                    f"bin {row['binarity']:.2f} churn {row['churn_ffn']:.3f}")
+
+        return self._loop(more, info, metrics_path, checkpoint_dir, progress, stop_after)
+
+    def run_recovery(self, metrics_path: Path | None = None, checkpoint_dir: Path | None = None,
+                     progress: Callable[..., None] | None = None,
+                     stop_after: int | None = None) -> list[dict[str, float]]:
+        """Recovery without a cut: the masks frozen at the final uniform structure (the exact
+        units and shape that will be kept), mask learning's LoRA and AdamW state trained on, on the
+        blocks after those mask learning consumed. Needs ``continue_with``; call after ``run()``.
+        ``finish()`` then merges and slices once. Resumable like mask learning.
+        """
+        st, rec = self.state, self.rec
+        if rec is None:
+            raise ValueError("continue_with(recovery config) first")
+        self.freeze()
+
+        def more() -> bool:
+            done = st.step - st.frozen_at
+            return done < rec.steps and (rec.max_tokens is None or st.tokens - st.frozen_tokens < rec.max_tokens)
+
+        return self._loop(more, lambda row: f"loss {row['loss']:.4f}", metrics_path, checkpoint_dir, progress,
+                          stop_after)
+
+    def _loop(self, more: Callable[[], bool], info: Callable[[dict], str], metrics_path: Path | None,
+              checkpoint_dir: Path | None, progress: Callable[..., None] | None,
+              stop_after: int | None) -> list[dict[str, float]]:
+        cfg, st = self.cfg, self.state
         history = []
         self.model.train()
-        while st.step < cfg.steps and (cfg.max_tokens is None or st.tokens < cfg.max_tokens):
+        while more():
             t0 = time.perf_counter()
             row = self.step()
             row["step_s"] = round(time.perf_counter() - t0, 3)
@@ -665,15 +706,79 @@ class MaskPrune:
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(row) + "\n")
             if progress:
-                progress(1, info=f"kd {row['kd']:.3f} viol {max(row['viol_kv'], row['viol_heads'], row['viol_ffn']):.3f} "
-                                 f"s=({row['s_kv']:.2f},{row['s_heads']:.2f},{row['s_ffn']:.0f}) "
-                                 f"bin {row['binarity']:.2f} churn {row['churn_ffn']:.3f}")
+                progress(1, info=info(row))
             if checkpoint_dir is not None and cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0:
                 self.save_checkpoint(checkpoint_dir)
             if stop_after is not None and st.step >= stop_after:
                 break
         self.model.eval()
         return history
+
+    # ------------------------------------------------------------------ recovery on the same adapter
+
+    def continue_with(self, rec: Any) -> None:
+        """Plan recovery as a continuation of this trainer (``run_recovery``): ``rec`` is a
+        :class:`mptool.recover.RecoveryConfig`; its steps, token budget, batch size, lr,
+        temperature, LM weight and ``kd`` apply, the adapter (rank) stays mask learning's and the
+        teacher is this model with adapters disabled and masks at 1 (``rec.teacher`` is unused)."""
+        self.rec = rec
+
+    def freeze(self) -> None:
+        """End mask learning: fix the final hard masks (no further mask, multiplier or target
+        updates) and switch the LoRA optimiser to recovery's learning rate. Idempotent."""
+        st = self.state
+        if st.frozen_at is None:
+            self.final_target_counts()
+            st.frozen_at, st.frozen_tokens = st.step, st.tokens
+            if self.rec is not None:
+                for group in self.opt.param_groups:
+                    group["lr"] = self.rec.lr
+        self._set_final_masks()
+
+    def _set_final_masks(self) -> None:
+        self._set_kept(*self.final_target_counts(), scaled=self._scaled())
+
+    def _set_kept(self, kv: int, hpg: int, ffn: int, scaled: bool) -> None:
+        """Forward masks that keep the top units at these counts (at their mask value if ``scaled``)."""
+        st = self.state
+        gmask, hmask = M.group_topk(st.zg, st.zh, kv, hpg)
+        fmask = M.topk_mask(st.zf, ffn)
+        if scaled:
+            self._set_masks(gmask * st.zg, (hmask > 0).float() * st.zh, fmask * st.zf)
+        else:
+            self._set_masks(gmask, (hmask > 0).float(), fmask)
+
+    def _scaled(self) -> bool:
+        """Whether kept units run at their mask value (folded into the weights at the end)."""
+        end = self.state.step if self.state.frozen_at is None else self.state.frozen_at
+        return self.cfg.forward == "scaled" or end < int(self.cfg.hard_frac * self.cfg.steps)
+
+    def _recovery_step(self) -> dict[str, float]:
+        """One LoRA + KD step on the frozen structure (no mask, multiplier or target update)."""
+        rec, st = self.rec, self.state
+        global_ids = self._batch()
+        ids = D.shard(global_ids).to(self.device)
+        self._set_final_masks()
+        teacher = None
+        if rec.kd:
+            self._masks_on = False
+            with torch.no_grad(), self.model.disable_adapter(), autocast(rec.bf16, self.device):
+                teacher = self.model(ids).logits
+            self._masks_on = True
+        with autocast(rec.bf16, self.device):
+            logits = self.model(ids).logits
+        kd = kd_loss(logits, teacher, rec.temperature, rec.kd_chunk) if teacher is not None else torch.zeros(())
+        lm = lm_loss(logits, ids) if (rec.lm_weight or teacher is None) else torch.zeros(())
+        loss = kd + (rec.lm_weight if teacher is not None else 1.0) * lm
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if not self.sharded:  # FSDP's reduce-scatter already averaged them
+            D.average_grads(self.lora_params)
+        self.opt.step()
+        st.step += 1
+        st.tokens += global_ids.numel()
+        return {"phase": "recovery", "step": st.step - st.frozen_at, "tokens": st.tokens - st.frozen_tokens,
+                "loss": D.mean(loss.item()), "kd": D.mean(kd.item()), "lm": D.mean(lm.item())}
 
 
 def _marginal(importance: torch.Tensor, s: float) -> float:

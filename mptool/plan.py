@@ -21,7 +21,10 @@ weights replicated) or FSDP (weights, LoRA and optimiser states sharded) workers
 * FSDP gathering: a sharded process still holds whole parameters while they compute: the root
   unit (embedding and LM head) through the step, and a decoder layer plus the next one prefetched;
 * teacher: mask learning reuses the student's weights with adapters disabled (no copy); recovery
-  keeps the dense model too (``teacher="memory"``) unless its logits are cached.
+  with a fresh adapter (``recovery.adapter: fresh``) keeps the dense model too
+  (``teacher="memory"``) unless its logits are cached. The default recovery after MaskPrune
+  (``adapter: continue``) trains on in mask learning's model, masks frozen: its memory is the
+  "mask" row's, so the "recovery" rows are for fresh adapters (and one-shot methods).
 
 The estimate is checked against measured peak memory on a small model in the tests.
 """

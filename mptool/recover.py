@@ -42,6 +42,12 @@ class RecoveryConfig:
     """Weight of the next-token loss added to KD."""
     kd: bool = True
     """Ablation: False fine-tunes with the LM loss only (no teacher)."""
+    adapter: str = "continue"
+    """After MaskPrune: "continue" trains mask learning's own LoRA and AdamW state on, with the masks
+    frozen at the final structure, then merges and slices once (one adapter across the cut; the
+    teacher is the trained model with adapters off and masks at 1, so ``teacher`` is unused);
+    "fresh" merges and slices first, then trains a new adapter on the sliced model (what one-shot
+    methods, and MaskPrune with a one-shot ``select``, always get). Measured: docs/maskprune.md."""
     teacher: str = "memory"
     """"memory": the dense model stays loaded; "cache": its top-k logits are cached to disk."""
     cache_topk: int = 64

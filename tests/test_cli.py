@@ -74,10 +74,10 @@ def test_compress_with_ratio_and_yaml_recipe(tiny_dir, text_file, tmp_path):
     assert 0.45 <= report["prunable_removed"] <= 0.55
 
 
-def maskprune_args(text_file: Path, tmp_path: Path) -> list[str]:
+def maskprune_args(text_file: Path, tmp_path: Path, rec_steps: int = 2) -> list[str]:
     recipe = tmp_path / "mp.yaml"
     recipe.write_text("maskprune:\n  steps: 8\n  batch_size: 2\n  checkpoint_every: 2\n  lr_mask: 0.2\n"
-                      "recovery:\n  steps: 2\n  batch_size: 2\n")
+                      f"recovery:\n  steps: {rec_steps}\n  batch_size: 2\n")
     return [*small(text_file)[:-2], "--ratio", "0.5", "--ffn-multiple", "32", "--config", str(recipe)]
 
 
@@ -112,6 +112,9 @@ def test_maskprune_select_wanda_sp_keeps_the_shape_and_cuts_the_dense_weights(ti
     bad.write_text("maskprune:\n  snap_frac: 1.5\n")
     res = run("compress", tiny_dir, *small(text_file), "--config", bad, "--out", tmp_path / "never")
     assert res.exit_code != 0 and "maskprune.snap_frac 1.5 must be in [0, 1]" in res.output
+    assert not (tmp_path / "never").exists()
+    res = run("compress", tiny_dir, *small(text_file), "--recovery-adapter", "reuse", "--out", tmp_path / "never")
+    assert res.exit_code != 0 and "recovery.adapter 'reuse' is not one of continue, fresh" in res.output
     assert not (tmp_path / "never").exists()
 
 
@@ -157,9 +160,10 @@ def test_maskprune_is_the_default_and_reports_a_uniform_result(tiny_dir, text_fi
     assert report["method"] == "maskprune"
     assert report["maskprune"]["final_violation"] == 0.0 and report["maskprune"]["steps"] == 8
     assert report["prunable_removed"] >= 0.5 and report["recovery"]["steps"] == 2
-    assert "before_recovery" in report
+    assert "before_recovery" in report and report["recovery"]["adapter"] == "continued"
     # recovery trains on new text: the 8 x 2 blocks of mask learning are followed by 2 x 2 more
     assert report["recovery"]["blocks"] == 8 * 2 + 2 * 2 and report["recovery"]["first_block"] == 8 * 2
+    assert report["maskprune"]["tokens"] == 4 * report["recovery"]["tokens"] > 0  # 8 x 2 blocks, then 2 x 2
     model = AutoModelForCausalLM.from_pretrained(out)
     shapes = {(l.self_attn.q_proj.out_features, l.self_attn.k_proj.out_features, l.mlp.down_proj.in_features)
               for l in model.model.layers}
@@ -167,32 +171,38 @@ def test_maskprune_is_the_default_and_reports_a_uniform_result(tiny_dir, text_fi
     assert sum(p.numel() for p in model.parameters()) == report["pruned"]["total_params"]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r.get("phase", "mask") == "mask"] == list(range(1, 9))
+    assert [r["step"] for r in rows if r.get("phase") == "recovery"] == [1, 2]
     for png in ("training.png", "kept_units.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (tmp_path / "mp.ckpt").exists()  # checkpoints go once the result is written
 
 
-def test_killed_run_resumes_to_the_same_result(tiny_dir, text_file, tmp_path, monkeypatch):
+@pytest.mark.parametrize("dies_at", [5, 10])
+def test_killed_run_resumes_to_the_same_result(tiny_dir, text_file, tmp_path, monkeypatch, dies_at):
+    """Killed in mask learning (step 5) or in the recovery that continues it (its third step, after
+    the checkpoint at step 10): resumed, the same checkpoint as a run never killed."""
     from safetensors.torch import load_file
 
     from mptool.maskprune import MaskPrune
 
     full = tmp_path / "full"
-    assert run("compress", tiny_dir, *maskprune_args(text_file, tmp_path), "--out", full).exit_code == 0
+    args = maskprune_args(text_file, tmp_path, rec_steps=3)
+    assert run("compress", tiny_dir, *args, "--out", full).exit_code == 0
 
     original = MaskPrune.step
 
     def dying_step(self):
-        if self.state.step == 5:
-            raise KeyboardInterrupt  # a kill between checkpoints (saved at steps 2 and 4)
+        if self.state.step == dies_at:
+            raise KeyboardInterrupt  # a kill between checkpoints (saved every 2 steps)
         return original(self)
 
     out = tmp_path / "killed"
     monkeypatch.setattr(MaskPrune, "step", dying_step)
-    res = run("compress", tiny_dir, *maskprune_args(text_file, tmp_path), "--out", out)
+    res = run("compress", tiny_dir, *args, "--out", out)
     assert res.exit_code != 0 and not out.exists()
     ckpt = tmp_path / "killed.ckpt"
-    assert json.loads((ckpt / "trainer.json").read_text())["state"]["step"] == 4
+    state = json.loads((ckpt / "trainer.json").read_text())["state"]
+    assert state["step"] == dies_at // 2 * 2 and state["frozen_at"] == (8 if dies_at > 8 else None)
     monkeypatch.setattr(MaskPrune, "step", original)
     res = run("compress", "--resume", ckpt)
     assert res.exit_code == 0, res.output
@@ -201,6 +211,9 @@ def test_killed_run_resumes_to_the_same_result(tiny_dir, text_file, tmp_path, mo
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5), k
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r.get("phase", "mask"), r["step"]) for r in rows] == [*(("mask", i) for i in range(1, 9)),
+                                                                   *(("recovery", i) for i in range(1, 4))]
 
 
 def test_shapes_lists_legal_targets_as_json(tiny_dir):

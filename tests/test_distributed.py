@@ -22,14 +22,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
-def test_two_gloo_processes_match_one(tmp_path, tokenizer_dir, text_file, sharding):
+@pytest.mark.parametrize("sharding,adapter", [("ddp", "continue"), ("fsdp", "continue"), ("fsdp", "fresh")])
+def test_two_gloo_processes_match_one(tmp_path, tokenizer_dir, text_file, sharding, adapter):
+    """Recovery continuing mask learning's adapter (the default) or a fresh adapter on the sliced model."""
     from safetensors.torch import load_file
 
     model = save_tiny("llama", tokenizer_dir, tmp_path / "m")
     recipe = tmp_path / "r.yaml"
     recipe.write_text("maskprune:\n  steps: 6\n  batch_size: 4\n  bf16: false\n  checkpoint_every: 3\n"
-                      "recovery:\n  steps: 2\n  batch_size: 4\n  bf16: false\n")
+                      f"recovery:\n  steps: 2\n  batch_size: 4\n  bf16: false\n  adapter: {adapter}\n")
     args = ["compress", str(model), "--data", str(text_file), "--eval-data", str(text_file),
             "--calib-tokens", "512", "--seq-len", "64", "--eval-tokens", "256", "--ratio", "0.5",
             "--ffn-multiple", "32", "--config", str(recipe)]
@@ -52,6 +53,8 @@ def test_two_gloo_processes_match_one(tmp_path, tokenizer_dir, text_file, shardi
     r1 = json.loads((tmp_path / "one" / "report.json").read_text())
     r2 = json.loads((tmp_path / "two" / "report.json").read_text())
     assert r1["maskprune"]["tokens"] == r2["maskprune"]["tokens"] == 6 * 4 * 64
+    assert r1["recovery"]["adapter"] == r2["recovery"]["adapter"] == ("continued" if adapter == "continue" else "fresh")
+    assert r1["recovery"]["tokens"] == r2["recovery"]["tokens"] == 2 * 4 * 64
     assert abs(r1["pruned"]["perplexity"]["ppl"] - r2["pruned"]["perplexity"]["ppl"]) <= 1e-3 * r1["pruned"]["perplexity"]["ppl"]
 
 

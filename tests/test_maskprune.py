@@ -178,3 +178,77 @@ def test_churn_is_zero_with_frozen_masks_and_reported_with_moving_ones():
     assert all(r["churn_ffn"] == 0.0 and r["churn_heads"] == 0.0 for r in rows[0.0])
     assert max(r["churn_ffn"] for r in rows[0.5]) > 0
     assert all(0.0 <= r["churn_ffn"] <= 1.0 for r in rows[0.5])
+
+
+def _continued(data: torch.Tensor, rec_steps: int = 2, **kw):
+    """A trainer with 4 mask steps (batch 2) planned to continue with ``rec_steps`` of recovery."""
+    from mptool.recover import RecoveryConfig
+
+    model = tiny_model("llama", seed=2)
+    mp = MaskPrune(model, data, cfg(steps=4, init="wanda-sp", **kw), target=Target(1, 1, 64), ffn_multiple=32, seed=3)
+    mp.continue_with(RecoveryConfig(steps=rec_steps, batch_size=2, lr=5e-3, bf16=False, kd_chunk=None))
+    return mp
+
+
+def _lora(mp) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in mp.model.named_parameters() if p.requires_grad}
+
+
+def test_continued_recovery_trains_lora_on_the_frozen_structure():
+    """Recovery on mask learning's adapter: masks, multipliers and targets stay as mask learning
+    left them, LoRA moves at recovery's lr, and the result is still exactly the masked model."""
+    d = Dims.from_config(tiny_model("llama").config)
+    mp = _continued(blocks(d.vocab_size, n=16))
+    mp.run()
+    masks, lora, keeps = {k: v.clone() for k, v in mp.state.tensors().items()}, _lora(mp), mp.keeps()
+    history = mp.run_recovery()
+    assert [(r["phase"], r["step"], r["tokens"]) for r in history] == [("recovery", 1, 64), ("recovery", 2, 128)]
+    assert mp.state.frozen_at == 4 and mp.state.step == 6
+    assert all(torch.equal(v, getattr(mp.state, k)) for k, v in masks.items())
+    assert mp.keeps() == keeps
+    after = _lora(mp)
+    assert all(after[n].shape == v.shape for n, v in lora.items())
+    assert sum(not torch.equal(after[n], v) for n, v in lora.items()) >= len(lora) // 2
+    assert {g["lr"] for g in mp.opt.param_groups} == {5e-3}
+    sliced, got, rel = finish_against_masked(mp, blocks(d.vocab_size, 2, 9))
+    assert rel <= 1e-5 and got == keeps and {k.target() for k in got} == {Target(1, 1, 64)}
+
+
+def test_continued_recovery_trains_on_the_blocks_after_mask_learning():
+    """4 mask steps of 2 blocks, then 2 recovery steps of 2: blocks 8-11 matter, 12-15 do not."""
+    d = Dims.from_config(tiny_model("llama").config)
+    base = blocks(d.vocab_size, n=16)
+
+    def weights(data: torch.Tensor) -> dict[str, torch.Tensor]:
+        mp = _continued(data)
+        mp.run()
+        mp.run_recovery()
+        return mp.finish()[0].state_dict()
+
+    other = torch.randint(3, d.vocab_size, (4, base.shape[1]), generator=torch.Generator().manual_seed(9))
+    late, seen = base.clone(), base.clone()
+    late[12:], seen[8:12] = other, other
+    ref = weights(base)
+    assert all(torch.equal(v, w) for v, w in zip(ref.values(), weights(late).values()))
+    assert any(not torch.equal(v, w) for v, w in zip(ref.values(), weights(seen).values()))
+
+
+def test_killed_recovery_resumes_to_the_same_weights(tmp_path):
+    d = Dims.from_config(tiny_model("llama").config)
+    data = blocks(d.vocab_size, n=16)
+    full = _continued(data, rec_steps=4, checkpoint_every=2)
+    full.run()
+    full.run_recovery()
+    ckpt = tmp_path / "ckpt"
+    first = _continued(data, rec_steps=4, checkpoint_every=2)
+    first.run(checkpoint_dir=ckpt)
+    first.run_recovery(checkpoint_dir=ckpt, stop_after=7)  # killed after step 7; last checkpoint at 6
+    resumed = _continued(data, rec_steps=4, checkpoint_every=2)
+    resumed.load_checkpoint(ckpt)
+    assert (resumed.state.step, resumed.state.frozen_at) == (6, 4)
+    assert resumed.run() == []  # mask learning is over
+    assert len(resumed.run_recovery(checkpoint_dir=ckpt)) == 2
+    a, b = full.finish()[0].state_dict(), resumed.finish()[0].state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k

@@ -69,13 +69,19 @@ def test_default_variant_reproduces_the_table_row(table, model_dir, tmp_path):
 
     out = tmp_path / "v.jsonl"
     rows = variants.main(["--model", str(model_dir), "--ratio", "0.5", "--out", str(out), *ARGS,
-                          "--variants", '[{"name": "default"}, {"name": "frozen", "lr_mask": 0.0}]'])
-    assert [json.loads(ln)["name"] for ln in out.read_text().splitlines()] == ["default", "frozen"]
+                          "--variants", '[{"name": "default"}, {"name": "frozen", "lr_mask": 0.0}, '
+                                        '{"name": "fresh", "adapter": "fresh"}]'])
+    assert [json.loads(ln)["name"] for ln in out.read_text().splitlines()] == ["default", "frozen", "fresh"]
     mp = next(r for r in table["rows"] if r["method"] == "maskprune + recovery")
     assert rows[0]["ppl"] == pytest.approx(mp["ppl"], rel=1e-6)
     assert rows[0]["ppl_before_recovery"] == pytest.approx(mp["ppl_before_recovery"], rel=1e-6)
     assert rows[0]["mask_tokens"] + rows[0]["recovery_tokens"] == 512
     assert rows[1]["overrides"] == {"lr_mask": 0.0}
+    # the same mask learning, then recovery on its adapter (masked model) or a fresh one (sliced):
+    # the cut is the same model either way, the recovered ones differ
+    assert (rows[0]["adapter"], rows[2]["adapter"]) == ("continue", "fresh")
+    assert rows[2]["ppl_before_recovery"] == pytest.approx(rows[0]["ppl_before_recovery"], rel=1e-4)
+    assert rows[2]["ppl"] != rows[0]["ppl"]
 
 
 def test_oneshot_and_seeded_variants(table, model_dir, tmp_path):
