@@ -140,22 +140,16 @@ def measure_ppl(model: Any, ids: torch.Tensor, protocol: PplProtocol, label: str
         return perplexity(model, ids, protocol, progress=advance)
 
 
-def one_shot_scores(model: Any, method: str, blocks: torch.Tensor) -> Any:
-    """Unit scores of a one-shot method (calibration runs where the model's weights are)."""
+def one_shot_scores(model: Any, methods: tuple[str, ...], blocks: torch.Tensor) -> dict[str, Any]:
+    """Unit scores of one-shot methods, from one calibration pass where the model's weights are
+    (none when only magnitude is asked for)."""
     from mptool.baselines import calibrate, score
 
     o_stats = d_stats = None
-    if method != "magnitude":
+    if any(m != "magnitude" for m in methods):
         with step(f"calibrate ({len(blocks)} x {blocks.shape[1]} tokens)", total=len(blocks)) as advance:
             o_stats, d_stats = calibrate(model, blocks, progress=advance)
-    return score(model, method, o_stats, d_stats)
-
-
-def one_shot_keeps(model: Any, method: str, blocks: torch.Tensor, target: Target) -> list[LayerKeep]:
-    """Kept units of a one-shot method at ``target``."""
-    from mptool.baselines import select
-
-    return select(one_shot_scores(model, method, blocks), target)
+    return {m: score(model, m, o_stats, d_stats) for m in dict.fromkeys(methods)}
 
 
 def param_count(model: Any) -> int:
@@ -257,9 +251,10 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
     if cfg.method == "maskprune":
         from mptool.maskprune import MaskPrune
 
-        scores = one_shot_scores(model, mask_cfg.init, calib) if mask_cfg.init != "ones" else None
+        # the dense model's scores for the initialisation and a one-shot selection, one calibration
+        scored = one_shot_scores(model, tuple(m for m in (mask_cfg.init, mask_cfg.select) if m in ONE_SHOT), calib)
         trainer = MaskPrune(model, blocks, mask_cfg, target=fixed, budget=budget, tp=tuple(cfg.tp),
-                            ffn_multiple=cfg.ffn_multiple, init_scores=scores, seed=cfg.seed,
+                            ffn_multiple=cfg.ffn_multiple, init_scores=scored.get(mask_cfg.init), seed=cfg.seed,
                             sharding=cfg.sharding, device=dev)
         if continued:
             trainer.continue_with(rec_cfg)
@@ -293,8 +288,7 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
 
             shape = trainer.keeps()[0].target()
             model = load_dense()  # the trainer's model carries LoRA; this one is also recovery's teacher
-            keeps = (select(scores, shape) if scores is not None and mask_cfg.select == mask_cfg.init
-                     else one_shot_keeps(model.to(dev), mask_cfg.select, calib, shape))
+            keeps = select(scored[mask_cfg.select], shape)
             pruned = materialize(model.cpu(), keeps)
         else:
             pruned, keeps = trainer.finish(reload=load_dense)
@@ -321,7 +315,7 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
     else:
         from mptool.baselines import select
 
-        scores = one_shot_scores(model, cfg.method, calib)
+        scores = one_shot_scores(model, (cfg.method,), calib)[cfg.method]
         if fixed is None:  # --split kd
             from mptool.baselines import kd_split
             from mptool.shapes import candidates
