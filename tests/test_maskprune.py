@@ -80,8 +80,8 @@ def test_snap_frac_zero_fixes_the_shape_before_the_first_step():
     history = [mp.step() for _ in range(5)]
     assert list(mp.state.snapped) == snapped
     assert [history[-1][k] for k in ("s_kv", "s_heads", "s_ffn")] == [float(v) for v in snapped]
-    late = MaskPrune(tiny_model("llama"), blocks(d.vocab_size), cfg(steps=6, snap_frac=None), budget=budget,
-                     ffn_multiple=32)
+    late = MaskPrune(tiny_model("llama"), blocks(d.vocab_size), cfg(steps=6, snap_frac=None, warmup_frac=0.5),
+                     budget=budget, ffn_multiple=32)
     late.step()
     assert late.state.snapped is None  # warm-up 0.5 x 6 steps: fixed after step 3
     late.step(), late.step()
