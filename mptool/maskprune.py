@@ -23,6 +23,9 @@ mask is ``zg * zh``. The problem solved is
   top-``s_k`` mask of each layer (0/1 with ``forward="binary"``, times the mask values with
   ``"scaled"``), with straight-through gradients, so the trained structure is exactly the one kept.
 
+Recovery can continue on this trainer (``continue_with`` + ``run_recovery``): the masks frozen at
+the final structure, the same LoRA and AdamW state trained on at recovery's settings, resumable.
+
 Finish: binarise top-k per layer, merge LoRA, fold the kept mask values into ``o_proj`` /
 ``down_proj`` columns (``"scaled"`` only), slice with :func:`mptool.surgery.materialize`.
 """
