@@ -273,7 +273,6 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
             advance(st.step if st.frozen_at is None else mask_cfg.steps)
             history = trainer.run(metrics, ckpt, progress=advance)
         if continued:
-            mask_steps = st.frozen_at if st.frozen_at is not None else st.step
             trainer.freeze()  # the masked model now computes exactly what the sliced one will
             if main and not trainer.sharded and st.step == st.frozen_at:  # not when resumed mid-recovery
                 extra["before_recovery"] = measure_ppl(trainer.model, eval_ids, protocol,
@@ -297,7 +296,7 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
         mask_rows = [r for r in history if r.get("phase", "mask") == "mask"]
         data_offset = trainer.state.step * mask_cfg.batch_size
         extra["maskprune"] = {
-            "steps": mask_steps if continued else st.step,
+            "steps": st.frozen_at if continued else st.step,
             "tokens": st.frozen_tokens if continued else st.tokens,
             "final_violation": mask_rows[-1]["hard_violation"] if mask_rows else None,
             "binarity": mask_rows[-1]["binarity"] if mask_rows else None,
@@ -309,7 +308,7 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
             rec_rows = [r for r in history if r.get("phase") == "recovery"]
             extra["recovery"] = {"adapter": "continued", "steps": len(rec_rows),
                                  "tokens": rec_rows[-1]["tokens"] if rec_rows else 0,
-                                 "first_block": (mask_steps * mask_cfg.batch_size) % len(blocks), "blocks": len(blocks),
+                                 "first_block": (st.frozen_at * mask_cfg.batch_size) % len(blocks), "blocks": len(blocks),
                                  "step_s_median": _median([r["step_s"] for r in rec_rows])}
         del trainer
     else:

@@ -422,25 +422,11 @@ class MaskPrune:
             self._snap()
         global_ids = self._batch()
         ids = D.shard(global_ids).to(self.device)
-        teacher = None
-        if cfg.kd_distill:
-            self._masks_on = False
-            with torch.no_grad(), self.model.disable_adapter(), autocast(cfg.bf16, self.device):
-                teacher = self.model(ids).logits
-            self._masks_on = True
         zg, zh, zf = (st.zg.clone().requires_grad_(True), st.zh.clone().requires_grad_(True),
                       st.zf.clone().requires_grad_(True))
         self._effective(zg, zh, zf)
-        with autocast(cfg.bf16, self.device):
-            logits = self.model(ids).logits
-        kd = kd_loss(logits, teacher, cfg.temperature, cfg.kd_chunk) if teacher is not None else torch.zeros(())
-        lm = lm_loss(logits, ids) if (cfg.lm_weight or teacher is None) else torch.zeros(())
-        loss = kd + (cfg.lm_weight if teacher is not None else 1.0) * lm
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        # FSDP's reduce-scatter has already averaged the LoRA gradients; the masks are ours
-        D.average_grads([zg, zh, zf] if self.sharded else [*self.lora_params, zg, zh, zf])
-        self.opt.step()
+        loss, kd, lm = self._lora_step(ids, cfg.kd_distill, cfg.bf16, cfg.temperature, cfg.lm_weight, cfg.kd_chunk,
+                                       masks=(zg, zh, zf))
 
         with torch.no_grad():
             grads = [zg.grad, zh.grad, zf.grad]
@@ -489,6 +475,31 @@ class MaskPrune:
             **self._churn,
             "hard": self._hard(),
         }
+
+    def _lora_step(self, ids: torch.Tensor, distil: bool, bf16: bool, temperature: float, lm_weight: float,
+                   chunk: int | None, masks: tuple[torch.Tensor, ...] = ()) -> tuple[torch.Tensor, ...]:
+        """Teacher logits (adapters off, masks at 1) when ``distil``, the student with the masks set
+        for this step, KD (+ LM) loss, backward, gradients averaged over ranks (LoRA's unless FSDP
+        did it, and ``masks``), one AdamW step. Returns (loss, kd, lm)."""
+        teacher = None
+        if distil:
+            self._masks_on = False
+            with torch.no_grad(), self.model.disable_adapter(), autocast(bf16, self.device):
+                teacher = self.model(ids).logits
+            self._masks_on = True
+        with autocast(bf16, self.device):
+            logits = self.model(ids).logits
+        kd = kd_loss(logits, teacher, temperature, chunk) if teacher is not None else torch.zeros(())
+        lm = lm_loss(logits, ids) if (lm_weight or teacher is None) else torch.zeros(())
+        loss = kd + (lm_weight if teacher is not None else 1.0) * lm
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        # FSDP's reduce-scatter has already averaged the LoRA gradients; the masks are ours
+        grads = [*masks] if self.sharded else [*self.lora_params, *masks]
+        if grads:
+            D.average_grads(grads)
+        self.opt.step()
+        return loss, kd, lm
 
     def _multipliers(self) -> dict[str, torch.Tensor]:
         st, fixed = self.state, self.cfg.fixed_multiplier
@@ -765,22 +776,7 @@ class MaskPrune:
         global_ids = self._batch()
         ids = D.shard(global_ids).to(self.device)
         self._set_final_masks()
-        teacher = None
-        if rec.kd:
-            self._masks_on = False
-            with torch.no_grad(), self.model.disable_adapter(), autocast(rec.bf16, self.device):
-                teacher = self.model(ids).logits
-            self._masks_on = True
-        with autocast(rec.bf16, self.device):
-            logits = self.model(ids).logits
-        kd = kd_loss(logits, teacher, rec.temperature, rec.kd_chunk) if teacher is not None else torch.zeros(())
-        lm = lm_loss(logits, ids) if (rec.lm_weight or teacher is None) else torch.zeros(())
-        loss = kd + (rec.lm_weight if teacher is not None else 1.0) * lm
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if not self.sharded:  # FSDP's reduce-scatter already averaged them
-            D.average_grads(self.lora_params)
-        self.opt.step()
+        loss, kd, lm = self._lora_step(ids, rec.kd, rec.bf16, rec.temperature, rec.lm_weight, rec.kd_chunk)
         st.step += 1
         st.tokens += global_ids.numel()
         return {"phase": "recovery", "step": st.step - st.frozen_at, "tokens": st.tokens - st.frozen_tokens,
