@@ -7,7 +7,8 @@ Each variant is a set of ``MaskPruneConfig`` overrides plus keys of its own: ``n
 ``init`` (which one-shot score initialises the masks: flap (the default), wanda-sp or magnitude),
 ``mask_tokens`` (tokens of mask learning; the rest of ``--tokens`` goes to recovery, default half),
 ``adapter`` ("continue", the default: recovery trains mask learning's adapter on; "fresh": a new
-adapter after the cut, the behaviour before)
+adapter after the cut, the behaviour before), ``recovery`` (``RecoveryConfig`` overrides, e.g.
+``{"lr_schedule": "cosine"}``; one-shot rows too)
 and ``seed`` (LoRA initialisation of mask learning and recovery, default 0: repeat a variant with
 other seeds to see the spread). ``{"name": ..., "oneshot": "flap", "shape": [3, 3, 512]}`` is a
 one-shot row instead: that method's units at that shape, then all of ``--tokens`` on recovery
@@ -37,7 +38,7 @@ from mptool.progress import console
 from mptool.shapes import Target, describe
 from mptool.surgery import materialize
 
-OWN_KEYS = ("name", "init", "mask_tokens", "seed", "oneshot", "shape", "phases", "adapter")
+OWN_KEYS = ("name", "init", "mask_tokens", "seed", "oneshot", "shape", "phases", "adapter", "recovery")
 
 
 
@@ -63,10 +64,12 @@ def run_oneshot(bench: Bench, ratio: float, variant: dict[str, Any]) -> dict[str
     for i, (tokens, r) in enumerate(phases):  # each phase: a fresh adapter of rank r (alpha 2r), merged
         if i:
             between.append(bench.ppl(pruned, f"{variant['name']} after phase {i}"))
-        pruned = bench.recovered(pruned, tokens, bench.model, seed=seed, offset=offset, lora_r=r, lora_alpha=2 * r)
+        pruned = bench.recovered(pruned, tokens, bench.model, seed=seed, offset=offset, lora_r=r, lora_alpha=2 * r,
+                                 **variant.get("recovery", {}))
         offset += bench.steps(tokens) * bench.args.batch_size
     return {"name": variant["name"], "ratio": ratio, "oneshot": method, "seed": seed, "init": method,
-            "mask_tokens": 0, "recovery_tokens": bench.args.tokens, "phases": phases, "ppl_between_phases": between,
+            "mask_tokens": 0, "recovery_tokens": bench.args.tokens, "phases": phases,
+            "recovery": variant.get("recovery", {}), "ppl_between_phases": between,
             **describe(bench.d, target), "ppl_before_recovery": before, "ppl": bench.ppl(pruned, variant["name"]),
             "seconds": round(time.perf_counter() - t0, 1)}
 
@@ -91,13 +94,13 @@ def run_variant(bench: Bench, ratio: float, variant: dict[str, Any]) -> dict[str
     if rec_tokens < a.batch_size * a.seq_len:
         rec_tokens = 0
     pruned, target, info = bench.maskprune(ratio, mask_tokens, scores=init, seed=seed, rec_tokens=rec_tokens,
-                                           rec_kw={"adapter": adapter}, **overrides)
+                                           rec_kw={"adapter": adapter, **variant.get("recovery", {})}, **overrides)
     before = info.get("ppl_before_recovery")
     if before is None:
         before = bench.ppl(pruned, variant["name"])
     return {"name": variant["name"], "ratio": ratio, "overrides": overrides, "init": init, "seed": seed,
             "mask_tokens": mask_tokens, "recovery_tokens": rec_tokens,
-            "adapter": adapter if rec_tokens else None, **describe(bench.d, target),
+            "adapter": adapter if rec_tokens else None, "recovery": variant.get("recovery", {}), **describe(bench.d, target),
             "ppl_before_recovery": before, "ppl": bench.ppl(pruned, variant["name"]) if rec_tokens else before,
             "final_violation": info["final_violation"], "seconds": round(time.perf_counter() - t0, 1)}
 

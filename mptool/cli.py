@@ -76,11 +76,16 @@ def compress(
     config: Optional[str] = ConfigOpt,
 ) -> None:
     """Prune a model to a uniform shape and write a plain checkpoint with report.json."""
+    ignored = [f"--{k.replace('_', '-')}" if k != "model" else "MODEL" for k, v in locals().items()
+               if v is not None and k not in ("resume", "overwrite", "device", "sharding")]
     from pathlib import Path
 
     from mptool.config import CompressConfig, load_config
 
     if resume is not None:
+        if ignored:
+            raise MptoolError(f"--resume continues the run as its checkpoint's config says; {', '.join(ignored)} "
+                              "cannot change it (only --overwrite, --device and --sharding may be given)")
         saved = Path(resume) / "compress-config.yaml"
         if not saved.is_file():
             raise MptoolError(f"--resume {resume} is not a mptool checkpoint folder (no compress-config.yaml); "

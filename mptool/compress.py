@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import platform
 import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import yaml
@@ -21,6 +23,7 @@ from mptool.evaluate import PplProtocol, perplexity
 from mptool.io import atomic_dir
 from mptool.maskprune import INITS
 from mptool.models import looks_like_path
+from mptool.recover import LR_SCHEDULES
 from mptool.progress import console, step
 from mptool.shapes import (Dims, Target, balanced_target, check_ratio, describe, prunable_params,
                            validate_target)
@@ -28,6 +31,7 @@ from mptool.surgery import LayerKeep, materialize, save_keeps
 
 ONE_SHOT = METHODS
 METHODS = ("maskprune", *ONE_SHOT)
+BEFORE_RECOVERY = "before-recovery.json"
 SPLITS = ("balanced", "kd")
 
 
@@ -65,8 +69,38 @@ def validate(cfg: CompressConfig) -> None:
     sf = cfg.maskprune.snap_frac
     if sf is not None and not 0 <= sf <= 1:
         problems.append(f"maskprune.snap_frac {sf} must be in [0, 1] (or null: the end of the warm-up)")
-    if cfg.recovery.adapter not in ("continue", "fresh"):
-        problems.append(f"recovery.adapter {cfg.recovery.adapter!r} is not one of continue, fresh")
+    mp, rec = cfg.maskprune, cfg.recovery
+    if cfg.method == "maskprune" and mp.steps < 1:
+        problems.append(f"maskprune.steps (--max-steps) {mp.steps} must be >= 1")
+    if rec.steps < 0:
+        problems.append(f"recovery.steps (--recovery-steps) {rec.steps} must be >= 0 (0: no recovery)")
+    for name, value in (("maskprune.max_tokens (--max-tokens)", mp.max_tokens), ("recovery.max_tokens", rec.max_tokens)):
+        if value is not None and value < 1:
+            problems.append(f"{name} {value} must be >= 1 (or null: no token budget)")
+    world = D.world_size_from_env()
+    sizes = (("maskprune.batch_size", mp.batch_size),) if cfg.method == "maskprune" else ()
+    for name, value in (*sizes, ("recovery.batch_size", rec.batch_size)):
+        if value < 1 or value % world:
+            problems.append(f"{name} {value} must be a positive multiple of the {world} processes")
+    if mp.dual not in ("ascent", "exact"):
+        problems.append(f"maskprune.dual {mp.dual!r} is not one of ascent, exact")
+    if mp.forward not in ("binary", "scaled"):
+        problems.append(f"maskprune.forward {mp.forward!r} is not one of binary, scaled")
+    if rec.teacher not in ("memory", "cache"):
+        problems.append(f"recovery.teacher {rec.teacher!r} is not one of memory, cache")
+    if rec.lr_schedule not in LR_SCHEDULES:
+        problems.append(f"recovery.lr_schedule {rec.lr_schedule!r} is not one of {', '.join(LR_SCHEDULES)}")
+    if rec.adapter not in ("continue", "fresh"):
+        problems.append(f"recovery.adapter {rec.adapter!r} is not one of continue, fresh")
+    elif continues_adapter(cfg):  # knobs a continued adapter cannot honour are refused, not ignored
+        for name in ("lora_r", "lora_alpha"):
+            if getattr(rec, name) is not None and getattr(rec, name) != getattr(mp, name):
+                problems.append(f"recovery.{name} {getattr(rec, name)} differs from maskprune.{name} "
+                                f"{getattr(mp, name)}: a continued adapter keeps mask learning's; set them "
+                                f"equal, or recovery.adapter: fresh for a new adapter")
+        if rec.teacher == "cache":
+            problems.append("recovery.teacher cache needs a fresh adapter (recovery.adapter: fresh); a continued "
+                            "adapter distils from the model itself, with no second copy to cache")
     if cfg.device not in D.DEVICES:
         problems.append(f"--device {cfg.device!r} is not one of {', '.join(D.DEVICES)}")
     if not cfg.tp or any(t < 1 for t in cfg.tp):
@@ -75,10 +109,32 @@ def validate(cfg: CompressConfig) -> None:
         if path is not None and looks_like_path(path) and not Path(path).exists():
             problems.append(f"data path {path} does not exist (give a .txt, .jsonl, a folder or a datasets folder)")
     out = Path(cfg.out)
-    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
+    if out.exists() and not out.is_dir():
+        problems.append(f"--out {cfg.out} is a file; give a folder (new, empty, or with --overwrite)")
+    elif out.exists() and any(out.iterdir()) and not cfg.overwrite:
         problems.append(f"output folder {cfg.out} exists and is not empty; pass --overwrite or another --out")
     if problems:
         raise MptoolError("; ".join(problems))
+
+
+def continues_adapter(cfg: CompressConfig) -> bool:
+    """Whether recovery trains mask learning's adapter on (one LoRA across the cut): MaskPrune with
+    learned units, recovery steps, ``recovery.adapter: continue``."""
+    return (cfg.method == "maskprune" and cfg.maskprune.select == "learned" and cfg.recovery.steps > 0
+            and cfg.recovery.adapter == "continue")
+
+
+def resolve(cfg: CompressConfig) -> CompressConfig:
+    """The config as it will run (and be saved): a fresh recovery adapter without its own rank
+    takes mask learning's; a continued adapter is checkpointed if either phase asks for it (the
+    two phases are one model)."""
+    rec = dataclasses.replace(cfg.recovery, lora_r=cfg.recovery.lora_r or cfg.maskprune.lora_r,
+                              lora_alpha=cfg.recovery.lora_alpha or cfg.maskprune.lora_alpha)
+    mp = cfg.maskprune
+    if continues_adapter(cfg) and rec.grad_checkpointing != mp.grad_checkpointing:
+        rec = dataclasses.replace(rec, grad_checkpointing=True)
+        mp = dataclasses.replace(mp, grad_checkpointing=True)
+    return dataclasses.replace(cfg, recovery=rec, maskprune=mp)
 
 
 def model_dims(model: str | None, trust_remote_code: bool = False, config_only: bool = False) -> Dims:
@@ -195,6 +251,7 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
     from mptool.models import load_model
 
     validate(cfg)
+    cfg = resolve(cfg)
     D.init_from_env(cfg.device)
     main = D.is_main()
     weights_dtype = getattr(torch, cfg.dtype)
@@ -230,152 +287,172 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
     ckpt = Path(resume) if resume else checkpoint_dir(cfg)
     ckpt_parent = ckpt.parent / f".{ckpt.name}.work"
     ckpt_parent.mkdir(parents=True, exist_ok=True)  # every rank: harmless, and exists before use
-    metrics = ckpt_parent / "metrics.jsonl"
-    history: list[dict] = []
-    extra: dict[str, Any] = {}
-    mask_cfg, rec_cfg = cfg.maskprune, cfg.recovery
-    # MaskPrune's steps, or the probe batch of --split kd (the same first blocks MaskPrune probes);
-    # recovery after MaskPrune continues where mask learning stopped (new text, not a second pass)
-    first = (mask_cfg.steps * mask_cfg.batch_size if cfg.method == "maskprune"
-             else mask_cfg.batch_size if fixed is None else 0)
-    rec_blocks = rec_cfg.steps * rec_cfg.batch_size
-    train_tokens = (first + rec_blocks if cfg.method == "maskprune" else max(first, rec_blocks)) * cfg.data.seq_len
-    blocks = token_blocks(tokenizer, texts, cfg.data.seq_len, max(train_tokens, cfg.data.seq_len))
+    with _work_folder(ckpt_parent, resumable=cfg.method == "maskprune"):
+        metrics = ckpt_parent / "metrics.jsonl"
+        history: list[dict] = []
+        extra: dict[str, Any] = {}
+        mask_cfg, rec_cfg = cfg.maskprune, cfg.recovery
+        # MaskPrune's steps, or the probe batch of --split kd (the same first blocks MaskPrune probes);
+        # recovery after MaskPrune continues where mask learning stopped (new text, not a second pass)
+        first = (mask_cfg.steps * mask_cfg.batch_size if cfg.method == "maskprune"
+                 else mask_cfg.batch_size if fixed is None else 0)
+        rec_blocks = rec_cfg.steps * rec_cfg.batch_size
+        train_tokens = (first + rec_blocks if cfg.method == "maskprune" else max(first, rec_blocks)) * cfg.data.seq_len
+        blocks = token_blocks(tokenizer, texts, cfg.data.seq_len, max(train_tokens, cfg.data.seq_len))
 
-    t0 = time.perf_counter()
-    data_offset = 0  # blocks consumed before recovery
-    # recovery after MaskPrune continues mask learning's adapter on the frozen masks (one LoRA
-    # across the cut) unless asked for a fresh one; a one-shot selection has no adapter to continue
-    continued = (cfg.method == "maskprune" and rec_cfg.steps > 0 and rec_cfg.adapter == "continue"
-                 and mask_cfg.select == "learned")
-    if cfg.method == "maskprune":
-        from mptool.maskprune import MaskPrune
+        t0 = time.perf_counter()
+        data_offset = 0  # blocks consumed before recovery
+        # recovery after MaskPrune continues mask learning's adapter on the frozen masks (one LoRA
+        # across the cut) unless asked for a fresh one; a one-shot selection has no adapter to continue
+        continued = continues_adapter(cfg)
+        if cfg.method == "maskprune":
+            from mptool.maskprune import MaskPrune
 
-        # the dense model's scores for the initialisation and a one-shot selection, one calibration
-        scored = one_shot_scores(model, tuple(m for m in (mask_cfg.init, mask_cfg.select) if m in ONE_SHOT), calib)
-        trainer = MaskPrune(model, blocks, mask_cfg, target=fixed, budget=budget, tp=tuple(cfg.tp),
-                            ffn_multiple=cfg.ffn_multiple, init_scores=scored.get(mask_cfg.init), seed=cfg.seed,
-                            sharding=cfg.sharding, device=dev)
-        if continued:
-            trainer.continue_with(rec_cfg)
-        trainer.extra_files = {"compress-config.yaml": yaml.safe_dump(to_dict(cfg), sort_keys=False)}
-        if resume:
-            trainer.load_checkpoint(ckpt)
-            if main:  # one writer; the others wait so that nobody appends before the rewrite
-                kept = [r for r in _read_jsonl(metrics) if _before_resume(r, trainer.state)]
-                metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))
-            D.barrier()
-            console.print(f"resumed from {ckpt} at step {trainer.state.step}")
-        elif main:
-            metrics.unlink(missing_ok=True)
-        st = trainer.state
-        with step("mask learning", total=mask_cfg.steps) as advance:
-            advance(st.step if st.frozen_at is None else mask_cfg.steps)
-            history = trainer.run(metrics, ckpt, progress=advance)
-        if continued:
-            trainer.freeze()  # the masked model now computes exactly what the sliced one will
-            if main and not trainer.sharded and st.step == st.frozen_at:  # not when resumed mid-recovery
-                extra["before_recovery"] = measure_ppl(trainer.model, eval_ids, protocol,
-                                                       "pruned, before recovery", dev)
-            t1 = time.perf_counter()
-            with step("recovery (LoRA + KD, mask learning's adapter continued)", total=rec_cfg.steps) as advance:
-                advance(st.step - st.frozen_at)
-                trainer.run_recovery(metrics, ckpt, progress=advance)
-            timings["recovery_s"] = round(time.perf_counter() - t1, 1)
-        if mask_cfg.select != "learned":  # MaskPrune's shape only: the dense weights cut by a one-shot score
+            # the dense model's scores for the initialisation and a one-shot selection, one calibration
+            scored = one_shot_scores(model, tuple(m for m in (mask_cfg.init, mask_cfg.select) if m in ONE_SHOT), calib)
+            trainer = MaskPrune(model, blocks, mask_cfg, target=fixed, budget=budget, tp=tuple(cfg.tp),
+                                ffn_multiple=cfg.ffn_multiple, init_scores=scored.get(mask_cfg.init), seed=cfg.seed,
+                                sharding=cfg.sharding, device=dev)
+            if continued:
+                trainer.continue_with(rec_cfg)
+            trainer.extra_files = {"compress-config.yaml": yaml.safe_dump(to_dict(cfg), sort_keys=False)}
+            if resume:
+                trainer.load_checkpoint(ckpt)
+                if main:  # one writer; the others wait so that nobody appends before the rewrite
+                    kept = [r for r in _read_jsonl(metrics) if _before_resume(r, trainer.state)]
+                    metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))
+                D.barrier()
+                console.print(f"resumed from {ckpt} at step {trainer.state.step}")
+            elif main:
+                metrics.unlink(missing_ok=True)
+            st = trainer.state
+            with step("mask learning", total=mask_cfg.steps) as advance:
+                advance(st.step if st.frozen_at is None else mask_cfg.steps)
+                history = trainer.run(metrics, ckpt, progress=advance)
+            if continued:
+                trainer.freeze()  # the masked model now computes exactly what the sliced one will
+                saved = ckpt / BEFORE_RECOVERY
+                if main and st.step > st.frozen_at and saved.is_file():  # resumed mid-recovery: measured then
+                    extra["before_recovery"] = json.loads(saved.read_text())
+                elif main and not trainer.sharded:
+                    extra["before_recovery"] = measure_ppl(trainer.model, eval_ids, protocol,
+                                                           "pruned, before recovery", dev)
+                if "before_recovery" in extra:  # kept in recovery's checkpoints for a resumed run's report
+                    trainer.extra_files[BEFORE_RECOVERY] = json.dumps(extra["before_recovery"])
+                t1 = time.perf_counter()
+                with step("recovery (LoRA + KD, mask learning's adapter continued)", total=rec_cfg.steps) as advance:
+                    advance(st.step - st.frozen_at)
+                    trainer.run_recovery(metrics, ckpt, progress=advance)
+                timings["recovery_s"] = round(time.perf_counter() - t1, 1)
+            if mask_cfg.select != "learned":  # MaskPrune's shape only: the dense weights cut by a one-shot score
+                from mptool.baselines import select
+
+                shape = trainer.keeps()[0].target()
+                model = load_dense()  # the trainer's model carries LoRA; this one is also recovery's teacher
+                keeps = select(scored[mask_cfg.select], shape)
+                pruned = materialize(model.cpu(), keeps)
+            else:
+                pruned, keeps = trainer.finish(reload=load_dense)
+                model = None  # LoRA was merged into these weights: recovery reloads the dense teacher
+            history = _read_jsonl(metrics) or history
+            mask_rows = [r for r in history if r.get("phase", "mask") == "mask"]
+            data_offset = trainer.state.step * mask_cfg.batch_size
+            extra["maskprune"] = {
+                "steps": st.frozen_at if continued else st.step,
+                "tokens": st.frozen_tokens if continued else st.tokens,
+                "final_violation": mask_rows[-1]["hard_violation"] if mask_rows else None,
+                "binarity": mask_rows[-1]["binarity"] if mask_rows else None,
+                "learned_targets": [mask_rows[-1]["s_kv"], mask_rows[-1]["s_heads"], mask_rows[-1]["s_ffn"]] if mask_rows else None,
+                "step_s_median": _median([r["step_s"] for r in mask_rows]),
+                "candidate_kd": st.snap_scores,
+            }
+            if continued:
+                rec_rows = [r for r in history if r.get("phase") == "recovery"]
+                extra["recovery"] = {"adapter": "continued", "steps": len(rec_rows),
+                                     "tokens": rec_rows[-1]["tokens"] if rec_rows else 0,
+                                     "first_block": (st.frozen_at * mask_cfg.batch_size) % len(blocks), "blocks": len(blocks),
+                                     "step_s_median": _median([r["step_s"] for r in rec_rows])}
+            del trainer
+        else:
             from mptool.baselines import select
 
-            shape = trainer.keeps()[0].target()
-            model = load_dense()  # the trainer's model carries LoRA; this one is also recovery's teacher
-            keeps = select(scored[mask_cfg.select], shape)
+            scores = one_shot_scores(model, (cfg.method,), calib)[cfg.method]
+            if fixed is None:  # --split kd
+                from mptool.baselines import kd_split
+                from mptool.shapes import candidates
+
+                cands = candidates(d, cfg.ratio_or_default, cfg.tp, cfg.ffn_multiple)
+                with console.status(f"scoring {len(cands)} legal targets by KD on a probe batch"):
+                    fixed, extra["candidate_kd"] = kd_split(model, scores, cands, blocks[: mask_cfg.batch_size],
+                                                            rec_cfg.temperature, rec_cfg.kd_chunk, rec_cfg.bf16)
+            keeps = select(scores, fixed)
             pruned = materialize(model.cpu(), keeps)
-        else:
-            pruned, keeps = trainer.finish(reload=load_dense)
-            model = None  # LoRA was merged into these weights: recovery reloads the dense teacher
-        history = _read_jsonl(metrics) or history
-        mask_rows = [r for r in history if r.get("phase", "mask") == "mask"]
-        data_offset = trainer.state.step * mask_cfg.batch_size
-        extra["maskprune"] = {
-            "steps": st.frozen_at if continued else st.step,
-            "tokens": st.frozen_tokens if continued else st.tokens,
-            "final_violation": mask_rows[-1]["hard_violation"] if mask_rows else None,
-            "binarity": mask_rows[-1]["binarity"] if mask_rows else None,
-            "learned_targets": mask_rows[-1] and [mask_rows[-1]["s_kv"], mask_rows[-1]["s_heads"], mask_rows[-1]["s_ffn"]],
-            "step_s_median": _median([r["step_s"] for r in mask_rows]),
-            "candidate_kd": st.snap_scores,
-        }
-        if continued:
-            rec_rows = [r for r in history if r.get("phase") == "recovery"]
-            extra["recovery"] = {"adapter": "continued", "steps": len(rec_rows),
-                                 "tokens": rec_rows[-1]["tokens"] if rec_rows else 0,
-                                 "first_block": (st.frozen_at * mask_cfg.batch_size) % len(blocks), "blocks": len(blocks),
-                                 "step_s_median": _median([r["step_s"] for r in rec_rows])}
-        del trainer
-    else:
-        from mptool.baselines import select
+        timings["prune_s"] = round(time.perf_counter() - t0 - timings.get("recovery_s", 0.0), 1)
+        target = keeps[0].target()
 
-        scores = one_shot_scores(model, (cfg.method,), calib)[cfg.method]
-        if fixed is None:  # --split kd
-            from mptool.baselines import kd_split
-            from mptool.shapes import candidates
+        if rec_cfg.steps > 0 and not continued:
+            from mptool.recover import recover
 
-            cands = candidates(d, cfg.ratio_or_default, cfg.tp, cfg.ffn_multiple)
-            with console.status(f"scoring {len(cands)} legal targets by KD on a probe batch"):
-                fixed, extra["candidate_kd"] = kd_split(model, scores, cands, blocks[: mask_cfg.batch_size],
-                                                        rec_cfg.temperature, rec_cfg.kd_chunk, rec_cfg.bf16)
-        keeps = select(scores, fixed)
-        pruned = materialize(model.cpu(), keeps)
-    timings["prune_s"] = round(time.perf_counter() - t0 - timings.get("recovery_s", 0.0), 1)
-    target = keeps[0].target()
+            if main:
+                extra["before_recovery"] = measure_ppl(pruned, eval_ids, protocol, "pruned, before recovery", dev)
+            t0 = time.perf_counter()
+            if model is None:
+                model = load_dense()
+            with step(f"recovery (LoRA + KD, teacher in {rec_cfg.teacher})", total=rec_cfg.steps) as advance:
+                pruned, rec_history = recover(pruned, blocks, rec_cfg, teacher=model,
+                                              cache_path=ckpt_parent / "teacher-topk.safetensors",
+                                              metrics_path=metrics, progress=advance,
+                                              sharding=cfg.sharding, device=dev, seed=cfg.seed,
+                                              offset=data_offset)
+            history += rec_history
+            timings["recovery_s"] = round(time.perf_counter() - t0, 1)
+            extra["recovery"] = {"adapter": "fresh", "steps": len(rec_history), "tokens": rec_history[-1]["tokens"] if rec_history else 0,
+                                 "first_block": data_offset % len(blocks), "blocks": len(blocks),
+                                 "step_s_median": _median([r["step_s"] for r in rec_history])}
+        del model
+        if not main:  # rank 0 evaluates and writes
+            D.barrier()
+            return {}
+        pruned_ppl = measure_ppl(pruned, eval_ids, protocol, "pruned", dev)
+        timings["total_s"] = round(time.perf_counter() - started, 1)
+        timings["peak_rss_mb"] = round(peak_rss_mb(), 1)
 
-    if rec_cfg.steps > 0 and not continued:
-        from mptool.recover import recover
+        report = build_report(cfg, d, target, dense_count, pruned, dense_ppl, pruned_ppl, timings)
+        report.update(extra)
+        with atomic_dir(cfg.out) as tmp:
+            pruned.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            save_keeps(keeps, tmp / "keeps.json")
+            save_config(cfg, tmp / "mptool-config.yaml")
+            (tmp / "report.json").write_text(json.dumps(report, indent=2))
+            if history:
+                from mptool.plots import training_curves
 
-        if main:
-            extra["before_recovery"] = measure_ppl(pruned, eval_ids, protocol, "pruned, before recovery", dev)
-        t0 = time.perf_counter()
-        if model is None:
-            model = load_dense()
-        with step(f"recovery (LoRA + KD, teacher in {rec_cfg.teacher})", total=rec_cfg.steps) as advance:
-            pruned, rec_history = recover(pruned, blocks, rec_cfg, teacher=model,
-                                          cache_path=ckpt_parent / "teacher-topk.safetensors",
-                                          metrics_path=metrics, progress=advance,
-                                          sharding=cfg.sharding, device=dev, seed=cfg.seed,
-                                          offset=data_offset)
-        history += rec_history
-        timings["recovery_s"] = round(time.perf_counter() - t0, 1)
-        extra["recovery"] = {"adapter": "fresh", "steps": len(rec_history), "tokens": rec_history[-1]["tokens"] if rec_history else 0,
-                             "first_block": data_offset % len(blocks), "blocks": len(blocks),
-                             "step_s_median": _median([r["step_s"] for r in rec_history])}
-    del model
-    if not main:  # rank 0 evaluates and writes
-        D.barrier()
-        return {}
-    pruned_ppl = measure_ppl(pruned, eval_ids, protocol, "pruned", dev)
-    timings["total_s"] = round(time.perf_counter() - started, 1)
-    timings["peak_rss_mb"] = round(peak_rss_mb(), 1)
+                (tmp / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+                training_curves(history, tmp / "training.png")
+            from mptool.plots import kept_heatmap
 
-    report = build_report(cfg, d, target, dense_count, pruned, dense_ppl, pruned_ppl, timings)
-    report.update(extra)
-    with atomic_dir(cfg.out) as tmp:
-        pruned.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        save_keeps(keeps, tmp / "keeps.json")
-        save_config(cfg, tmp / "mptool-config.yaml")
-        (tmp / "report.json").write_text(json.dumps(report, indent=2))
-        if history:
-            from mptool.plots import training_curves
-
-            (tmp / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
-            training_curves(history, tmp / "training.png")
-        from mptool.plots import kept_heatmap
-
-        kept_heatmap(keeps, d.num_kv_heads, d.heads_per_group, d.intermediate_size, tmp / "kept_units.png")
-    shutil.rmtree(ckpt, ignore_errors=True)
+            kept_heatmap(keeps, d.num_kv_heads, d.heads_per_group, d.intermediate_size, tmp / "kept_units.png")
+        shutil.rmtree(ckpt, ignore_errors=True)
     shutil.rmtree(ckpt_parent, ignore_errors=True)
     D.barrier()
     print_report(report)
     return report
+
+
+@contextlib.contextmanager
+def _work_folder(path: Path, resumable: bool) -> Iterator[None]:
+    """On failure a run that cannot be resumed (a one-shot method) leaves no work folder behind;
+    a resumable one keeps its checkpoints and metrics but not a cached teacher (rebuilt on resume)."""
+    try:
+        yield
+    except BaseException:
+        if resumable:
+            for cache in path.glob("teacher-topk*.safetensors"):
+                cache.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+        raise
 
 
 def _read_jsonl(path: Path) -> list[dict]:

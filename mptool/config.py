@@ -164,6 +164,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return None
         return _coerce(value, args[0], where)
     if _is_dataclass_type(tp):
+        if value is None:  # an empty section (every key commented out): its defaults
+            value = {}
         if not isinstance(value, dict):
             raise MptoolError(f"{where} must be a mapping, got {value!r}")
         return from_dict(tp, value, where + ".")
@@ -235,7 +237,12 @@ def load_config(cls: type[T], path: str | Path | None = None,
         node = data
         *parents, leaf = dotted.split(".")
         for part in parents:
-            node = node.setdefault(part, {})
+            if node.get(part) is None:  # absent, or an empty section in the recipe
+                node[part] = {}
+            elif not isinstance(node[part], dict):
+                raise MptoolError(f"{part} in the recipe must be a mapping of {part} keys, got {node[part]!r}; "
+                                  f"the command line cannot set {dotted} in it")
+            node = node[part]
         node[leaf] = value
     return from_dict(cls, data)
 

@@ -25,10 +25,15 @@ import torch.distributed as dist
 from mptool.errors import MptoolError
 
 
+def world_size_from_env() -> int:
+    """The number of processes torchrun launched (1 without it), before the group is joined."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def init_from_env(device_choice: str = "auto") -> None:
     """Join the process group torchrun describes in the environment (no-op for one process):
     nccl when this run uses GPUs, gloo on the CPU."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+    if world_size_from_env() > 1 and not dist.is_initialized():
         backend = "nccl" if device(device_choice).type == "cuda" else "gloo"
         if backend == "nccl":  # one GPU per process: nccl and FSDP use the current device
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())

@@ -321,20 +321,29 @@ class MaskPrune:
             return tuple(self.state.snapped)  # type: ignore[return-value]
         return tuple(max(1, math.ceil(v - 1e-6)) for v in self.current_targets())  # type: ignore[return-value]
 
+    def planned_steps(self) -> int:
+        """The steps mask learning will run: ``cfg.steps``, or fewer where ``cfg.max_tokens`` ends
+        it first. The warm-up, the snap and the hard forward are fractions of this, so a token
+        budget still anneals to the final targets and trains at them."""
+        cfg = self.cfg
+        if cfg.max_tokens is None:
+            return cfg.steps
+        return min(cfg.steps, math.ceil(cfg.max_tokens / (cfg.batch_size * self.blocks.shape[1])))
+
     def _warmup_steps(self) -> int:
-        return max(1, int(self.cfg.warmup_frac * self.cfg.steps))
+        return max(1, int(self.cfg.warmup_frac * self.planned_steps()))
 
     def _snap_steps(self) -> int:
         if self.cfg.snap_frac is None:
             return self._warmup_steps()
-        return min(int(self.cfg.snap_frac * self.cfg.steps), self._warmup_steps())
+        return min(int(self.cfg.snap_frac * self.planned_steps()), self._warmup_steps())
 
     def _snap_due(self) -> bool:
         st = self.state
         return self.budget is not None and st.snapped is None and st.step >= self._snap_steps()
 
     def _hard(self) -> bool:
-        return self.state.step >= int(self.cfg.hard_frac * self.cfg.steps)
+        return self.state.step >= int(self.cfg.hard_frac * self.planned_steps())
 
     def _effective(self, zg: torch.Tensor, zh: torch.Tensor, zf: torch.Tensor) -> None:
         """Compute every layer's head and FFN mask for this step (soft, or hard straight-through)."""
@@ -768,7 +777,7 @@ class MaskPrune:
     def _scaled(self) -> bool:
         """Whether kept units run at their mask value (folded into the weights at the end)."""
         end = self.state.step if self.state.frozen_at is None else self.state.frozen_at
-        return self.cfg.forward == "scaled" or end < int(self.cfg.hard_frac * self.cfg.steps)
+        return self.cfg.forward == "scaled" or end < int(self.cfg.hard_frac * self.planned_steps())
 
     def _recovery_step(self) -> dict[str, float]:
         """One LoRA + KD step on the frozen structure (no mask, multiplier or target update)."""
@@ -776,6 +785,10 @@ class MaskPrune:
         global_ids = self._batch()
         ids = D.shard(global_ids).to(self.device)
         self._set_final_masks()
+        from mptool.recover import scheduled_lr
+
+        for group in self.opt.param_groups:
+            group["lr"] = scheduled_lr(rec, st.step - st.frozen_at, global_ids.shape[1])
         loss, kd, lm = self._lora_step(ids, rec.kd, rec.bf16, rec.temperature, rec.lm_weight, rec.kd_chunk)
         st.step += 1
         st.tokens += global_ids.numel()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 
 from mptool import distributed as D
 from mptool.families import get_adapter
-from mptool.maskprune import LORA_TARGETS, autocast, enable_grad_checkpointing, kd_loss, lm_loss
+from mptool.maskprune import LORA_TARGETS, MaskPruneConfig, autocast, enable_grad_checkpointing, kd_loss, lm_loss
 
 
 @dataclass
@@ -35,8 +36,14 @@ class RecoveryConfig:
     """Token budget: stop once this many training tokens were seen."""
     batch_size: int = 4
     lr: float = 2e-3
-    lora_r: int = 16
-    lora_alpha: int = 32
+    lr_schedule: str = "constant"
+    """LoRA learning rate over recovery's steps: "constant", or decayed from ``lr`` towards 0 by
+    "linear" or "cosine" (the step's rate is a function of the step alone, so resume is exact)."""
+    lora_r: int | None = None
+    """Rank of a fresh recovery adapter; None: mask learning's (``maskprune.lora_r``, 16 by
+    default). A continued adapter always keeps mask learning's rank."""
+    lora_alpha: int | None = None
+    """LoRA alpha of a fresh adapter; None: mask learning's (``maskprune.lora_alpha``, 32)."""
     temperature: float = 1.0
     lm_weight: float = 0.5
     """Weight of the next-token loss added to KD."""
@@ -49,13 +56,33 @@ class RecoveryConfig:
     "fresh" merges and slices first, then trains a new adapter on the sliced model (what one-shot
     methods, and MaskPrune with a one-shot ``select``, always get). Measured: docs/maskprune.md."""
     teacher: str = "memory"
-    """"memory": the dense model stays loaded; "cache": its top-k logits are cached to disk."""
+    """A fresh adapter's teacher: "memory": the dense model stays loaded; "cache": its top-k logits
+    are cached to disk. A continued adapter's teacher is the model itself (adapters off, masks at 1)."""
     cache_topk: int = 64
     bf16: bool = True
     kd_chunk: int | None = 2048
     """Tokens per checkpointed chunk of the KD loss (see MaskPruneConfig)."""
     grad_checkpointing: bool = False
     """Recompute decoder-layer activations in the backward pass (see MaskPruneConfig)."""
+
+
+LR_SCHEDULES = ("constant", "linear", "cosine")
+
+
+def scheduled_lr(cfg: RecoveryConfig, step: int, seq_len: int) -> float:
+    """The learning rate of recovery step ``step`` (0-based) under ``cfg.lr_schedule``, decaying
+    over the steps recovery will run: ``cfg.steps``, or fewer where ``cfg.max_tokens`` ends it."""
+    total = cfg.steps
+    if cfg.max_tokens is not None:
+        total = min(total, math.ceil(cfg.max_tokens / (cfg.batch_size * seq_len)))
+    frac = min(step / max(total, 1), 1.0)
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    if cfg.lr_schedule == "linear":
+        return cfg.lr * (1.0 - frac)
+    if cfg.lr_schedule == "cosine":
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * frac))
+    raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {cfg.lr_schedule!r}")
 
 
 def _topk_kd(student: torch.Tensor, values: torch.Tensor, index: torch.Tensor, t: float) -> torch.Tensor:
@@ -101,6 +128,7 @@ def recover(student: Any, blocks: torch.Tensor, cfg: RecoveryConfig, teacher: An
 
     if cfg.teacher not in ("memory", "cache"):
         raise ValueError(f"teacher must be 'memory' or 'cache', got {cfg.teacher!r}")
+    scheduled_lr(cfg, 0, blocks.shape[1])  # refuses an unknown schedule before any work
     if shift := offset % len(blocks):
         blocks = torch.roll(blocks, -shift, dims=0)
     adapter = get_adapter(student.config)
@@ -110,7 +138,8 @@ def recover(student: Any, blocks: torch.Tensor, cfg: RecoveryConfig, teacher: An
         p.requires_grad_(False)
     if cfg.grad_checkpointing:
         enable_grad_checkpointing(student)
-    lora_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+    lora_config = LoraConfig(r=cfg.lora_r or MaskPruneConfig.lora_r, lora_alpha=cfg.lora_alpha or MaskPruneConfig.lora_alpha,
+                             lora_dropout=0.0,
                              target_modules=[getattr(adapter, n) for n in LORA_TARGETS])
     if cfg.kd and teacher is not None:  # the dense teacher, sharded like the student or moved to its device
         D.place(teacher, adapter.decoder_layers(teacher), sharded, dev)
@@ -155,6 +184,8 @@ def recover(student: Any, blocks: torch.Tensor, cfg: RecoveryConfig, teacher: An
         loss.backward()
         if not sharded:  # FSDP's reduce-scatter already averaged them
             D.average_grads(params)
+        for group in opt.param_groups:
+            group["lr"] = scheduled_lr(cfg, step, blocks.shape[1])
         opt.step()
         tokens += ids.numel() * D.world_size()
         row = {"phase": "recovery", "step": step + 1, "tokens": tokens, "loss": D.mean(loss.item()),

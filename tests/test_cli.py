@@ -116,6 +116,30 @@ def test_maskprune_select_wanda_sp_keeps_the_shape_and_cuts_the_dense_weights(ti
     res = run("compress", tiny_dir, *small(text_file), "--recovery-adapter", "reuse", "--out", tmp_path / "never")
     assert res.exit_code != 0 and "recovery.adapter 'reuse' is not one of continue, fresh" in res.output
     assert not (tmp_path / "never").exists()
+    # knobs a continued adapter cannot honour are refused, not ignored; a fresh adapter takes them
+    for body, needle in (("recovery:\n  lora_r: 8\n", "recovery.lora_r 8 differs from maskprune.lora_r 16"),
+                         ("recovery:\n  teacher: cache\n", "recovery.teacher cache needs a fresh adapter"),
+                         ("recovery:\n  lr_schedule: step\n", "recovery.lr_schedule 'step' is not one of")):
+        bad.write_text(body)
+        res = run("compress", tiny_dir, *small(text_file), "--recovery-steps", "1", "--config", bad,
+                  "--out", tmp_path / "never")
+        assert res.exit_code != 0 and needle in res.output, res.output
+        assert not (tmp_path / "never").exists()
+
+
+def test_resolved_recovery_takes_mask_learnings_adapter_knobs():
+    """A fresh adapter without its own rank takes mask learning's; a continued adapter is
+    checkpointed when either phase asks (one model, one setting)."""
+    from mptool.compress import resolve
+    from mptool.config import CompressConfig, from_dict
+
+    cfg = resolve(from_dict(CompressConfig, {"maskprune": {"lora_r": 8, "lora_alpha": 16},
+                                             "recovery": {"adapter": "fresh", "grad_checkpointing": True}}))
+    assert (cfg.recovery.lora_r, cfg.recovery.lora_alpha) == (8, 16)
+    assert (cfg.maskprune.grad_checkpointing, cfg.recovery.grad_checkpointing) == (False, True)
+    cfg = resolve(from_dict(CompressConfig, {"recovery": {"grad_checkpointing": True}}))  # continued
+    assert (cfg.recovery.lora_r, cfg.recovery.lora_alpha) == (16, 32)
+    assert (cfg.maskprune.grad_checkpointing, cfg.recovery.grad_checkpointing) == (True, True)
 
 
 def test_one_shot_split_kd_is_maskprunes_shape_rule(tiny_dir, text_file, tmp_path):
@@ -214,6 +238,9 @@ def test_killed_run_resumes_to_the_same_result(tiny_dir, text_file, tmp_path, mo
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(r.get("phase", "mask"), r["step"]) for r in rows] == [*(("mask", i) for i in range(1, 9)),
                                                                    *(("recovery", i) for i in range(1, 4))]
+    # the perplexity at the cut, measured before the kill, is in the resumed run's report too
+    full_report, report = (json.loads((p / "report.json").read_text()) for p in (full, out))
+    assert report["before_recovery"]["ppl"] == pytest.approx(full_report["before_recovery"]["ppl"], rel=1e-5)
 
 
 def test_shapes_lists_legal_targets_as_json(tiny_dir):
@@ -339,6 +366,71 @@ def test_unknown_recipe_key(tiny_dir, tmp_path):
     out = tmp_path / "o"
     res = run("compress", tiny_dir, "--config", recipe, "--out", out)
     assert_clean_failure(res, out, "unknown config key(s) rato", "accepted:")
+
+
+@pytest.mark.parametrize("args,recipe,needle", [
+    (["--max-steps", "0"], "", "maskprune.steps (--max-steps) 0 must be >= 1"),
+    (["--recovery-steps", "-1"], "", "recovery.steps (--recovery-steps) -1 must be >= 0"),
+    (["--max-tokens", "0"], "", "maskprune.max_tokens (--max-tokens) 0 must be >= 1"),
+    ([], "maskprune:\n  dual: exactt\n", "maskprune.dual 'exactt' is not one of ascent, exact"),
+    ([], "maskprune:\n  forward: bin\n", "maskprune.forward 'bin' is not one of binary, scaled"),
+    ([], "recovery:\n  teacher: disk\n", "recovery.teacher 'disk' is not one of memory, cache"),
+    ([], "recovery:\n  batch_size: 0\n", "recovery.batch_size 0 must be a positive multiple of the 1 processes"),
+    (["--seq-len", "64"], "data: corpus.txt\n", "data in the recipe must be a mapping of data keys"),
+])
+def test_bad_training_knobs_fail_before_any_work(tiny_dir, text_file, tmp_path, args, recipe, needle):
+    """Knobs that used to fail late (after training) or with a traceback: one line, up front."""
+    out = tmp_path / "o"
+    extra = []
+    if recipe:
+        (tmp_path / "r.yaml").write_text(recipe)
+        extra = ["--config", tmp_path / "r.yaml"]
+    res = run("compress", tiny_dir, *small(text_file), *args, *extra, "--out", out)
+    assert_clean_failure(res, out, needle)
+
+
+def test_an_empty_recipe_section_takes_flags():
+    from mptool.config import CompressConfig, load_config
+
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        f.write("recovery:\nmaskprune:\n")
+    cfg = load_config(CompressConfig, f.name, {"recovery.steps": 5})
+    assert cfg.recovery.steps == 5 and cfg.maskprune.steps == CompressConfig().maskprune.steps
+    Path(f.name).unlink()
+
+
+def test_out_naming_a_file_is_refused_and_the_file_kept(tiny_dir, text_file, tmp_path):
+    out = tmp_path / "report.json"
+    out.write_text("{}")
+    for extra in ([], ["--overwrite"]):
+        res = run("compress", tiny_dir, *small(text_file), *extra, "--out", out)
+        assert res.exit_code == 2 and "is a file; give a folder" in res.output, res.output
+        assert out.read_text() == "{}"
+
+
+def test_resume_refuses_flags_it_would_ignore(tmp_path):
+    ckpt = tmp_path / "x.ckpt"
+    ckpt.mkdir()
+    (ckpt / "compress-config.yaml").write_text("method: maskprune\n")
+    res = run("compress", "--resume", ckpt, "--recovery-steps", "60", "--out", tmp_path / "y")
+    assert res.exit_code == 2 and "--out, --recovery-steps cannot change it" in res.output, res.output
+    assert not (tmp_path / "y").exists()
+
+
+def test_a_failed_one_shot_run_leaves_no_work_folder(tiny_dir, text_file, tmp_path, monkeypatch):
+    import mptool.recover
+
+    def broken(*a, **kw):
+        raise RuntimeError("out of memory in recovery")
+
+    monkeypatch.setattr(mptool.recover, "recover", broken)
+    out = tmp_path / "o"
+    res = run("compress", tiny_dir, "--method", "flap", "--ratio", "0.5", "--ffn-multiple", "32",
+              *small(text_file), "--recovery-steps", "1", "--out", out)
+    assert res.exit_code != 0 and isinstance(res.exception, RuntimeError)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["tiny-llama", text_file.name])
 
 
 def test_existing_output_is_not_overwritten(tiny_dir, text_file, tmp_path):

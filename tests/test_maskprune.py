@@ -180,13 +180,14 @@ def test_churn_is_zero_with_frozen_masks_and_reported_with_moving_ones():
     assert all(0.0 <= r["churn_ffn"] <= 1.0 for r in rows[0.5])
 
 
-def _continued(data: torch.Tensor, rec_steps: int = 2, **kw):
+def _continued(data: torch.Tensor, rec_steps: int = 2, schedule: str = "constant", **kw):
     """A trainer with 4 mask steps (batch 2) planned to continue with ``rec_steps`` of recovery."""
     from mptool.recover import RecoveryConfig
 
     model = tiny_model("llama", seed=2)
     mp = MaskPrune(model, data, cfg(steps=4, init="wanda-sp", **kw), target=Target(1, 1, 64), ffn_multiple=32, seed=3)
-    mp.continue_with(RecoveryConfig(steps=rec_steps, batch_size=2, lr=5e-3, bf16=False, kd_chunk=None))
+    mp.continue_with(RecoveryConfig(steps=rec_steps, batch_size=2, lr=5e-3, lr_schedule=schedule, bf16=False,
+                                    kd_chunk=None))
     return mp
 
 
@@ -234,16 +235,17 @@ def test_continued_recovery_trains_on_the_blocks_after_mask_learning():
 
 
 def test_killed_recovery_resumes_to_the_same_weights(tmp_path):
+    """Killed in recovery with a decaying learning rate: the resumed run ends where the full one does."""
     d = Dims.from_config(tiny_model("llama").config)
     data = blocks(d.vocab_size, n=16)
-    full = _continued(data, rec_steps=4, checkpoint_every=2)
+    full = _continued(data, rec_steps=4, schedule="cosine", checkpoint_every=2)
     full.run()
     full.run_recovery()
     ckpt = tmp_path / "ckpt"
-    first = _continued(data, rec_steps=4, checkpoint_every=2)
+    first = _continued(data, rec_steps=4, schedule="cosine", checkpoint_every=2)
     first.run(checkpoint_dir=ckpt)
     first.run_recovery(checkpoint_dir=ckpt, stop_after=7)  # killed after step 7; last checkpoint at 6
-    resumed = _continued(data, rec_steps=4, checkpoint_every=2)
+    resumed = _continued(data, rec_steps=4, schedule="cosine", checkpoint_every=2)
     resumed.load_checkpoint(ckpt)
     assert (resumed.state.step, resumed.state.frozen_at) == (6, 4)
     assert resumed.run() == []  # mask learning is over
@@ -252,3 +254,33 @@ def test_killed_recovery_resumes_to_the_same_weights(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6), k
+
+
+def test_continued_recovery_follows_the_lr_schedule(monkeypatch):
+    """Each recovery step's AdamW step runs at the scheduled rate: linear over 4 steps from 5e-3."""
+    d = Dims.from_config(tiny_model("llama").config)
+    mp = _continued(blocks(d.vocab_size, n=16), rec_steps=4, schedule="linear")
+    mp.run()
+    seen, step = [], mp.opt.step
+
+    def recording_step(*a, **kw):
+        seen.append(mp.opt.param_groups[0]["lr"])
+        return step(*a, **kw)
+
+    monkeypatch.setattr(mp.opt, "step", recording_step)
+    mp.run_recovery()
+    assert seen == pytest.approx([5e-3, 3.75e-3, 2.5e-3, 1.25e-3])
+
+
+def test_a_token_budget_shortens_the_warm_up_with_the_run():
+    """max_tokens ends mask learning after 4 of 8 steps: the warm-up (half the steps) is half of
+    those 4, so the last steps train at the final target, as an 8-step run's last steps do."""
+    d = Dims.from_config(tiny_model("llama").config)
+    data = blocks(d.vocab_size, n=16)
+    mp = MaskPrune(tiny_model("llama"), data, cfg(steps=8, max_tokens=4 * 2 * data.shape[1], warmup_frac=0.5),
+                   target=Target(1, 1, 64), ffn_multiple=32)
+    assert mp.planned_steps() == 4 and mp._warmup_steps() == 2
+    history = mp.run()
+    assert len(history) == 4
+    assert [(r["s_kv"], r["s_heads"], r["s_ffn"]) for r in history[2:]] == [(1, 1, 64)] * 2
+    assert mp.hard_counts() == (1, 1, 64)
