@@ -21,8 +21,10 @@ class VllmOptions:
     small model in eager mode is bound by per-layer Python overhead, not by its weights."""
     kv_cache_gib: int = 2
     """CPU only: GiB reserved for the KV cache (``VLLM_CPU_KVCACHE_SPACE``)."""
-    gpu_memory_utilization: float = 0.5
-    """GPU only: fraction of GPU memory vLLM may take (weights + KV cache)."""
+    gpu_memory_utilization: float = 0.4
+    """GPU only: fraction of GPU memory each vLLM engine may take (weights + KV cache). The dense
+    and the pruned engine are alive together and each start-up needs its fraction free, so two
+    of them plus CUDA contexts must fit: keep it at or below about 0.45."""
 
 
 @dataclass

@@ -25,6 +25,7 @@ import json
 import os
 import platform
 import statistics
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -72,7 +73,7 @@ class EngineSpec:
     """CPU ids this process may use (the first ``threads`` are bound, where the engine binds)."""
     eager: bool = False
     kv_cache_gib: int = 2
-    gpu_memory_utilization: float = 0.5
+    gpu_memory_utilization: float = 0.4
     cache_dir: str = ""
     trust_remote_code: bool = False
     max_batch: int = 1
@@ -228,6 +229,8 @@ def build_onnx(model_dir: str, spec: EngineSpec, log: Callable[[str], None] | No
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0 or not (tmp / "model" / "genai_config.json").is_file():
         (tmp / "build.log").write_text(proc.stdout + proc.stderr)
+        for partial in (tmp / "model", tmp / "hf-cache"):  # keep the log, not a half-built model
+            shutil.rmtree(partial, ignore_errors=True)
         lines = [ln for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
         raise MptoolError(f"onnxruntime-genai's builder failed on {src}: "
                           f"{lines[-1].strip() if lines else 'no output'} (log: {tmp / 'build.log'})")

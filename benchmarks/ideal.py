@@ -88,7 +88,9 @@ def decode_context(prompt_len: int, new_tokens: int) -> float:
 
 def decode_bytes_per_step(d: Dims, batch_size: int, context: float, dtype_bytes: int) -> float:
     """Bytes one decode step of ``batch_size`` sequences at ``context`` positions reads."""
-    per_sequence = kv_bytes_per_token(d, dtype_bytes) * context + d.hidden_size * dtype_bytes
+    # an untied embedding table is read one looked-up row per sequence; a tied one is read whole
+    # as the LM head already (weight_bytes_read)
+    per_sequence = kv_bytes_per_token(d, dtype_bytes) * context + (0 if d.tied else d.hidden_size * dtype_bytes)
     return weight_bytes_read(d, dtype_bytes) + batch_size * per_sequence
 
 

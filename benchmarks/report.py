@@ -7,6 +7,7 @@ measures anything.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -159,7 +160,7 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     names = " vs ".join(Path(doc["models"][r]["path"]).name for r in ("dense", "pruned"))
     fig.suptitle(f"mptool bench: {names} (dashed dense, solid pruned)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
 
 
@@ -168,7 +169,15 @@ def write_all(doc: dict[str, Any], out: Path) -> list[Path]:
     out.parent.mkdir(parents=True, exist_ok=True)
     paths = [out.with_name(out.name + ext) for ext in (".json", ".md", ".png")]
     doc["outputs"] = [str(p) for p in paths]
-    paths[0].write_text(json.dumps(doc, indent=2) + "\n")
-    paths[1].write_text(markdown(doc))
-    plot(doc, paths[2])
+    tmps = [p.with_name(f".{p.name}.tmp-{os.getpid()}") for p in paths]
+    try:  # all three or none: each written to a temporary name, renamed once all exist
+        tmps[0].write_text(json.dumps(doc, indent=2) + "\n")
+        tmps[1].write_text(markdown(doc))
+        plot(doc, tmps[2])
+    except BaseException:
+        for t in tmps:
+            t.unlink(missing_ok=True)
+        raise
+    for t, p in zip(tmps, paths):
+        os.replace(t, p)
     return paths

@@ -96,6 +96,19 @@ def validate(cfg: BenchConfig) -> dict[str, Any]:
     device = cfg.device
     if device is not None and device not in ("cpu", "cuda"):
         problems.append(f"device {device} is not supported; accepted: cpu, cuda")
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        problems.append("device cuda was asked for but torch sees no CUDA GPU here; use --device cpu")
+    on_cpu = device == "cpu" or (device is None and not torch.cuda.is_available())
+    if on_cpu and "onnxruntime" in engines and cfg.dtype in ("float16", "bfloat16"):
+        problems.append(f"dtype {cfg.dtype} is not run by onnxruntime-genai on the CPU (its fp16/bf16 CPU graphs "
+                        "fail to run); use --dtype float32 there, or --device cuda")
+    if cfg.seed < 0:
+        problems.append(f"seed {cfg.seed} must be 0 or more")
+    from mptool.io import output_problems
+
+    problems += output_problems(cfg.out, overwrite=True, flag="--out", folder=False)
     cpus = _cpus()
     if cfg.threads is not None and not 1 <= cfg.threads <= len(cpus):
         problems.append(f"threads {cfg.threads} must be between 1 and the {len(cpus)} CPUs this process may use")

@@ -61,6 +61,7 @@ def source_dtype(spec: Any) -> str | None:
 def validate(cfg: ExportConfig) -> list[str]:
     """Every problem found without loading weights (raised together by :func:`export`)."""
     from mptool.errors import MptoolError
+    from mptool.io import output_problems
     from mptool.models import resolve_model
 
     problems: list[str] = []
@@ -73,19 +74,30 @@ def validate(cfg: ExportConfig) -> list[str]:
                         f"choose {', '.join(DTYPES[cfg.target])} (aliases {', '.join(DTYPE_ALIASES)})")
     if not cfg.tp or any(t < 1 for t in cfg.tp):
         problems.append(f"--tp {cfg.tp} must list positive tensor-parallel sizes, e.g. 1,2,4")
+    if cfg.vllm.engine_tp is not None and any(t < 1 for t in cfg.vllm.engine_tp):
+        problems.append(f"vllm.engine_tp {cfg.vllm.engine_tp} must list positive tensor-parallel sizes (or [] for none)")
+    try:
+        from huggingface_hub.serialization._base import parse_size_to_int  # what save_pretrained parses with
+
+        if parse_size_to_int(str(cfg.max_shard_size)) < 1:
+            raise ValueError
+    except ValueError:
+        problems.append(f"max_shard_size {cfg.max_shard_size!r} must be a size such as 500MB or 2GB")
     p = cfg.parity
     if min(p.batch, p.seq_len, p.prompts, p.prompt_len, p.new_tokens) < 1:
         problems.append(f"parity sizes must be >= 1, got {p}")
     out = cfg.resolved_out()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not cfg.overwrite:
-        problems.append(f"output folder {out} exists and is not empty; pass --overwrite or another --out")
     try:
         spec = resolve_model(cfg.model)
     except MptoolError as e:
         problems.append(str(e))
         return problems
-    if isinstance(spec, Path) and out.resolve() == spec.resolve():
-        problems.append(f"--out {out} is the model folder itself; give another folder")
+    problems += output_problems(out, cfg.overwrite, sources=(spec,) if isinstance(spec, Path) else ())
+    if isinstance(spec, Path):
+        try:
+            json.loads((spec / "config.json").read_text())
+        except (OSError, ValueError) as e:
+            problems.append(f"{spec / 'config.json'} is not a readable JSON model config ({str(e).splitlines()[0]})")
     if not problems:
         problems += _module(cfg.target).validate(cfg, spec)
     return problems

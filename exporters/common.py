@@ -137,6 +137,8 @@ def compare_tokens(engine: Sequence[Sequence[int]], reference: list[tuple[list[i
         ParityError: at the first differing position that is not a tie.
     """
     compared, ties = 0, []
+    if len(engine) != len(reference):
+        raise ParityError(f"{what}: the engine answered {len(engine)} prompts, PyTorch {len(reference)}")
     for p, (got, (want, logits)) in enumerate(zip(engine, reference)):
         got = list(got)
         if len(got) != len(want):
@@ -146,6 +148,9 @@ def compare_tokens(engine: Sequence[Sequence[int]], reference: list[tuple[list[i
                 compared += 1
                 continue
             gap = float(logits[i, b] - logits[i, a])
+            if gap < 0:  # PyTorch's choice is the argmax of the unsuppressed logits: ``a`` was suppressed
+                raise ParityError(f"{what}: at position {i} of prompt {p} the engine chose {a}, a token PyTorch "
+                                  f"suppresses (end of sequence before the requested length); PyTorch chose {b}")
             if gap <= tie_tol:
                 ties.append({"prompt": p, "position": i, "engine": a, "torch": b, "logit_gap": gap})
                 break

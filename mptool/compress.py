@@ -20,7 +20,7 @@ from mptool.baselines import METHODS
 from mptool.config import CompressConfig, save_config, to_dict
 from mptool.errors import MptoolError
 from mptool.evaluate import PplProtocol, perplexity
-from mptool.io import atomic_dir
+from mptool.io import atomic_dir, output_problems
 from mptool.maskprune import INITS
 from mptool.models import looks_like_path
 from mptool.recover import LR_SCHEDULES
@@ -105,14 +105,11 @@ def validate(cfg: CompressConfig) -> None:
         problems.append(f"--device {cfg.device!r} is not one of {', '.join(D.DEVICES)}")
     if not cfg.tp or any(t < 1 for t in cfg.tp):
         problems.append(f"--tp {cfg.tp} must list positive tensor-parallel sizes, e.g. 1,2,4")
+    inputs = tuple(p for p in (cfg.model, cfg.data.train, cfg.data.eval) if p is not None and Path(p).expanduser().exists())
     for path in (cfg.data.train, cfg.data.eval):
         if path is not None and looks_like_path(path) and not Path(path).exists():
             problems.append(f"data path {path} does not exist (give a .txt, .jsonl, a folder or a datasets folder)")
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        problems.append(f"--out {cfg.out} is a file; give a folder (new, empty, or with --overwrite)")
-    elif out.exists() and any(out.iterdir()) and not cfg.overwrite:
-        problems.append(f"output folder {cfg.out} exists and is not empty; pass --overwrite or another --out")
+    problems += output_problems(cfg.out, cfg.overwrite, sources=inputs)
     if problems:
         raise MptoolError("; ".join(problems))
 

@@ -10,6 +10,42 @@ from pathlib import Path
 from typing import Iterator
 
 
+def output_problems(out: str | os.PathLike, overwrite: bool, sources: tuple = (), flag: str = "--out",
+                    folder: bool = True) -> list[str]:
+    """What is wrong with an output path, found before any work (one line each).
+
+    ``folder``: ``out`` is a folder written by :func:`atomic_dir` (replaced whole with
+    ``overwrite``); else it is a file stem (``<out>.json`` and siblings). ``sources``: input
+    paths that the output folder must not be or hold (replacing it would delete them).
+    """
+    path = Path(out).expanduser()
+    if not str(out).strip() or not path.resolve().name:
+        return [f"{flag} {str(out)!r} names no {'folder' if folder else 'file'}; give a path such as runs/x"]
+    resolved = path.resolve()
+    ancestor = resolved.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        return [f"{flag} {out}: {ancestor} is a file, not a folder"]
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        return [f"{flag} {out}: cannot write in {ancestor}"]
+    if not folder:
+        return []
+    problems = []
+    if path.exists() and not path.is_dir():
+        problems.append(f"{flag} {out} is a file; give a folder (new, empty, or with --overwrite)")
+    elif path.exists() and any(path.iterdir()) and not overwrite:
+        problems.append(f"output folder {out} exists and is not empty; pass --overwrite or another {flag}")
+    cwd = Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        problems.append(f"{flag} {out} holds the current directory; give a folder of its own")
+    for src in sources:
+        src = Path(src).expanduser().resolve()
+        if resolved == src or resolved in src.parents:
+            problems.append(f"{flag} {out} is or holds the input {src}, which writing it would delete; give another folder")
+    return problems
+
+
 @contextlib.contextmanager
 def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder that becomes ``out`` only if the block succeeds.

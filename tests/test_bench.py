@@ -99,6 +99,8 @@ def test_tied_embeddings_are_read_once_as_the_lm_head():
 
     d = dims(tie_word_embeddings=True)
     assert ideal.weight_bytes_read(d, 2) == 2 * total_params(d)
+    # the looked-up rows are in the table already read as the LM head: a sequence adds only its KV
+    assert ideal.decode_bytes_per_step(d, 4, 18, 2) == 2 * total_params(d) + 4 * ideal.kv_bytes_per_token(d, 2) * 18
 
 
 # ---------------------------------------------------------------- the result document
@@ -189,6 +191,9 @@ def test_yaml_recipe_builds_the_same_config(tmp_path):
     (["--device", "tpu"], "device tpu is not supported; accepted: cpu, cuda"),
     (["--threads", "999"], "threads 999 must be between 1 and"),
     (["--prompt-lens", "300"], "exceeds the dense model's max_position_embeddings 256"),
+    (["--seed", "-1"], "seed -1 must be 0 or more"),
+    (["--engine", "onnxruntime", "--dtype", "float16", "--device", "cpu"],
+     "dtype float16 is not run by onnxruntime-genai on the CPU"),
 ])
 def test_cli_rejects_bad_arguments(pair, tmp_path, args, says):
     res = run(*pair, "--out", tmp_path / "o", *args)
@@ -215,6 +220,15 @@ def test_cli_rejects_missing_folder_and_other_family(pair, tmp_path, tokenizer_d
     assert res.exit_code == 2 and "different families (dense llama, pruned qwen2)" in res.output
     for r in (res,):
         assert len([ln for ln in r.output.splitlines() if ln.strip()]) == 1
+
+
+def test_bad_outputs_are_refused_before_any_measurement(pair, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for out, says in (("", "names no file"), (afile / "res", "is a file, not a folder")):
+        res = run(*pair, "--out", out)
+        assert res.exit_code == 2 and says in " ".join(res.output.split()), res.output
+    assert afile.read_text() == "x"
 
 
 def test_every_problem_is_named_at_once(pair):

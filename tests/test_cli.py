@@ -410,6 +410,13 @@ def test_out_naming_a_file_is_refused_and_the_file_kept(tiny_dir, text_file, tmp
         assert out.read_text() == "{}"
 
 
+def test_overwrite_never_replaces_a_folder_holding_the_inputs(tiny_dir, text_file, tmp_path):
+    before = sorted(p.name for p in tmp_path.iterdir())
+    res = run("compress", tiny_dir, *small(text_file), "--out", tmp_path, "--overwrite")
+    assert res.exit_code == 2 and "holds the input" in res.output, res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == before and (tiny_dir / "config.json").is_file()
+
+
 def test_resume_refuses_flags_it_would_ignore(tmp_path):
     ckpt = tmp_path / "x.ckpt"
     ckpt.mkdir()

@@ -256,6 +256,12 @@ def test_greedy_mismatch_names_the_first_differing_token():
     result = compare_tokens([[3, 3, 5, 7]], reference, tie_tol=1e-3, what="engine")
     assert result["ties"] == [{"prompt": 0, "position": 2, "engine": 5, "torch": 3,
                                "logit_gap": pytest.approx(1e-5, abs=1e-6)}]
+    # a token PyTorch suppressed (EOS before the requested length) is a failure, never a tie
+    logits[2, 9] = 5.0
+    with pytest.raises(ParityError, match="the engine chose 9, a token PyTorch suppresses"):
+        compare_tokens([[3, 3, 9, 3]], reference, tie_tol=1e-3, what="engine")
+    with pytest.raises(ParityError, match="the engine answered 0 prompts, PyTorch 1"):
+        compare_tokens([], reference, tie_tol=1e-3, what="engine")
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -271,6 +277,41 @@ def test_bad_options_are_refused_before_any_work(args, needle, tokenizer_dir, tm
     res = run("export", src, *args, "--out", out)
     assert res.exit_code == 2 and needle in res.output, res.output
     assert_nothing_left(out)
+
+
+@pytest.mark.parametrize("recipe, needle", [
+    ("max_shard_size: 2G\n", "max_shard_size '2G' must be a size such as 500MB or 2GB"),
+    ("target: vllm\nvllm:\n  engine_tp: [0]\n", "vllm.engine_tp [0] must list positive"),
+    ("target: onnx\nparity:\n  seq_len: 1\n", "parity.seq_len 1 must exceed the 4 decode steps"),
+])
+def test_bad_recipe_values_are_refused_before_any_work(recipe, needle, tokenizer_dir, tmp_path):
+    src = save_tiny("llama", tokenizer_dir, tmp_path / "src")
+    (tmp_path / "r.yaml").write_text(recipe)
+    out = tmp_path / "o"
+    res = run("export", src, "--config", tmp_path / "r.yaml", "--out", out)
+    assert res.exit_code == 2 and needle in res.output, res.output
+    assert_nothing_left(out)
+
+
+def test_outputs_that_would_delete_or_break_inputs_are_refused(tokenizer_dir, tmp_path):
+    """--overwrite never replaces a folder holding the model; a file, or a path under a file, is
+    no output folder; an unreadable config.json is one line, not a traceback."""
+    src = save_tiny("llama", tokenizer_dir, tmp_path / "runs" / "src")
+    before = sorted(p.name for p in src.iterdir())
+    res = run("export", src, "--out", tmp_path / "runs", "--overwrite")
+    assert res.exit_code == 2 and "holds the input" in res.output, res.output
+    assert sorted(p.name for p in src.iterdir()) == before
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for out, needle in ((afile, "is a file; give a folder"), (afile / "sub", "is a file, not a folder")):
+        res = run("export", src, "--out", out, "--overwrite")
+        assert res.exit_code == 2 and needle in res.output, res.output
+    assert afile.read_text() == "x" and not list(tmp_path.glob(".afile*"))
+    broken = save_tiny("llama", tokenizer_dir, tmp_path / "broken")
+    (broken / "config.json").write_text("{")
+    res = run("export", broken, "--out", tmp_path / "o")
+    assert res.exit_code == 2 and "is not a readable JSON model config" in res.output, res.output
+    assert_nothing_left(tmp_path / "o")
 
 
 def test_an_existing_output_is_kept_without_overwrite(tokenizer_dir, tmp_path):
@@ -330,7 +371,8 @@ def test_vllm_export_without_the_engine_writes_the_serve_command(tokenizer_dir, 
     assert 'exec vllm serve "$HERE" --served-model-name v --dtype bfloat16 --tensor-parallel-size "$TP"' in script
     res = subprocess.run(["bash", str(out / "serve.sh")], env={**os.environ, "TP": "4"}, capture_output=True, text=True)
     assert res.returncode == 2 and "use one of: 1 2" in res.stderr
-    assert "vllm serve v --dtype bfloat16 --tensor-parallel-size 2" in (out / "SERVE.md").read_text()
+    assert "vllm serve . --served-model-name v --dtype bfloat16 --tensor-parallel-size 2" in (out / "SERVE.md").read_text()
+    assert rec["vllm"]["serve_command"] == f"vllm serve {out} --dtype bfloat16 --tensor-parallel-size 2"
 
 
 def test_vllm_cpu_check_is_skipped_with_the_reason_for_head_dim_16(tokenizer_dir, tmp_path):
