@@ -284,6 +284,8 @@ def export(src: Any, tmp: Path, dtype: str, cfg: Any, advance: Callable[..., Non
         skip = "turned off (vllm.engine_check: false)"
     elif importlib.util.find_spec("vllm") is None:
         skip = "vLLM is not installed (pip install 'mptool[cpu]', or [gpu])"
+    elif not _engine_sizes(cfg):
+        skip = "no tensor-parallel size to load (vllm.engine_tp: [])"
     elif not _on_cuda() and check(src.dims, src.dims.dense_target(), engines=["vllm-cpu"]):
         skip = f"vLLM's CPU attention does not support head_dim {src.dims.head_dim}"
     if skip:

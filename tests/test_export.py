@@ -375,6 +375,12 @@ def test_vllm_export_without_the_engine_writes_the_serve_command(tokenizer_dir, 
     assert rec["vllm"]["serve_command"] == f"vllm serve {out} --dtype bfloat16 --tensor-parallel-size 2"
 
 
+def test_an_empty_engine_tp_list_records_why_nothing_was_loaded(tokenizer_dir, tmp_path):
+    src = save_tiny("qwen3", tokenizer_dir, tmp_path / "src", **VLLM_TINY)
+    rec = export(ExportConfig(model=str(src), target="vllm", out=str(tmp_path / "v"), vllm=VllmConfig(engine_tp=[])))
+    assert rec["vllm"]["engine_checks"] == [{"skipped": "no tensor-parallel size to load (vllm.engine_tp: [])"}]
+
+
 def test_vllm_cpu_check_is_skipped_with_the_reason_for_head_dim_16(tokenizer_dir, tmp_path):
     pytest.importorskip("vllm")
     src = save_tiny("mistral", tokenizer_dir, tmp_path / "src")
