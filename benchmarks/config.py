@@ -21,6 +21,9 @@ class VllmOptions:
     small model in eager mode is bound by per-layer Python overhead, not by its weights."""
     kv_cache_gib: int = 2
     """CPU only: GiB reserved for the KV cache (``VLLM_CPU_KVCACHE_SPACE``)."""
+    timeout_s: int = 1800
+    """Seconds an engine process may take to answer one request (its start-up included) before
+    it is killed and the bench fails with its log."""
     gpu_memory_utilization: float = 0.4
     """GPU only: fraction of GPU memory each vLLM engine may take (weights + KV cache). The dense
     and the pruned engine are alive together and each start-up needs its fraction free, so two

@@ -24,15 +24,18 @@ import hashlib
 import json
 import os
 import platform
+import queue
+import signal
 import statistics
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -81,6 +84,9 @@ class EngineSpec:
     """Longest prompt + new tokens of the sweep (engines size their caches from it)."""
     max_batched_tokens: int = 1
     """Largest batch x prompt of the sweep (vLLM prefills a whole batch in one step)."""
+    timeout_s: int = 1800
+    """A child engine (vLLM) that does not answer a request (start-up included) within this many
+    seconds is killed and the bench fails with its log, instead of hanging."""
 
 
 @dataclass
@@ -375,21 +381,56 @@ class ChildRunner(Runner):
         self.failed = False
         self.log_path = Path(tempfile.mkstemp(prefix=f"mptool-bench-{engine}-", suffix=".log")[1])
         self._log = open(self.log_path, "w")
+        self.timeout_s = spec.timeout_s
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mptool.benchmarks.engines", engine],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True,
-            env={**os.environ, **env},
+            env={**os.environ, **env}, start_new_session=True,
         )
+        self._start_reader()
         self._info = self._call({"model_dir": model_dir, "spec": asdict(spec)})["info"]
 
+    def _start_reader(self) -> None:
+        """Lines of the child's stdout arrive on a queue (None at its end), so that a request can
+        wait with a deadline."""
+        self._lines: queue.Queue[str | None] = queue.Queue()
+
+        def pump() -> None:
+            assert self.proc.stdout is not None
+            for line in self.proc.stdout:
+                self._lines.put(line)
+            self._lines.put(None)
+
+        threading.Thread(target=pump, daemon=True).start()
+
+    def _replies(self) -> Iterator[str]:
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                self.failed = True
+                self._kill()
+                self.close()
+                raise MptoolError(f"{self.proc.args[-1]} did not answer within {self.timeout_s} s on "
+                                  f"{self.model_dir} and was stopped (timeout_s; full log: {self.log_path})") from None
+            if line is None:
+                return
+            yield line
+
+    def _kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the engine's own workers too
+        self.proc.wait()
+
     def _call(self, request: dict[str, Any]) -> dict[str, Any]:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
+        assert self.proc.stdin is not None
         try:
             self.proc.stdin.write(json.dumps(request) + "\n")
             self.proc.stdin.flush()
         except BrokenPipeError:
             pass  # the child died: its log says why, below
-        for line in self.proc.stdout:
+        for line in self._replies():
             if line.startswith(REPLY_PREFIX):
                 reply = json.loads(line[len(REPLY_PREFIX):])
                 if "error" in reply:
@@ -419,8 +460,7 @@ class ChildRunner(Runner):
             try:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+                self._kill()
         self._log.close()
         if not self.failed:  # the log is kept only to explain a failure
             self.log_path.unlink(missing_ok=True)

@@ -112,6 +112,8 @@ def validate(cfg: BenchConfig) -> dict[str, Any]:
     cpus = _cpus()
     if cfg.threads is not None and not 1 <= cfg.threads <= len(cpus):
         problems.append(f"threads {cfg.threads} must be between 1 and the {len(cpus)} CPUs this process may use")
+    if cfg.vllm.timeout_s < 1:
+        problems.append(f"vllm.timeout_s {cfg.vllm.timeout_s} must be at least 1")
     if cfg.vllm.kv_cache_gib < 1:
         problems.append(f"vllm.kv_cache_gib {cfg.vllm.kv_cache_gib} must be at least 1")
     if not 0 < cfg.vllm.gpu_memory_utilization <= 1:
@@ -258,7 +260,7 @@ def run_bench(cfg: BenchConfig, argv: list[str] | None = None) -> dict[str, Any]
                 gpu_memory_utilization=cfg.vllm.gpu_memory_utilization, cache_dir=cache_dir,
                 trust_remote_code=cfg.trust_remote_code, max_batch=max(cfg.batch_sizes),
                 max_len=max(cfg.prompt_lens) + cfg.new_tokens,
-                max_batched_tokens=max(c.batch_size * c.prompt_len for c in cells),
+                max_batched_tokens=max(c.batch_size * c.prompt_len for c in cells), timeout_s=cfg.vllm.timeout_s,
             )
 
             def on_load(role: str, engine: str = engine) -> None:

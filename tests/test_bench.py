@@ -266,3 +266,24 @@ def test_vllm_engine_end_to_end(tmp_path, tokenizer_dir):
     assert [r["batch_size"] for r in doc["results"]] == [1, 2]
     for r in doc["results"]:
         _check_stats(r["pruned"]["tpot_s"], 1)
+
+
+def test_a_silent_child_engine_is_stopped_at_its_deadline(tmp_path):
+    """A child engine that never answers is killed (with its process group) and the bench fails
+    with one line naming the deadline, instead of hanging."""
+    import subprocess
+    import sys
+
+    from mptool.benchmarks.engines import ChildRunner
+    from mptool.errors import MptoolError
+
+    runner = object.__new__(ChildRunner)  # the protocol only: no engine to start
+    runner.model_dir, runner.failed, runner.timeout_s = "m", False, 1
+    runner.log_path = tmp_path / "child.log"
+    runner._log = open(runner.log_path, "w")
+    runner.proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], stdin=subprocess.PIPE,
+                                   stdout=subprocess.PIPE, text=True, start_new_session=True)
+    runner._start_reader()
+    with pytest.raises(MptoolError, match="did not answer within 1 s on m and was stopped"):
+        runner._call({"prompts": [[1]], "new_tokens": 2})
+    assert runner.proc.poll() is not None and runner.failed and runner.log_path.exists()
