@@ -27,15 +27,15 @@ ModelArg = typer.Argument(None, help="HF model folder (config.json + *.safetenso
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML recipe; flags override it.")
 
 
-def _tp(value: Optional[str]) -> Optional[list[int]]:
+def _tp(value: Optional[str], flag: str = "--tp", what: str = "tensor-parallel sizes") -> Optional[list[int]]:
     if value is None:
         return None
     try:
         sizes = [int(v) for v in value.split(",") if v.strip()]
     except ValueError:
-        raise MptoolError(f"--tp {value!r} must be comma-separated integers, e.g. 1,2,4,8") from None
+        raise MptoolError(f"{flag} {value!r} must be comma-separated integers, e.g. 1,2,4,8") from None
     if not sizes or any(s < 1 for s in sizes):
-        raise MptoolError(f"--tp {value!r} must list positive tensor-parallel sizes, e.g. 1,2,4,8")
+        raise MptoolError(f"{flag} {value!r} must list positive {what}, e.g. 1,2,4,8")
     return sizes
 
 
@@ -209,7 +209,7 @@ def plan(
     """Estimate per-GPU memory of mask learning and recovery (weights, LoRA, activations, teacher)."""
     from mptool.plan import PlanInput, print_plan
 
-    counts = _tp(gpus) or [1, 2, 4, 8]
+    counts = _tp(gpus, "--gpus", "GPU counts") or [1, 2, 4, 8]
     if min(batch_size, seq_len, lora_r, dtype_bytes) < 1 or gpu_mem <= 0:
         raise MptoolError("--batch-size, --seq-len, --lora-r, --dtype-bytes and --gpu-mem must be positive")
     print_plan(model, counts, gpu_mem, PlanInput(batch_size=batch_size, seq_len=seq_len, lora_r=lora_r,

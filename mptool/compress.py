@@ -101,6 +101,14 @@ def validate(cfg: CompressConfig) -> None:
         if rec.teacher == "cache":
             problems.append("recovery.teacher cache needs a fresh adapter (recovery.adapter: fresh); a continued "
                             "adapter distils from the model itself, with no second copy to cache")
+    problems += cfg.ppl.problems()
+    if cfg.data.seq_len < 2:
+        problems.append(f"data.seq_len (--seq-len) {cfg.data.seq_len} must be >= 2")
+    elif cfg.data.calib_tokens < cfg.data.seq_len:
+        problems.append(f"data.calib_tokens (--calib-tokens) {cfg.data.calib_tokens} must be at least one "
+                        f"block of --seq-len {cfg.data.seq_len} tokens")
+    if cfg.ffn_multiple < 1:
+        problems.append(f"--ffn-multiple {cfg.ffn_multiple} must be >= 1")
     if cfg.device not in D.DEVICES:
         problems.append(f"--device {cfg.device!r} is not one of {', '.join(D.DEVICES)}")
     if not cfg.tp or any(t < 1 for t in cfg.tp):
@@ -170,7 +178,26 @@ def eval_text_for(path: str | None) -> tuple[str, str]:
 
     if path is None:
         return default_texts()[1], "austen:persuasion"
-    return "\n\n".join(load_texts(path)), path
+    return "\n\n".join(load_texts(path, role="eval")), path
+
+
+def held_out_overlap(cfg_data: Any) -> str | None:
+    """Why the evaluation text is (partly) training text, if it visibly is: the same path for
+    both, or a training folder holding the default held-out book."""
+    from mptool.data import EVAL_BOOK
+
+    if cfg_data.train is None or not Path(cfg_data.train).expanduser().exists():
+        return None
+    train = Path(cfg_data.train).expanduser().resolve()
+    if cfg_data.eval is not None:
+        held = Path(cfg_data.eval).expanduser()
+        if held.exists() and held.resolve() == train:
+            return f"--data and --eval-data are the same ({cfg_data.train})"
+        return None
+    book = f"{EVAL_BOOK}.txt"
+    if train.name == book or (train.is_dir() and (train / book).is_file()):
+        return f"--data {cfg_data.train} holds {book}, the default held-out text"
+    return None
 
 
 def load_texts_for(cfg_data: Any) -> tuple[list[str], str, str]:
@@ -264,6 +291,7 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
     timings: dict[str, float] = {}
     started = time.perf_counter()
     texts, eval_text, eval_name = load_texts_for(cfg.data)
+    overlap = held_out_overlap(cfg.data)
     fixed, budget = plan_target(cfg, model_dims(cfg.model, cfg.trust_remote_code))
     with console.status("loading model"):
         model, tokenizer = load_model(cfg.model, dtype=weights_dtype, trust_remote_code=cfg.trust_remote_code)
@@ -275,7 +303,7 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
                   f"{'learned' if cfg.method == 'maskprune' else 'KD-chosen'} target within "
                   f"{budget:,.0f} prunable parameters"))
     eval_ids = eval_token_stream(tokenizer, eval_text, cfg.ppl.max_tokens)
-    protocol = PplProtocol(cfg.ppl.window, cfg.ppl.stride, cfg.ppl.max_tokens, eval_name)
+    protocol = cfg.ppl.protocol(eval_name)
     calib = token_blocks(tokenizer, texts, cfg.data.seq_len, cfg.data.calib_tokens)
     dense_ppl = measure_ppl(model, eval_ids, protocol, "dense", dev) if main else {}
     if sharded and main:
@@ -416,6 +444,8 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
 
         report = build_report(cfg, d, target, dense_count, pruned, dense_ppl, pruned_ppl, timings)
         report.update(extra)
+        if overlap:
+            report["held_out_warning"] = overlap
         with atomic_dir(cfg.out) as tmp:
             pruned.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
@@ -434,6 +464,8 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
     shutil.rmtree(ckpt_parent, ignore_errors=True)
     D.barrier()
     print_report(report)
+    if overlap:
+        console.print(f"[yellow]warning:[/yellow] {overlap}: the perplexities are not on held-out text")
     return report
 
 

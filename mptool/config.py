@@ -60,8 +60,26 @@ class PplConfig:
     """The perplexity protocol (see mptool.evaluate.PplProtocol)."""
 
     window: int = 1024
-    stride: int = 1024
+    stride: int | None = None
+    """Tokens the window advances; None: the window (non-overlapping windows)."""
     max_tokens: int = 16384
+
+    def protocol(self, text: str) -> Any:
+        """The :class:`mptool.evaluate.PplProtocol` these settings declare for ``text``."""
+        from mptool.evaluate import PplProtocol
+
+        return PplProtocol(self.window, self.stride or self.window, self.max_tokens, text)
+
+    def problems(self) -> list[str]:
+        """What is wrong with these settings (one line each)."""
+        out = []
+        if self.window < 2:
+            out.append(f"ppl.window (--window) {self.window} must be >= 2")
+        elif self.stride is not None and not 1 <= self.stride <= self.window:
+            out.append(f"ppl.stride (--stride) {self.stride} must be in [1, window {self.window}]")
+        if self.max_tokens < 2:
+            out.append(f"ppl.max_tokens (--eval-tokens) {self.max_tokens} must be >= 2")
+        return out
 
 
 def _maskprune_config():

@@ -131,6 +131,19 @@ def _corpus_complete(folder: Path) -> bool:
 
 
 def default_corpus_dir(console: Any = None) -> Path:
+    """Return the folder of the six Austen novels as UTF-8 text, extracting them once (under a
+    lock, so concurrent first uses extract once; see :func:`_extract_corpus`)."""
+    from mptool import models
+    from mptool.io import cache_lock
+
+    out = models.CACHE_DIR / CORPUS_NAME
+    if _corpus_complete(out):
+        return out
+    with cache_lock(out):
+        return _extract_corpus(console)
+
+
+def _extract_corpus(console: Any = None) -> Path:
     """Return the folder of the six Austen novels as UTF-8 text, extracting them once.
 
     Downloads the Debian package ``r-cran-janeaustenr`` with ``apt-get download`` (no install,
@@ -212,21 +225,31 @@ def default_texts(console: Any = None) -> tuple[str, str]:
     return "\n\n".join(read(book) for book in TRAIN_BOOKS), read(EVAL_BOOK)
 
 
+def _read_text(path: Path) -> str:
+    """A text file's content; undecodable or unreadable files are a one-line user error."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise MptoolError(f"data file {path} is not UTF-8 text (byte {exc.start}); convert it, "
+                          "e.g. iconv -f latin1 -t utf-8") from None
+    except OSError as exc:
+        raise MptoolError(f"cannot read data file {path}: {_one_line(exc)}") from None
+
+
 def _read_jsonl(path: Path) -> list[str]:
     texts = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise MptoolError(f"line {number} of {path} is not JSON: {exc.msg}") from exc
-            if not isinstance(record, dict) or "text" not in record:
-                raise MptoolError(f'line {number} of {path} has no "text" field')
-            if not isinstance(record["text"], str):
-                raise MptoolError(f'line {number} of {path}: "text" is not a string')
-            texts.append(record["text"])
+    for number, line in enumerate(_read_text(path).split("\n"), 1):  # not splitlines: U+2028 is JSON text
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise MptoolError(f"line {number} of {path} is not JSON: {exc.msg}") from exc
+        if not isinstance(record, dict) or "text" not in record:
+            raise MptoolError(f'line {number} of {path} has no "text" field')
+        if not isinstance(record["text"], str):
+            raise MptoolError(f'line {number} of {path}: "text" is not a string')
+        texts.append(record["text"])
     return texts
 
 
@@ -236,22 +259,35 @@ def _is_saved_dataset(folder: Path) -> bool:
     )
 
 
-def _read_saved_dataset(folder: Path) -> list[str]:
+SPLITS = {"train": ("train",), "eval": ("test", "validation")}
+"""Which split of a multi-split dataset is read: training text from ``train``; held-out text
+from ``test``, else ``validation`` (never ``train``)."""
+
+
+def _pick_split(data: Any, where: str, role: str) -> Any:
+    """The split of a ``DatasetDict`` that ``role`` ("train" or "eval") reads; a single split is
+    read whatever its name."""
+    import datasets
+
+    if not isinstance(data, datasets.DatasetDict):
+        return data
+    for name in SPLITS[role]:
+        if name in data:
+            return data[name]
+    if len(data) == 1:
+        return next(iter(data.values()))
+    raise MptoolError(f"{where} has splits {sorted(data)} and none of {', '.join(SPLITS[role])} "
+                      f"for {'training' if role == 'train' else 'held-out evaluation'}")
+
+
+def _read_saved_dataset(folder: Path, role: str) -> list[str]:
     import datasets
 
     try:
         data = datasets.load_from_disk(str(folder))
     except (OSError, ValueError) as exc:
         raise MptoolError(f"cannot read datasets folder {folder}: {_one_line(exc)}") from exc
-    if isinstance(data, datasets.DatasetDict):
-        if "train" in data:
-            data = data["train"]
-        elif len(data) == 1:
-            data = next(iter(data.values()))
-        else:
-            raise MptoolError(
-                f"datasets folder {folder} has splits {sorted(data)} and none named 'train'"
-            )
+    data = _pick_split(data, f"datasets folder {folder}", role)
     if "text" not in data.column_names:
         raise MptoolError(
             f'datasets folder {folder} has no "text" column (columns: {data.column_names})'
@@ -259,28 +295,31 @@ def _read_saved_dataset(folder: Path) -> list[str]:
     return [text for text in data["text"] if isinstance(text, str)]
 
 
-def _read_hub_dataset(name: str) -> list[str]:
+def _read_hub_dataset(name: str, role: str) -> list[str]:
     import datasets
 
     try:
-        data = datasets.load_dataset(name, split="train")
+        data = datasets.load_dataset(name, split="train") if role == "train" else datasets.load_dataset(name)
     except Exception as exc:  # noqa: BLE001 - any hub/network failure is the user's to fix
         raise MptoolError(
             f"cannot load hub dataset {name!r} ({_one_line(exc)}); offline, give {ACCEPTED_DATA}"
         ) from exc
+    data = _pick_split(data, f"hub dataset {name}", role)
     if "text" not in data.column_names:
         raise MptoolError(f'hub dataset {name} has no "text" column ({data.column_names})')
     return [text for text in data["text"] if isinstance(text, str)]
 
 
-def load_texts(path_or_name: str | os.PathLike) -> list[str]:
+def load_texts(path_or_name: str | os.PathLike, role: str = "train") -> list[str]:
     """Load user text as a list of documents.
 
     Args:
-        path_or_name: a ``.txt`` file (one document), a folder of ``.txt`` files (one document
-            each, sorted by name), a ``.jsonl`` file (field ``"text"`` per line), a ``datasets``
-            folder saved with ``save_to_disk`` (column ``"text"``, split ``train``), or a hub
-            dataset name (``datasets.load_dataset(name, split="train")``, needs network).
+        path_or_name: a ``.txt`` (``.text``, ``.md``) file (one document), a folder of ``.txt``
+            files (one document each, sorted by name), a ``.jsonl`` file (field ``"text"`` per
+            line), a ``datasets`` folder saved with ``save_to_disk`` (column ``"text"``), or a
+            hub dataset name (``datasets.load_dataset``, needs network).
+        role: "train" reads a multi-split dataset's ``train`` split; "eval" its ``test`` or
+            ``validation`` split (:data:`SPLITS`).
 
     Returns:
         The documents, whitespace-only ones dropped.
@@ -296,24 +335,24 @@ def load_texts(path_or_name: str | os.PathLike) -> list[str]:
         if suffix == ".jsonl":
             texts = _read_jsonl(path)
         elif suffix in (".txt", ".text", ".md"):
-            texts = [path.read_text(encoding="utf-8")]
+            texts = [_read_text(path)]
         else:
-            raise MptoolError(f"data file {spec} is not .txt or .jsonl; give {ACCEPTED_DATA}")
+            raise MptoolError(f"data file {spec} is not .txt, .text, .md or .jsonl; give {ACCEPTED_DATA}")
     elif path.is_dir():
         if _is_saved_dataset(path):
-            texts = _read_saved_dataset(path)
+            texts = _read_saved_dataset(path, role)
         else:
-            files = sorted(path.glob("*.txt"))
+            files = sorted(f for f in path.iterdir() if f.suffix.lower() == ".txt" and f.is_file())
             if not files:
                 raise MptoolError(
                     f"data folder {spec} holds no .txt files and is no saved dataset; "
                     f"give {ACCEPTED_DATA}"
                 )
-            texts = [f.read_text(encoding="utf-8") for f in files]
+            texts = [_read_text(f) for f in files]
     elif not isinstance(path_or_name, str) or looks_like_path(spec):
         raise MptoolError(f"data path {spec} does not exist; give {ACCEPTED_DATA}")
     else:
-        texts = _read_hub_dataset(spec)
+        texts = _read_hub_dataset(spec, role)
     texts = [text for text in texts if text.strip()]
     if not texts:
         raise MptoolError(f"data {spec} is empty (no non-whitespace text); give {ACCEPTED_DATA}")
@@ -338,6 +377,8 @@ def _encode(tokenizer: Any, text: str, n_tokens: int | None = None) -> list[int]
 
     if n_tokens is None:
         return encode(text)
+    if n_tokens < 0:
+        raise ValueError(f"n_tokens must be >= 0, got {n_tokens}")
     chars = max(4096, 8 * (n_tokens + _CUT_MARGIN))
     while chars < len(text):
         ids = encode(text[:chars])

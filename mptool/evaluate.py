@@ -19,8 +19,10 @@ class PplProtocol:
 
     Attributes:
         window: tokens per forward pass (the context length).
-        stride: tokens the window advances; each token is scored once, with up to
-            ``window - stride`` tokens of extra context when ``stride < window``.
+        stride: tokens the window advances. With ``stride < window`` every token after the
+            first is scored once, with up to ``window - stride`` tokens of extra context; with
+            ``stride == window`` (the default) each window's first token has no context and is
+            not scored (``tokens`` in the result counts what was).
         max_tokens: tokens of the evaluation text used (from its start).
         text: a name for the text (e.g. ``austen:persuasion``).
     """
@@ -67,15 +69,29 @@ def perplexity(model: Any, ids: torch.Tensor, protocol: PplProtocol,
             "seconds": round(time.perf_counter() - start_time, 2)}
 
 
-def run_tasks(model_dir: str | Path, tasks: Sequence[str], limit: int | None = None,
-              batch_size: int = 8) -> dict[str, Any]:
-    """Run lm-eval-harness tasks on a model folder.
+def _task_loader() -> Any:
+    """A YAML loader for lm-eval task files: their ``!function`` (and other) tags are not ours to
+    run; only the ``task`` / ``group`` names are read."""
+    import yaml
 
-    Each entry of ``tasks`` is a registered task name (hub data; needs network) or a path to a
-    local task YAML file or a folder of them (offline), whose task names are then used.
+    class TaskLoader(yaml.SafeLoader):
+        pass
+
+    TaskLoader.add_multi_constructor("!", lambda loader, suffix, node: None)
+    return TaskLoader
+
+
+def resolve_tasks(tasks: Sequence[str]) -> tuple[Any, list[str]]:
+    """(lm-eval TaskManager, task names) for ``tasks``, checked before any model is loaded.
+
+    Each entry is a registered task name (hub data; needs network) or a path to a local task
+    YAML file or a folder of them (offline), whose task (or group) names are then used.
+
+    Raises:
+        MptoolError: lm-eval missing, a task file missing or unreadable, or a name lm-eval does
+            not know (the message lists them).
     """
     try:
-        from lm_eval import simple_evaluate
         from lm_eval.tasks import TaskManager
     except ImportError as e:  # pragma: no cover - part of the standard environment
         raise MptoolError(f"--tasks needs lm-eval: pip install 'lm_eval[hf]==0.4.13' ({e})") from e
@@ -90,25 +106,49 @@ def run_tasks(model_dir: str | Path, tasks: Sequence[str], limit: int | None = N
             include.append(str(path if path.is_dir() else path.parent))
             files = sorted(path.glob("*.y*ml")) if path.is_dir() else [path]
             for f in files:
-                spec = yaml.safe_load(f.read_text()) or {}
-                if "task" in spec:
+                try:
+                    spec = yaml.load(f.read_text(), Loader=_task_loader()) or {}
+                except (yaml.YAMLError, OSError, UnicodeDecodeError) as e:
+                    raise MptoolError(f"task file {f} is not readable YAML: {str(e).splitlines()[0]}") from None
+                if not isinstance(spec, dict):
+                    continue
+                if isinstance(spec.get("group"), str) and isinstance(spec.get("task"), list):
+                    names.append(spec["group"])  # a group file: run the group
+                elif isinstance(spec.get("task"), str):
                     names.append(spec["task"])
         else:
             names.append(task)
     if not names:
         raise MptoolError(f"no lm-eval task found in {list(tasks)}")
     manager = TaskManager(include_path=include or None)
-    results = simple_evaluate(
-        model="hf",
-        model_args={"pretrained": str(model_dir), "dtype": "float32"},
-        tasks=names,
-        batch_size=batch_size,
-        device="cpu",
-        limit=limit,
-        task_manager=manager,
-        log_samples=False,
-        bootstrap_iters=0,
-    )
+    unknown = [n for n in names if n not in manager.all_tasks]
+    if unknown:
+        raise MptoolError(f"lm-eval knows no task {', '.join(map(repr, unknown))}; give a registered task "
+                          "name (lm-eval --tasks list) or a task YAML file")
+    return manager, names
+
+
+def run_tasks(model_dir: str | Path, tasks: Sequence[str], limit: int | None = None,
+              batch_size: int = 8, resolved: tuple[Any, list[str]] | None = None) -> dict[str, Any]:
+    """Run lm-eval-harness tasks on a model folder (``resolved``: :func:`resolve_tasks`' result)."""
+    from lm_eval import simple_evaluate
+
+    manager, names = resolved or resolve_tasks(tasks)
+    try:
+        results = simple_evaluate(
+            model="hf",
+            model_args={"pretrained": str(model_dir), "dtype": "float32"},
+            tasks=names,
+            batch_size=batch_size,
+            device="cpu",
+            limit=limit,
+            task_manager=manager,
+            log_samples=False,
+            bootstrap_iters=0,
+        )
+    except Exception as e:  # noqa: BLE001 - lm-eval's own failures (data, network) are one line
+        raise MptoolError(f"lm-eval failed on {', '.join(names)}: {type(e).__name__}: "
+                          f"{(str(e).strip().splitlines() or [''])[0]}") from e
     if results is None:  # non-zero ranks in distributed runs
         return {}
     return {name: {k: v for k, v in metrics.items() if isinstance(v, (int, float))}

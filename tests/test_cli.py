@@ -59,6 +59,9 @@ def test_compress_writes_a_plain_uniform_checkpoint(method, tiny_dir, text_file,
     keeps = json.loads((out / "keeps.json").read_text())
     assert len(keeps) == 2 and all(len(k["ffn"]) == 128 for k in keeps)
     assert (out / "mptool-config.yaml").is_file() and (out / "tokenizer.json").is_file()
+    # these tiny runs evaluate on their training file: said on the console and in the report
+    assert report["held_out_warning"] == f"--data and --eval-data are the same ({text_file})"
+    assert "not on held-out text" in " ".join(res.output.split())
 
 
 def test_compress_with_ratio_and_yaml_recipe(tiny_dir, text_file, tmp_path):
@@ -263,6 +266,29 @@ def test_eval_writes_json(tiny_dir, text_file, tmp_path):
     assert p["tokens"] == 299 and p["protocol"]["stride"] == 64 and p["ppl"] > 1
 
 
+def test_eval_stride_defaults_to_the_window_and_bad_protocols_fail_first(tiny_dir, text_file, tmp_path):
+    out = tmp_path / "eval.json"
+    res = run("eval", tiny_dir, "--data", text_file, "--eval-tokens", "300", "--window", "128", "--out", out)
+    assert res.exit_code == 0, res.output
+    p = json.loads(out.read_text())["perplexity"]
+    assert p["protocol"]["stride"] == 128 and p["tokens"] == 300 - 3  # 3 windows, each first token unscored
+    for args, needle in ((["--eval-tokens", "1"], "ppl.max_tokens (--eval-tokens) 1 must be >= 2"),
+                         (["--stride", "0"], "ppl.stride (--stride) 0 must be in [1, window 1024]"),
+                         (["--out", tmp_path], "is a folder; give a JSON file path")):
+        res = run("eval", tiny_dir, "--data", text_file, *args)
+        assert res.exit_code == 2 and needle in res.output, res.output
+
+
+def test_plan_and_shapes_name_their_own_bad_flags(tiny_dir, tmp_path):
+    res = run("plan", tiny_dir, "--gpus", "1,x")
+    assert res.exit_code == 2 and "--gpus '1,x' must be comma-separated integers" in res.output, res.output
+    res = run("shapes", tiny_dir, "--ffn-multiple", "0")
+    assert res.exit_code == 2 and "--ffn-multiple 0 must be >= 1" in res.output, res.output
+    (tmp_path / "s.yaml").write_text("tp: [0]\n")
+    res = run("shapes", tiny_dir, "--config", tmp_path / "s.yaml")
+    assert res.exit_code == 2 and "must list positive tensor-parallel sizes" in res.output, res.output
+
+
 def test_help_has_examples():
     for cmd in ("compress", "shapes", "eval"):
         res = run(cmd, "--help")
@@ -281,6 +307,19 @@ def assert_clean_failure(res, out: Path, *needles: str) -> None:
         assert needle in lines[0], lines[0]
     assert not out.exists()
     assert not list(out.parent.glob(f".{out.name}.tmp-*"))
+
+
+def test_weights_that_do_not_match_the_config_are_refused(tiny_dir, text_file, tmp_path):
+    """transformers would fill a missing tensor with random values and only log it."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(tiny_dir / "model.safetensors")
+    weights.pop("model.layers.1.mlp.down_proj.weight")
+    save_file(weights, tiny_dir / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "o"
+    res = run("compress", tiny_dir, *small(text_file), "--method", "flap", "--out", out)
+    assert_clean_failure(res, out, "weights do not match its config.json", "missing keys",
+                         "model.layers.1.mlp.down_proj.weight")
 
 
 def test_missing_model_path(tmp_path, text_file):
@@ -377,6 +416,9 @@ def test_unknown_recipe_key(tiny_dir, tmp_path):
     ([], "recovery:\n  teacher: disk\n", "recovery.teacher 'disk' is not one of memory, cache"),
     ([], "recovery:\n  batch_size: 0\n", "recovery.batch_size 0 must be a positive multiple of the 1 processes"),
     (["--seq-len", "64"], "data: corpus.txt\n", "data in the recipe must be a mapping of data keys"),
+    (["--ffn-multiple", "0"], "", "--ffn-multiple 0 must be >= 1"),
+    (["--calib-tokens", "100"], "", "data.calib_tokens (--calib-tokens) 100 must be at least one block"),
+    (["--eval-tokens", "-5"], "", "ppl.max_tokens (--eval-tokens) -5 must be >= 2"),
 ])
 def test_bad_training_knobs_fail_before_any_work(tiny_dir, text_file, tmp_path, args, recipe, needle):
     """Knobs that used to fail late (after training) or with a traceback: one line, up front."""

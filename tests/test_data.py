@@ -55,6 +55,36 @@ def test_saved_datasets_folder(tmp_path, as_dict):
         ds = datasets.DatasetDict({"train": ds, "test": ds.select([0])})
     ds.save_to_disk(str(tmp_path / "ds"))
     assert load_texts(str(tmp_path / "ds")) == ["one", "two"]
+    # held-out text comes from the test split, never from train (a single split is read whole)
+    assert load_texts(str(tmp_path / "ds"), role="eval") == (["one"] if as_dict else ["one", "two"])
+
+
+def test_held_out_text_needs_a_test_or_validation_split(tmp_path):
+    import datasets
+
+    ds = datasets.Dataset.from_dict({"text": ["one", "two"]})
+    datasets.DatasetDict({"train": ds, "extra": ds}).save_to_disk(str(tmp_path / "ds"))
+    with pytest.raises(MptoolError, match=r"splits \['extra', 'train'\] and none of test, validation"):
+        load_texts(str(tmp_path / "ds"), role="eval")
+
+
+def test_unreadable_text_is_one_line(tmp_path):
+    (tmp_path / "latin.txt").write_bytes("Anne Elliot, na\xefve".encode("latin-1"))
+    with pytest.raises(MptoolError, match="is not UTF-8 text"):
+        load_texts(str(tmp_path / "latin.txt"))
+    folder = tmp_path / "books"
+    folder.mkdir()
+    (folder / "a.TXT").write_text("Emma Woodhouse, handsome, clever and rich")
+    (folder / "b.txt").mkdir()  # a folder named like a text file is not read
+    assert load_texts(str(folder)) == ["Emma Woodhouse, handsome, clever and rich"]
+    jsonl = tmp_path / "sep.jsonl"
+    jsonl.write_text(json.dumps({"text": "one\u2028two"}, ensure_ascii=False) + "\n")
+    assert load_texts(str(jsonl)) == ["one\u2028two"]  # U+2028 inside a JSON string is not a line break
+
+
+def test_a_negative_token_cap_is_refused(tokenizer):
+    with pytest.raises(ValueError, match="n_tokens must be >= 0"):
+        eval_token_stream(tokenizer, SAMPLE_TEXT * 20, -5)
 
 
 def test_saved_dataset_without_text_column(tmp_path):
@@ -84,7 +114,7 @@ def test_missing_path(name):
 def test_unsupported_file(tmp_path):
     p = tmp_path / "d.csv"
     p.write_text("text\nhello\n")
-    with pytest.raises(MptoolError, match="not .txt or .jsonl"):
+    with pytest.raises(MptoolError, match=r"not \.txt, \.text, \.md or \.jsonl"):
         load_texts(str(p))
 
 

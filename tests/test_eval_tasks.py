@@ -34,3 +34,19 @@ def test_missing_task_file(tmp_path, tokenizer_dir):
     model = save_tiny("llama", tokenizer_dir, tmp_path / "m")
     res = CliRunner().invoke(app, ["eval", str(model), "--tasks", str(tmp_path / "nope.yaml")])
     assert res.exit_code == 2 and "does not exist" in res.output
+
+
+def test_unknown_task_fails_before_any_work_and_function_tags_are_read(tmp_path, tokenizer_dir):
+    """A misspelled task name is one line before the model loads; a task YAML with lm-eval's
+    ``!function`` tags still yields its name."""
+    from mptool.evaluate import resolve_tasks
+
+    model = save_tiny("llama", tokenizer_dir, tmp_path / "m")
+    res = CliRunner().invoke(app, ["eval", str(model), "--tasks", "hellaswagg"])
+    assert res.exit_code == 2 and "lm-eval knows no task 'hellaswagg'" in res.output, res.output
+    yaml_text = (TASKS / "austen_mc.yaml").read_text().replace(
+        "tests/data/tasks/austen_mc.jsonl", str(TASKS / "austen_mc.jsonl"))
+    task = tmp_path / "tagged.yaml"
+    task.write_text(yaml_text + "process_docs: !function utils.process_docs\n")
+    _, names = resolve_tasks([str(task)])
+    assert names == ["austen_mc"]

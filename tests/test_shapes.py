@@ -80,10 +80,13 @@ def test_vllm_cpu_head_size():
 def test_llama_with_bias_cannot_be_written_as_mistral():
     biased = Dims(**{**SMOL.__dict__, "hidden_size": 128, "num_heads": 8, "num_kv_heads": 4,
                      "qkv_bias": True, "o_bias": True})
-    assert any("attention biases" in p for p in check(biased, Target(3, 2, 768)))  # 128 % 6 != 0
+    assert any("attention or MLP biases" in p for p in check(biased, Target(3, 2, 768)))  # 128 % 6 != 0
     assert not check(biased, Target(2, 2, 768))  # 4 heads divide 128: stays Llama
     unbiased = Dims(**{**biased.__dict__, "qkv_bias": False, "o_bias": False})
     assert not check(unbiased, Target(3, 2, 768))  # written as Mistral
+    mlp_biased = Dims(**{**unbiased.__dict__, "mlp_bias": True})  # Mistral has no MLP bias either
+    assert any("MLP biases" in p for p in check(mlp_biased, Target(3, 2, 768)))
+    assert not check(mlp_biased, Target(2, 2, 768))
 
 
 def test_illegal_target_names_nearest_legal():
