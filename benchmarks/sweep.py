@@ -173,13 +173,23 @@ def summarize(xs: list[float]) -> dict[str, Any]:
             "n": len(xs), "samples": xs}
 
 
+def _rate(times: dict[str, Any], work: float) -> dict[str, Any]:
+    """``work`` per second from a summary of times: the statistics of the times, inverted, so that
+    the median rate is ``work / median time`` with any number of repeats (a median of rates is
+    not, with an even count)."""
+    return {"median": work / times["median"], "min": work / times["max"], "max": work / times["min"],
+            "q1": work / times["q3"], "q3": work / times["q1"], "n": times["n"],
+            "samples": [work / t for t in times["samples"]]}
+
+
 def figures(samples: list[Any], batch_size: int, new_tokens: int) -> dict[str, dict[str, Any]]:
     """The four figures of one model on one cell, from its timed samples."""
+    tpot = summarize([s.tpot_s for s in samples])
     return {
         "ttft_s": summarize([s.ttft_s for s in samples]),
-        "tpot_s": summarize([s.tpot_s for s in samples]),
-        "decode_tok_s": summarize([batch_size / s.tpot_s for s in samples]),
-        "output_tok_s": summarize([batch_size * new_tokens / s.total_s for s in samples]),
+        "tpot_s": tpot,
+        "decode_tok_s": _rate(tpot, batch_size),
+        "output_tok_s": _rate(summarize([s.total_s for s in samples]), batch_size * new_tokens),
     }
 
 

@@ -287,3 +287,19 @@ def test_a_silent_child_engine_is_stopped_at_its_deadline(tmp_path):
     with pytest.raises(MptoolError, match="did not answer within 1 s on m and was stopped"):
         runner._call({"prompts": [[1]], "new_tokens": 2})
     assert runner.proc.poll() is not None and runner.failed and runner.log_path.exists()
+
+
+def test_rates_are_the_inverted_time_statistics_with_an_even_count():
+    """Two repeats of 10 and 30 ms per token: the median decode rate at batch 4 is 4 / 20 ms, the
+    figure beside the 20 ms median (a median of the two rates would say 266.7)."""
+    from types import SimpleNamespace
+
+    from mptool.benchmarks.sweep import figures
+
+    samples = [SimpleNamespace(ttft_s=0.1, tpot_s=t, total_s=0.1 + 7 * t) for t in (0.010, 0.030)]
+    f = figures(samples, batch_size=4, new_tokens=8)
+    assert f["tpot_s"]["median"] == pytest.approx(0.020)
+    assert f["decode_tok_s"]["median"] == pytest.approx(200.0)
+    assert (f["decode_tok_s"]["min"], f["decode_tok_s"]["max"]) == pytest.approx((4 / 0.030, 4 / 0.010))
+    _check_stats(f["decode_tok_s"], 2)
+    assert f["output_tok_s"]["median"] == pytest.approx(32 / (0.1 + 7 * 0.020))
