@@ -73,7 +73,8 @@ def model_card(name: str, record: dict[str, Any], report: dict[str, Any] | None,
     lines += ["## Export check", ""]
     for name_, check in record["parity"].items():
         lines.append(f"- {name_}: {_describe_check(check)}")
-    lines += [f"- artefact size: {human_bytes(record['sizes']['total_bytes'])}", "",
+    lines += [f"- model files: {human_bytes(record['sizes']['total_bytes'])} (before this card, "
+              "export-config.yaml and export.json)", "",
               "## Use", "", usage.strip(), ""]
     return "\n".join(lines)
 
