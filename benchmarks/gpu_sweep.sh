@@ -32,6 +32,8 @@ exec > >(tee "$LOG") 2>&1
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 ORT_DISABLE_TELEMETRY=1
 START=$(date +%s)
 left() { echo $(( BUDGET_S - ($(date +%s) - START) )); }
+# seconds left minus a reserve, at least 1: "timeout 0" would mean no limit at all
+cap() { local t=$(( $(left) - ${1:-0} )); [ "$t" -ge 1 ] && echo "$t" || echo 1; }
 
 echo "== gpu_sweep.sh $(date -u +%FT%TZ) on $(hostname)"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader \
@@ -56,13 +58,13 @@ DENSE=${DENSE:-$("$PY" -c 'from mptool.models import default_model_dir; print(de
 PRUNED=${PRUNED:-runs/smol-mp50}
 if [ ! -f "$PRUNED/config.json" ]; then
   echo "== no pruned model at $PRUNED: a short MaskPrune 50% run (shape is what speed depends on)"
-  timeout $(( $(left) - 300 )) "$PY" -m mptool.cli compress "$DENSE" --ratio 0.5 --max-steps 40 \
+  timeout "$(cap 300)" "$PY" -m mptool.cli compress "$DENSE" --ratio 0.5 --max-steps 40 \
     --recovery-steps 0 --eval-tokens 2048 --out "$PRUNED"
 fi
 
 # vLLM's GPU start-up (compile + CUDA graph capture) is ~1 min per model; the sweep itself is seconds.
 echo "== sweep: $ENGINES, batch $BATCHES, prompt $PROMPTS, $NEW_TOKENS new tokens, $REPEATS repeats ($(left) s left)"
-timeout "$(left)" "$PY" -m mptool.benchmarks.cli "$DENSE" "$PRUNED" --engine "$ENGINES" --device cuda \
+timeout "$(cap)" "$PY" -m mptool.benchmarks.cli "$DENSE" "$PRUNED" --engine "$ENGINES" --device cuda \
   --batch-sizes "$BATCHES" --prompt-lens "$PROMPTS" --new-tokens "$NEW_TOKENS" \
   --warmup 1 --repeats "$REPEATS" --cache-dir "${CACHE_DIR:-/tmp/mptool-bench-cache}" \
   --out "$OUT/bench_smollm2_gpu"

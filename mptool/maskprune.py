@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from mptool import distributed as D
 from mptool import masks as M
+from mptool.errors import MptoolError
 from mptool.baselines import METHODS
 from mptool.families import get_adapter
 from mptool.hooks import apply_masks
@@ -168,6 +169,17 @@ class MaskState:
     def tensors(self) -> dict[str, torch.Tensor]:
         return {k: getattr(self, k) for k in ("zg", "zh", "zf", "yg", "yh", "yf", "ig", "ih", "if_",
                                                "mg", "mh", "mf")}
+
+
+def check_finite(loss: float, grads: list[torch.Tensor], where: str) -> None:
+    """Refuse a step whose loss (averaged over ranks) or mask gradients are not finite, before
+    anything is updated: one NaN would spread through the optimiser's and the masks' running
+    averages and end in an arbitrary selection. The last checkpoint stays resumable."""
+    bad = not math.isfinite(loss) or any(not bool(torch.isfinite(g.grad).all()) for g in grads if g.grad is not None)
+    if bad:
+        raise MptoolError(f"training diverged at {where}: the loss or its gradient is not finite (loss {loss}); "
+                          "lower the learning rates (maskprune.lr_lora, lr_mask, recovery.lr) or turn bf16 off, "
+                          "then resume from the last checkpoint")
 
 
 def autocast(enabled: bool, device: torch.device | str = "cpu") -> Any:
@@ -507,6 +519,7 @@ class MaskPrune:
         grads = [*masks] if self.sharded else [*self.lora_params, *masks]
         if grads:
             D.average_grads(grads)
+        check_finite(D.mean(loss.item()), [*masks], f"step {self.state.step + 1}")
         self.opt.step()
         return loss, kd, lm
 

@@ -10,7 +10,8 @@ import torch
 
 
 def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Binary mask keeping the ``k`` largest entries of each row (ties broken by index).
+    """Binary mask keeping the ``k`` largest entries of each row (exactly ``k``; among tied
+    scores ``torch.topk`` chooses, deterministically on the CPU).
 
     Args:
         scores: ``[rows, units]`` scores.

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from mptool import distributed as D
 from mptool.families import get_adapter
-from mptool.maskprune import LORA_TARGETS, MaskPruneConfig, autocast, enable_grad_checkpointing, kd_loss, lm_loss
+from mptool.maskprune import LORA_TARGETS, MaskPruneConfig, autocast, check_finite, enable_grad_checkpointing, kd_loss, lm_loss
 
 
 @dataclass
@@ -184,6 +184,7 @@ def recover(student: Any, blocks: torch.Tensor, cfg: RecoveryConfig, teacher: An
         loss.backward()
         if not sharded:  # FSDP's reduce-scatter already averaged them
             D.average_grads(params)
+        check_finite(D.mean(loss.item()), [], f"recovery step {step + 1}")
         for group in opt.param_groups:
             group["lr"] = scheduled_lr(cfg, step, blocks.shape[1])
         opt.step()

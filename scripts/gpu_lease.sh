@@ -37,6 +37,9 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 MPTOOL_QUIET=1
 export MPTOOL_CACHE=${MPTOOL_CACHE:-/tmp/mpcache}
 START=$(date +%s)
 left() { echo $(( BUDGET_S - ($(date +%s) - START) )); }
+# seconds left minus a reserve, at least 1: "timeout 0" would mean no limit at all
+cap() { local t=$(( $(left) - ${1:-0} )); [ "$t" -ge 1 ] && echo "$t" || echo 1; }
+FAILED=0  # set when a stage fails; the exit status at the end
 STATE=runs/lease
 mkdir -p "$STATE" "$MPTOOL_CACHE"
 DEVICE=cuda
@@ -100,7 +103,7 @@ if [ "$MODE" = probe ]; then
   echo "== probe: MaskPrune 50% + recovery on cuda, GPU recipe (16 x 512), random weights"
   timeout 200 "$PY" -m mptool.cli compress "$MPTOOL_CACHE/smol-random" -c "$GPU_RECIPE" --ratio 0.5 \
     --max-steps ${PROBE_STEPS:-12} --recovery-steps ${PROBE_STEPS:-12} --eval-tokens 4096 --device $DEVICE \
-    --out "$STATE/probe50" --overwrite; echo "compress exit $?"
+    --out "$STATE/probe50" --overwrite; rc=$?; echo "compress exit $rc"; [ "$rc" = 0 ] || FAILED=1
   "$PY" - "$STATE/probe50/report.json" "$STATE/probe.json" <<'EOF'
 import json, sys
 r = json.load(open(sys.argv[1]))
@@ -113,10 +116,10 @@ EOF
   echo "== probe: torch bench smoke on $DEVICE"
   timeout 120 "$PY" -m mptool.benchmarks.cli "$MPTOOL_CACHE/smol-random" "$STATE/probe50" --engine torch \
     --device $DEVICE --dtype bfloat16 --batch-sizes 8 --prompt-lens 128 --new-tokens 8 --warmup 1 --repeats 1 \
-    --out "$STATE/bench_probe"; echo "bench exit $?"
+    --out "$STATE/bench_probe"; rc=$?; echo "bench exit $rc"; [ "$rc" = 0 ] || FAILED=1
   pack
   echo "== probe done in $(( $(date +%s) - START )) s"
-  exit 0
+  exit "$FAILED"
 fi
 
 # ---- main / quality: the real model first ----
@@ -143,14 +146,14 @@ echo "== model $MODEL (real weights: $REAL); $(left) s left"
 
 if [ "$MODE" = quality ]; then  # the whole quality table (every row of the CPU one) at a GPU budget
   [ "$REAL" = 1 ] || { echo "error: the quality table needs the real weights (both GGUF halves)"; exit 4; }
-  timeout $(( $(left) - 10 )) "$PY" -m mptool.benchmarks.quality --device $DEVICE \
+  timeout "$(cap 10)" "$PY" -m mptool.benchmarks.quality --device $DEVICE \
     --ratios ${QUALITY_RATIOS:-0.2,0.5} --tokens ${QUALITY_TOKENS:-475136} --seq-len ${GPU_SEQ:-512} \
     --batch-size ${GPU_BATCH:-16} --eval-tokens ${QUALITY_EVAL:-16384} ${QUALITY_ABLATIONS---ablations} --tag smollm2_gpu \
     --out "$STATE/quality_smollm2_gpu"
-  echo "quality exit $?"
+  rc=$?; echo "quality exit $rc"
   pack
   echo "== quality done in $(( $(date +%s) - START )) s"
-  exit 0
+  exit "$rc"
 fi
 
 echo "== stage 1: scripts/gpu_check.sh (compress 30 steps on cuda, vLLM export)"
@@ -176,7 +179,7 @@ q() {  # q NAME ARGS...: one compress run on cuda with the GPU recipe, report ke
   [ "$(left)" -gt 130 ] || { echo "skip $name: out of time"; return; }
   local cap=$(( $(left) - 100 )); [ "$cap" -gt $(( QUALITY_S / 2 )) ] && cap=$(( QUALITY_S / 2 ))
   timeout "$cap" "$PY" -m mptool.cli compress "$MODEL" -c "$GPU_RECIPE" --device $DEVICE \
-    --eval-tokens 16384 --out "$STATE/q/$name" --overwrite "$@" || echo "run $name failed"
+    --eval-tokens 16384 --out "$STATE/q/$name" --overwrite "$@" || { echo "run $name failed"; FAILED=1; }
 }
 if [ "$REAL" = 1 ]; then
   q mp50_rec --ratio 0.5 --max-steps "$STEPS" --recovery-steps "$STEPS"
@@ -194,9 +197,9 @@ if [ ! -f "$PRUNED/config.json" ]; then  # no stage 2 (random weights): a one-sh
 fi
 echo "== stage 3: torch on $DEVICE, dense vs $PRUNED, bf16 ($(left) s left)"
 if [ -f "$PRUNED/config.json" ] && [ "$(left)" -gt 40 ]; then
-  timeout $(( $(left) - 10 )) "$PY" -m mptool.benchmarks.cli "$MODEL" "$PRUNED" --engine torch --device $DEVICE \
+  timeout "$(cap 10)" "$PY" -m mptool.benchmarks.cli "$MODEL" "$PRUNED" --engine torch --device $DEVICE \
     --dtype bfloat16 --batch-sizes ${BATCHES:-1,8,32} --prompt-lens ${PROMPTS:-128,512} --new-tokens 32 \
-    --warmup 1 --repeats 3 --out "$STATE/bench_smollm2_gpu_torch"
+    --warmup 1 --repeats 3 --out "$STATE/bench_smollm2_gpu_torch" || FAILED=1
   pack
 fi
 
@@ -205,11 +208,12 @@ if [ "$(left)" -gt 100 ]; then
   BIG=$MPTOOL_CACHE/llama1b-random
   random_model "$BIG" hidden_size=2048 num_attention_heads=32 num_key_value_heads=8 \
     intermediate_size=8192 num_hidden_layers=${BIG_LAYERS:-16} head_dim=64 vocab_size=128256
-  timeout $(( $(left) - 20 )) "$PY" -m mptool.cli compress "$BIG" --method magnitude --ratio 0.5 \
+  timeout "$(cap 20)" "$PY" -m mptool.cli compress "$BIG" --method magnitude --ratio 0.5 \
     --dtype bfloat16 --device $DEVICE --eval-tokens 2048 --recovery-steps 0 --out "$STATE/llama1b-mag50" --overwrite \
-  && timeout $(( $(left) - 5 )) "$PY" -m mptool.benchmarks.cli "$BIG" "$STATE/llama1b-mag50" --engine torch \
+  && timeout "$(cap 5)" "$PY" -m mptool.benchmarks.cli "$BIG" "$STATE/llama1b-mag50" --engine torch \
     --device $DEVICE --dtype bfloat16 --batch-sizes ${BATCHES:-1,8,32} --prompt-lens ${PROMPTS:-128,512} \
-    --new-tokens 32 --warmup 1 --repeats 3 --out "$STATE/bench_llama1b_shape_gpu_torch"
+    --new-tokens 32 --warmup 1 --repeats 3 --out "$STATE/bench_llama1b_shape_gpu_torch" || FAILED=1
 fi
 pack
 echo "== main done in $(( $(date +%s) - START )) s"
+exit "$FAILED"

