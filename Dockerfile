@@ -40,7 +40,7 @@ RUN pip install "torch==${TORCH_VERSION}" \
        "onnxruntime-gpu==${ORT_GPU_VERSION}" "onnxruntime-genai-cuda==${ORT_GENAI_VERSION}" \
        "onnx==1.23.2" "onnx-ir==1.1.0" "peft==${PEFT_VERSION}" "accelerate==${ACCELERATE_VERSION}" \
        "lm_eval[hf]==${LM_EVAL_VERSION}" "safetensors==0.8.0" "datasets==5.2.0" "gguf==0.19.0" \
-       "typer==0.29.2" "rich==15.0.0" "PyYAML==6.0.4" "rdata==1.1.0" "matplotlib==3.11.2"
+       "typer==0.29.2" "rich==15.0.0" "PyYAML==6.0.4" "rdata==1.1.0" "matplotlib==3.11.2" "numpy==2.3.5"
 
 WORKDIR /src
 COPY pyproject.toml README.md ./
