@@ -146,8 +146,9 @@ class Bench:
         pruned, keeps = trainer.finish()
         if rec is not None and not continued:
             info["ppl_before_recovery"] = self.ppl(pruned, "maskprune, before recovery")
-            pruned = self.recovered(pruned, rec_tokens, self.model, seed=seed, offset=info["mask_blocks"],
-                                    **{k: v for k, v in (rec_kw or {}).items() if k != "adapter"})
+            fresh_kw = {"lora_r": cfg.lora_r, "lora_alpha": cfg.lora_alpha,  # mask learning's, as compress does
+                        **{k: v for k, v in (rec_kw or {}).items() if k != "adapter"}}
+            pruned = self.recovered(pruned, rec_tokens, self.model, seed=seed, offset=info["mask_blocks"], **fresh_kw)
         if rec is not None:
             info["recovery_adapter"] = "continued" if continued else "fresh"
         return pruned, keeps[0].target(), info

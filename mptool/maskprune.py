@@ -343,6 +343,10 @@ class MaskPrune:
         return min(cfg.steps, math.ceil(cfg.max_tokens / (cfg.batch_size * self.blocks.shape[1])))
 
     def _warmup_steps(self) -> int:
+        """Steps of the anneal from dense to the final targets; 0 with ``warmup_frac`` 0 (the final
+        targets from the first step), at least 1 otherwise."""
+        if self.cfg.warmup_frac <= 0:
+            return 0
         return max(1, int(self.cfg.warmup_frac * self.planned_steps()))
 
     def _snap_steps(self) -> int:

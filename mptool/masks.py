@@ -65,12 +65,15 @@ def dual_update(y: torch.Tensor, violation: torch.Tensor, rho: float) -> torch.T
 
 def exact_multiplier(z: torch.Tensor, target: torch.Tensor | float, step: float,
                      iters: int = 40) -> torch.Tensor:
-    """The multiplier per row that makes the proximal step meet ``sum z = target`` exactly.
+    """The multiplier ``y >= 0`` per row that makes the proximal step meet ``sum z <= target``
+    exactly: the exact line search of projected dual ascent.
 
-    ``sum(clip(z - step * y, 0, 1))`` falls monotonically in ``y``; bisection finds the ``y``
-    (signed: negative lifts the masks) at which it equals ``target``. A dual-ascent step with
-    exact line search: the prox with this multiplier is the Euclidean projection of ``z`` onto
-    ``{0 <= z <= 1, sum z = target}``, so the masks neither overshoot nor collapse onto ties.
+    ``sum(clip(z - step * y, 0, 1))`` falls monotonically in ``y``; bisection finds the ``y`` at
+    which it equals ``target``, clamped at 0 like :func:`dual_update` (a row already at or below
+    its target is left alone: a negative multiplier would lift every mask, and at the dense
+    target of the first annealing step it would set them all to 1, erasing the initialisation).
+    Where ``y > 0`` the prox with it is the Euclidean projection of ``z`` onto
+    ``{0 <= z <= 1, sum z = target}``.
     """
     target = torch.as_tensor(target, dtype=z.dtype).expand(z.shape[:-1])
     lo = (z.min(-1).values - 1.0) / step  # shift such that every mask clips at 1
@@ -80,7 +83,7 @@ def exact_multiplier(z: torch.Tensor, target: torch.Tensor | float, step: float,
         kept = (z - step * mid.unsqueeze(-1)).clamp(0.0, 1.0).sum(-1)
         too_many = kept > target
         lo, hi = torch.where(too_many, mid, lo), torch.where(too_many, hi, mid)
-    return (lo + hi) / 2
+    return ((lo + hi) / 2).clamp_min(0.0)
 
 
 def violation(z: torch.Tensor, target: torch.Tensor | float) -> torch.Tensor:

@@ -45,13 +45,27 @@ def test_dual_update_projects_on_nonnegative():
 
 
 @pytest.mark.parametrize("target", [0.0, 1.5, 3.0, 4.0])
-def test_exact_multiplier_projects_onto_the_target(target):
+def test_exact_multiplier_projects_down_onto_the_target_and_never_lifts(target):
+    """Rows above the target are projected onto it exactly (order kept); rows at or below it get
+    y = 0 and keep their masks, as projected dual ascent would."""
     z = torch.tensor([[1.4, 0.9, 0.2, -0.3], [0.5, 0.5, 0.5, 0.5]])
     y = M.exact_multiplier(z, target, step=0.1)
     after = M.proximal_step(z, 0.1, y.unsqueeze(-1))
-    assert torch.allclose(after.sum(-1), torch.full((2,), target), atol=1e-4)
+    for row in range(2):
+        if z[row].clamp(0, 1).sum() > target:
+            assert y[row] > 0 and after[row].sum() == pytest.approx(target, abs=1e-4)
+        else:
+            assert y[row] == 0 and torch.equal(after[row], z[row].clamp(0, 1))
     assert torch.equal(after.argsort(-1, descending=True)[0, :2], torch.tensor([0, 1]))  # order kept
-    assert (y[1] < 0) == (target > 2.0)  # too few kept: the multiplier lifts the masks
+
+
+def test_exact_multiplier_keeps_the_initialisation_at_the_dense_target():
+    """The first annealing step's target is the dense count: the initial ranking must survive it
+    (a signed multiplier lifted every mask to 1 there)."""
+    init = M.init_from_scores(torch.rand(2, 16, generator=torch.Generator().manual_seed(0)))
+    y = M.exact_multiplier(init, 16.0, step=0.003)
+    assert torch.equal(y, torch.zeros(2))
+    assert torch.equal(M.proximal_step(init, 0.003, y.unsqueeze(-1)), init)
 
 
 def test_violation_and_binarity():
