@@ -1,6 +1,6 @@
 """Quality benchmark: held-out perplexity of dense, one-shot, one-shot + recovery and MaskPrune.
 
-    python -m mptool.benchmarks.quality --ratios 0.2,0.5 --tokens 49152
+    python -m mptool.benchmarks.quality --ratios 0.2,0.5 --tokens 32768 --seq-len 256 --batch-size 4 --eval-tokens 8192 --ablations   # the README table
     python -m mptool.benchmarks.quality --device cuda --tokens 475136 --seq-len 512 --batch-size 16 \
         --tag smollm2_gpu --ablations          # a larger budget on a GPU (not run yet: an H200 did
                                                # about 0.3 s per 8 k-token step, so ~40 steps a row)
@@ -253,11 +253,12 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None)
     ap.add_argument("--ratios", default="0.2,0.5")
-    ap.add_argument("--tokens", type=int, default=49152, help="training tokens per trained method")
+    ap.add_argument("--tokens", type=int, default=32768,
+                    help="training tokens per trained method (default: the README table's 32 k)")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--calib-tokens", type=int, default=16384)
-    ap.add_argument("--eval-tokens", type=int, default=16384)
+    ap.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens (default: the README table's)")
     ap.add_argument("--ablations", action="store_true")
     ap.add_argument("--device", default="cpu", choices=list(D.DEVICES),
                     help="cpu (default: the committed table) | cuda | auto")
