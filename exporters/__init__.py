@@ -63,6 +63,7 @@ def validate(cfg: ExportConfig) -> list[str]:
     from mptool.errors import MptoolError
     from mptool.io import output_problems
     from mptool.models import resolve_model
+    from mptool.shapes import option_problems
 
     problems: list[str] = []
     if cfg.target not in TARGETS:
@@ -72,10 +73,8 @@ def validate(cfg: ExportConfig) -> list[str]:
     if dtype not in DTYPES[cfg.target]:
         problems.append(f"--dtype {cfg.dtype!r} is not available for --target {cfg.target}; "
                         f"choose {', '.join(DTYPES[cfg.target])} (aliases {', '.join(DTYPE_ALIASES)})")
-    if not cfg.tp or any(t < 1 for t in cfg.tp):
-        problems.append(f"--tp {cfg.tp} must list positive tensor-parallel sizes, e.g. 1,2,4")
-    if cfg.vllm.engine_tp is not None and any(t < 1 for t in cfg.vllm.engine_tp):
-        problems.append(f"vllm.engine_tp {cfg.vllm.engine_tp} must list positive tensor-parallel sizes (or [] for none)")
+    problems += option_problems(cfg.tp)
+    problems += option_problems(cfg.vllm.engine_tp, tp_name="vllm.engine_tp", allow_no_tp=True)
     try:
         from huggingface_hub.serialization._base import parse_size_to_int  # what save_pretrained parses with
 

@@ -25,8 +25,8 @@ from mptool.maskprune import INITS
 from mptool.models import looks_like_path
 from mptool.recover import LR_SCHEDULES
 from mptool.progress import console, step
-from mptool.shapes import (Dims, Target, balanced_target, check_ratio, describe, prunable_params,
-                           validate_target)
+from mptool.shapes import (Dims, Target, balanced_target, check_ratio, describe, option_problems,
+                           prunable_params, validate_target)
 from mptool.surgery import LayerKeep, materialize, save_keeps
 
 ONE_SHOT = METHODS
@@ -107,12 +107,9 @@ def validate(cfg: CompressConfig) -> None:
     elif cfg.data.calib_tokens < cfg.data.seq_len:
         problems.append(f"data.calib_tokens (--calib-tokens) {cfg.data.calib_tokens} must be at least one "
                         f"block of --seq-len {cfg.data.seq_len} tokens")
-    if cfg.ffn_multiple < 1:
-        problems.append(f"--ffn-multiple {cfg.ffn_multiple} must be >= 1")
+    problems += option_problems(cfg.tp, cfg.ffn_multiple)
     if cfg.device not in D.DEVICES:
         problems.append(f"--device {cfg.device!r} is not one of {', '.join(D.DEVICES)}")
-    if not cfg.tp or any(t < 1 for t in cfg.tp):
-        problems.append(f"--tp {cfg.tp} must list positive tensor-parallel sizes, e.g. 1,2,4")
     inputs = tuple(p for p in (cfg.model, cfg.data.train, cfg.data.eval) if p is not None and Path(p).expanduser().exists())
     for path in (cfg.data.train, cfg.data.eval):
         if path is not None and looks_like_path(path) and not Path(path).exists():

@@ -128,12 +128,13 @@ def resolve_tasks(tasks: Sequence[str]) -> tuple[Any, list[str]]:
     return manager, names
 
 
-def run_tasks(model_dir: str | Path, tasks: Sequence[str], limit: int | None = None,
-              batch_size: int = 8, resolved: tuple[Any, list[str]] | None = None) -> dict[str, Any]:
-    """Run lm-eval-harness tasks on a model folder (``resolved``: :func:`resolve_tasks`' result)."""
+def run_tasks(model_dir: str | Path, resolved: tuple[Any, list[str]], limit: int | None = None,
+              batch_size: int = 8) -> dict[str, Any]:
+    """Run lm-eval-harness tasks on a model folder; ``resolved`` is :func:`resolve_tasks`' result
+    (made before the model is loaded, so that a bad task name costs nothing)."""
     from lm_eval import simple_evaluate
 
-    manager, names = resolved or resolve_tasks(tasks)
+    manager, names = resolved
     try:
         results = simple_evaluate(
             model="hf",

@@ -19,9 +19,9 @@ def output_problems(out: str | os.PathLike, overwrite: bool, sources: tuple = ()
     paths that the output folder must not be or hold (replacing it would delete them).
     """
     path = Path(out).expanduser()
-    if not str(out).strip() or not path.resolve().name:
-        return [f"{flag} {str(out)!r} names no {'folder' if folder else 'file'}; give a path such as runs/x"]
     resolved = path.resolve()
+    if not str(out).strip() or not resolved.name:
+        return [f"{flag} {str(out)!r} names no {'folder' if folder else 'file'}; give a path such as runs/x"]
     ancestor = resolved.parent
     while not ancestor.exists():
         ancestor = ancestor.parent

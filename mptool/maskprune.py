@@ -171,6 +171,14 @@ class MaskState:
                                                "mg", "mh", "mf")}
 
 
+def budgeted_steps(steps: int, max_tokens: int | None, tokens_per_step: int) -> int:
+    """The steps a phase will run: ``steps``, or fewer where a token budget ends it first (the
+    loop stops once ``max_tokens`` were seen, so after the ceil-th step)."""
+    if max_tokens is None:
+        return steps
+    return min(steps, math.ceil(max_tokens / tokens_per_step))
+
+
 def check_finite(loss: float, grads: list[torch.Tensor], where: str) -> None:
     """Refuse a step whose loss (averaged over ranks) or mask gradients are not finite, before
     anything is updated: one NaN would spread through the optimiser's and the masks' running
@@ -338,9 +346,7 @@ class MaskPrune:
         it first. The warm-up, the snap and the hard forward are fractions of this, so a token
         budget still anneals to the final targets and trains at them."""
         cfg = self.cfg
-        if cfg.max_tokens is None:
-            return cfg.steps
-        return min(cfg.steps, math.ceil(cfg.max_tokens / (cfg.batch_size * self.blocks.shape[1])))
+        return budgeted_steps(cfg.steps, cfg.max_tokens, cfg.batch_size * self.blocks.shape[1])
 
     def _warmup_steps(self) -> int:
         """Steps of the anneal from dense to the final targets; 0 with ``warmup_frac`` 0 (the final
@@ -490,7 +496,7 @@ class MaskPrune:
             self._snap()
         hard_v = self._hard_violation()
         return {
-            "step": st.step, "tokens": st.tokens, "loss": D.mean(loss.item()), "kd": D.mean(kd.item()), "lm": D.mean(lm.item()),
+            "step": st.step, "tokens": st.tokens, "loss": loss, "kd": D.mean(kd.item()), "lm": D.mean(lm.item()),
             "viol_kv": float(vg.clamp_min(0).max()), "viol_heads": float(vh.clamp_min(0).max()),
             "viol_ffn": float(vf.clamp_min(0).max()), "hard_violation": hard_v,
             "y_kv": float(st.yg.mean()), "y_heads": float(st.yh.mean()), "y_ffn": float(st.yf.mean()),
@@ -505,7 +511,7 @@ class MaskPrune:
                    chunk: int | None, masks: tuple[torch.Tensor, ...] = ()) -> tuple[torch.Tensor, ...]:
         """Teacher logits (adapters off, masks at 1) when ``distil``, the student with the masks set
         for this step, KD (+ LM) loss, backward, gradients averaged over ranks (LoRA's unless FSDP
-        did it, and ``masks``), one AdamW step. Returns (loss, kd, lm)."""
+        did it, and ``masks``), one AdamW step. Returns (loss averaged over ranks, kd, lm)."""
         teacher = None
         if distil:
             self._masks_on = False
@@ -523,9 +529,10 @@ class MaskPrune:
         grads = [*masks] if self.sharded else [*self.lora_params, *masks]
         if grads:
             D.average_grads(grads)
-        check_finite(D.mean(loss.item()), [*masks], f"step {self.state.step + 1}")
+        mean_loss = D.mean(loss.item())
+        check_finite(mean_loss, [*masks], f"step {self.state.step + 1}")
         self.opt.step()
-        return loss, kd, lm
+        return mean_loss, kd, lm
 
     def _multipliers(self) -> dict[str, torch.Tensor]:
         st, fixed = self.state, self.cfg.fixed_multiplier
@@ -810,7 +817,7 @@ class MaskPrune:
         st.step += 1
         st.tokens += global_ids.numel()
         return {"phase": "recovery", "step": st.step - st.frozen_at, "tokens": st.tokens - st.frozen_tokens,
-                "loss": D.mean(loss.item()), "kd": D.mean(kd.item()), "lm": D.mean(lm.item())}
+                "loss": loss, "kd": D.mean(kd.item()), "lm": D.mean(lm.item())}
 
 
 def _marginal(importance: torch.Tensor, s: float) -> float:

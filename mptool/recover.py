@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 from mptool import distributed as D
 from mptool.families import get_adapter
-from mptool.maskprune import LORA_TARGETS, MaskPruneConfig, autocast, check_finite, enable_grad_checkpointing, kd_loss, lm_loss
+from mptool.maskprune import (LORA_TARGETS, MaskPruneConfig, autocast, budgeted_steps, check_finite,
+                              enable_grad_checkpointing, kd_loss, lm_loss)
 
 
 @dataclass
@@ -72,9 +73,7 @@ LR_SCHEDULES = ("constant", "linear", "cosine")
 def scheduled_lr(cfg: RecoveryConfig, step: int, seq_len: int) -> float:
     """The learning rate of recovery step ``step`` (0-based) under ``cfg.lr_schedule``, decaying
     over the steps recovery will run: ``cfg.steps``, or fewer where ``cfg.max_tokens`` ends it."""
-    total = cfg.steps
-    if cfg.max_tokens is not None:
-        total = min(total, math.ceil(cfg.max_tokens / (cfg.batch_size * seq_len)))
+    total = budgeted_steps(cfg.steps, cfg.max_tokens, cfg.batch_size * seq_len)
     frac = min(step / max(total, 1), 1.0)
     if cfg.lr_schedule == "constant":
         return cfg.lr
@@ -128,7 +127,8 @@ def recover(student: Any, blocks: torch.Tensor, cfg: RecoveryConfig, teacher: An
 
     if cfg.teacher not in ("memory", "cache"):
         raise ValueError(f"teacher must be 'memory' or 'cache', got {cfg.teacher!r}")
-    scheduled_lr(cfg, 0, blocks.shape[1])  # refuses an unknown schedule before any work
+    if cfg.lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {cfg.lr_schedule!r}")
     if shift := offset % len(blocks):
         blocks = torch.roll(blocks, -shift, dims=0)
     adapter = get_adapter(student.config)
@@ -184,12 +184,13 @@ def recover(student: Any, blocks: torch.Tensor, cfg: RecoveryConfig, teacher: An
         loss.backward()
         if not sharded:  # FSDP's reduce-scatter already averaged them
             D.average_grads(params)
-        check_finite(D.mean(loss.item()), [], f"recovery step {step + 1}")
+        mean_loss = D.mean(loss.item())  # one all-reduce: the check and the row
+        check_finite(mean_loss, [], f"recovery step {step + 1}")
         for group in opt.param_groups:
             group["lr"] = scheduled_lr(cfg, step, blocks.shape[1])
         opt.step()
         tokens += ids.numel() * D.world_size()
-        row = {"phase": "recovery", "step": step + 1, "tokens": tokens, "loss": D.mean(loss.item()),
+        row = {"phase": "recovery", "step": step + 1, "tokens": tokens, "loss": mean_loss,
                "kd": D.mean(loss_kd.item()), "lm": D.mean(loss_lm.item()), "step_s": round(time.perf_counter() - t0, 3)}
         history.append(row)
         if metrics_path is not None and D.is_main():

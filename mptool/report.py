@@ -12,16 +12,12 @@ from mptool.progress import console
 
 
 def shapes_rows(cfg: ShapesConfig) -> dict[str, Any]:
-    from mptool.shapes import RULES, candidates, check_ratio, describe
+    from mptool.shapes import RULES, candidates, check_ratio, describe, option_problems
 
     from mptool.compress import model_dims
 
     check_ratio(cfg.ratio)
-    problems = []
-    if cfg.ffn_multiple < 1:
-        problems.append(f"--ffn-multiple {cfg.ffn_multiple} must be >= 1")
-    if not cfg.tp or any(t < 1 for t in cfg.tp):
-        problems.append(f"--tp {cfg.tp} must list positive tensor-parallel sizes, e.g. 1,2,4")
+    problems = option_problems(cfg.tp, cfg.ffn_multiple)
     if problems:
         raise MptoolError("; ".join(problems))
     d = model_dims(cfg.model, config_only=True)
@@ -95,7 +91,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
                               "perplexity": measure_ppl(model, ids, cfg.ppl.protocol(name), "eval")}
     if cfg.tasks:
         with console.status(f"lm-eval: {', '.join(cfg.tasks)}"):
-            result["tasks"] = run_tasks(path, cfg.tasks, cfg.limit, resolved=resolved)
+            result["tasks"] = run_tasks(path, resolved, cfg.limit)
     result["config"] = to_dict(cfg)
     text = json.dumps(result, indent=2)
     if out is not None:

@@ -317,6 +317,19 @@ def validate_target(d: Dims, t: Target, tp: Iterable[int] = (1,), ffn_multiple: 
     raise MptoolError(f"illegal target {t}: {'; '.join(problems)}. Nearest legal: {hint}")
 
 
+def option_problems(tp: list[int] | None, ffn_multiple: int | None = None, tp_name: str = "--tp",
+                    allow_no_tp: bool = False) -> list[str]:
+    """What is wrong with the target options every command shares: tensor-parallel sizes (none
+    at all only where ``allow_no_tp``) and the FFN multiple, one line each."""
+    problems = []
+    if tp is not None and ((not tp and not allow_no_tp) or any(t < 1 for t in tp)):
+        problems.append(f"{tp_name} {tp} must list positive tensor-parallel sizes, e.g. 1,2,4"
+                        + (" (or [] for none)" if allow_no_tp else ""))
+    if ffn_multiple is not None and ffn_multiple < 1:
+        problems.append(f"--ffn-multiple {ffn_multiple} must be >= 1")
+    return problems
+
+
 def check_ratio(ratio: float) -> None:
     if not 0.0 < ratio < 1.0:
         raise MptoolError(
