@@ -25,7 +25,6 @@ import json
 import os
 import platform
 import queue
-import signal
 import statistics
 import shutil
 import subprocess
@@ -41,6 +40,7 @@ import numpy as np
 
 from mptool import package_version
 from mptool.errors import MptoolError
+from mptool.io import kill_session
 
 
 DEFAULT_DTYPE = {"torch": "float32", "onnxruntime": "float32", "vllm": "bfloat16"}
@@ -419,9 +419,7 @@ class ChildRunner(Runner):
             yield line
 
     def _kill(self) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)  # the engine's own workers too
-        self.proc.wait()
+        kill_session(self.proc)  # the engine's own workers too
 
     def _call(self, request: dict[str, Any]) -> dict[str, Any]:
         assert self.proc.stdin is not None

@@ -27,13 +27,11 @@ Checks, in order:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import importlib.util
 import json
 import os
 import shlex
-import signal
 import subprocess
 import sys
 import tempfile
@@ -42,6 +40,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mptool.errors import MptoolError
+from mptool.io import kill_session
 from mptool.exporters.common import (Tolerance, compare_tokens, logprob_diff, random_ids, reference_greedy,
                                      special_ids)
 from mptool.exporters.hf import TOLERANCE, read_report, reload_and_compare, rounded_reference, save_checkpoint
@@ -186,8 +185,7 @@ def engine_generate(model_dir: Path, prompts: list[list[int]], new_tokens: int, 
         try:
             stdout, stderr = proc.communicate(timeout=timeout_s)
         except BaseException as e:  # a timeout, or Ctrl-C (which its own session does not receive)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
+            kill_session(proc)
             proc.communicate()
             if isinstance(e, subprocess.TimeoutExpired):
                 raise MptoolError(f"vLLM did not finish loading {model_dir} with tensor parallel {tp} "

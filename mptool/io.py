@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
+import subprocess
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -110,3 +112,11 @@ def _ordinary_permissions(folder: Path, umask: int) -> None:
             continue
         executable = path.is_dir() or path.stat().st_mode & 0o111
         path.chmod((0o777 if executable else 0o666) & ~umask)
+
+
+def kill_session(proc: subprocess.Popen) -> None:
+    """End a child started with ``start_new_session=True`` and every process of its session (an
+    engine's tensor-parallel workers too), then reap it. Safe when it has already exited."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()

@@ -1,15 +1,19 @@
-"""Atomic output folders: all or nothing, with the permissions of an ordinary folder."""
+"""Atomic output folders: all or nothing, with the permissions of an ordinary folder; child
+engines ended with their whole session."""
 
 from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
+import time
 
 import pytest
 from safetensors.torch import save_file
 import torch
 
-from mptool.io import atomic_dir
+from mptool.io import atomic_dir, kill_session
 
 
 def mode(path) -> int:
@@ -44,3 +48,30 @@ def test_failure_leaves_the_old_folder_and_no_temporary(tmp_path):
             raise RuntimeError("boom")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert [p.name for p in out.iterdir()] == ["old.txt"]
+
+
+def test_kill_session_ends_the_child_and_its_workers(tmp_path):
+    """An engine child that started a worker of its own (vLLM's tensor-parallel workers): both
+    are gone after kill_session, not only the process we hold."""
+    pid_file = tmp_path / "worker.pid"
+    spawn = ("import subprocess, sys, time; "
+             "w = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)']); "
+             f"open({str(pid_file)!r}, 'w').write(str(w.pid)); time.sleep(300)")
+    proc = subprocess.Popen([sys.executable, "-c", spawn], start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    worker = int(pid_file.read_text())
+    kill_session(proc)
+    assert proc.returncode == -9
+    for _ in range(200):  # the worker is reparented to init: gone, or a zombie nobody reaps yet
+        try:
+            state = open(f"/proc/{worker}/stat").read().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            break
+        if state in ("Z", "X"):
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail(f"worker {worker} survived kill_session")
+    kill_session(proc)  # already ended: no error
