@@ -102,6 +102,11 @@ class Bench:
     def steps(self, tokens: int) -> int:
         return max(1, tokens // (self.args.batch_size * self.args.seq_len))
 
+    def half(self) -> int:
+        """Mask learning's share of ``--tokens`` in the MaskPrune + recovery rows: half the steps
+        (recovery gets the rest, one step more when the count is odd), so the two add up exactly."""
+        return self.steps(self.args.tokens) // 2 * self.args.batch_size * self.args.seq_len
+
     def rec_cfg(self, tokens: int, **kw: Any) -> RecoveryConfig:
         return RecoveryConfig(steps=self.steps(tokens), batch_size=self.args.batch_size, **kw)
 
@@ -137,7 +142,8 @@ class Bench:
             hist = trainer.run(progress=adv)
         info = {"final_violation": hist[-1]["hard_violation"], "binarity": hist[-1]["binarity"],
                 "step_s_median": sorted(r["step_s"] for r in hist)[len(hist) // 2],
-                "mask_blocks": trainer.state.step * cfg.batch_size}
+                "mask_blocks": trainer.state.step * cfg.batch_size,
+                "train_tokens": (trainer.state.step + (rec.steps if rec else 0)) * cfg.batch_size * self.args.seq_len}
         if continued:
             trainer.freeze()
             info["ppl_before_recovery"] = self.ppl(trainer.model, "maskprune, before recovery")
@@ -154,15 +160,16 @@ class Bench:
         return pruned, keeps[0].target(), info
 
     def run_ratio(self, ratio: float) -> None:
-        T, half = self.args.tokens, self.args.tokens // 2
+        T, half = self.args.tokens, self.half()
         t0 = time.perf_counter()
         mp, learned, info = self.maskprune(ratio, T)
-        self.add("maskprune", ratio, learned, self.ppl(mp, "maskprune"), T, time.perf_counter() - t0, **info)
+        self.add("maskprune", ratio, learned, self.ppl(mp, "maskprune"), info.pop("train_tokens"),
+                 time.perf_counter() - t0, **info)
         del mp
         t0 = time.perf_counter()
         mp, learned_half, info = self.maskprune(ratio, half, rec_tokens=T - half)
-        self.add("maskprune + recovery", ratio, learned_half, self.ppl(mp, "maskprune + recovery"), T,
-                 time.perf_counter() - t0, **info)
+        self.add("maskprune + recovery", ratio, learned_half, self.ppl(mp, "maskprune + recovery"),
+                 info.pop("train_tokens"), time.perf_counter() - t0, **info)
         del mp
         fixed = balanced_target(self.d, ratio)
         for method in METHODS:
@@ -184,19 +191,19 @@ class Bench:
                              T, time.perf_counter() - t0, split="MaskPrune's learned target")
 
     def ablations(self, ratio: float) -> None:
-        T, half = self.args.tokens, self.args.tokens // 2
+        T, half = self.args.tokens, self.half()
         t0 = time.perf_counter()
         mp, target, info = self.maskprune(ratio, half, rec_tokens=T - half, fixed_multiplier=0.5)
         self.add("ablation: fixed multipliers (y=0.5) + recovery", ratio, target,
-                 self.ppl(mp, "fixed multipliers"), T, time.perf_counter() - t0, **info)
+                 self.ppl(mp, "fixed multipliers"), info.pop("train_tokens"), time.perf_counter() - t0, **info)
         t0 = time.perf_counter()
         mp, target, info = self.maskprune(ratio, half, rec_tokens=T - half, dual="exact")
         self.add("ablation: dual ascent with exact line search + recovery", ratio, target,
-                 self.ppl(mp, "exact multipliers"), T, time.perf_counter() - t0, **info)
+                 self.ppl(mp, "exact multipliers"), info.pop("train_tokens"), time.perf_counter() - t0, **info)
         t0 = time.perf_counter()
         mp, target, info = self.maskprune(ratio, half, rec_tokens=T - half, rec_kw={"kd": False}, kd_distill=False)
         self.add("ablation: LoRA only (LM loss, no distillation)", ratio, target,
-                 self.ppl(mp, "LoRA only"), T, time.perf_counter() - t0, **info)
+                 self.ppl(mp, "LoRA only"), info.pop("train_tokens"), time.perf_counter() - t0, **info)
 
     def save(self) -> None:
         if not self.table:
@@ -249,6 +256,20 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def budget_problem(args: argparse.Namespace) -> str | None:
+    """Why ``--tokens`` cannot be split fairly, or None: every trained row must train on exactly
+    ``--tokens``, so it is a whole number of steps of ``--batch-size`` x ``--seq-len``, and at least
+    two (MaskPrune + recovery gives half to each phase)."""
+    step_tokens = args.batch_size * args.seq_len
+    if args.batch_size < 1 or args.seq_len < 1:
+        return f"--batch-size and --seq-len must be positive, got {args.batch_size} and {args.seq_len}"
+    if args.tokens < 2 * step_tokens or args.tokens % step_tokens:
+        lower = max(2, args.tokens // step_tokens) * step_tokens
+        return (f"--tokens must be a multiple of --batch-size x --seq-len = {step_tokens}, at least "
+                f"{2 * step_tokens} (two steps), got {args.tokens}; e.g. {lower}")
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None)
@@ -265,6 +286,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tag", default="smollm2")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    problem = budget_problem(args)
+    if problem:
+        ap.error(problem)
     args.out = args.out or str(RESULTS / f"quality_{args.tag}")
     torch.manual_seed(0)
     bench = Bench(args)

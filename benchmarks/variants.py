@@ -32,7 +32,7 @@ import torch
 
 from mptool import distributed as D
 from mptool.baselines import select
-from mptool.benchmarks.quality import RESULTS, Bench
+from mptool.benchmarks.quality import RESULTS, Bench, budget_problem
 from mptool.maskprune import MaskPruneConfig
 from mptool.progress import console
 from mptool.shapes import Target, describe
@@ -52,11 +52,14 @@ def run_oneshot(bench: Bench, ratio: float, variant: dict[str, Any]) -> dict[str
     except (KeyError, TypeError, ValueError):
         raise ValueError('a "oneshot" variant needs "shape": [kv_heads, heads_per_group, ffn]') from None
     phases = variant.get("phases", [[bench.args.tokens, 16]])
+    step_tokens = bench.args.batch_size * bench.args.seq_len
     try:
         phases = [(int(t), int(r)) for t, r in phases]
-        assert sum(t for t, _ in phases) == bench.args.tokens and all(t > 0 and r > 0 for t, r in phases)
+        assert sum(t for t, _ in phases) == bench.args.tokens
+        assert all(t > 0 and t % step_tokens == 0 and r > 0 for t, r in phases)
     except (TypeError, ValueError, AssertionError):
-        raise ValueError(f'"phases" must be [[tokens, lora_r], ...] with tokens summing to {bench.args.tokens}') from None
+        raise ValueError(f'"phases" must be [[tokens, lora_r], ...], tokens multiples of {step_tokens} '
+                         f'(batch x seq_len) summing to {bench.args.tokens}') from None
     t0 = time.perf_counter()
     pruned = materialize(bench.model, select(bench.scores[method], target))
     before = bench.ppl(pruned, f"{variant['name']} one-shot")
@@ -83,16 +86,16 @@ def run_variant(bench: Bench, ratio: float, variant: dict[str, Any]) -> dict[str
     init = variant.get("init", MaskPruneConfig().init)
     if init not in bench.scores:
         raise ValueError(f"unknown init score {init!r}: one of {', '.join(bench.scores)}")
-    mask_tokens = int(variant.get("mask_tokens", a.tokens // 2))
-    if not 0 < mask_tokens <= a.tokens:
-        raise ValueError(f"mask_tokens must be in (0, {a.tokens}], got {mask_tokens}")
+    step_tokens = a.batch_size * a.seq_len
+    mask_tokens = int(variant.get("mask_tokens", bench.half()))
+    if not 0 < mask_tokens <= a.tokens or mask_tokens % step_tokens:
+        raise ValueError(f"mask_tokens must be a multiple of {step_tokens} (batch x seq_len) in (0, {a.tokens}], "
+                         f"got {mask_tokens}")
     adapter = variant.get("adapter", "continue")
     if adapter not in ("continue", "fresh"):
         raise ValueError(f'"adapter" must be "continue" or "fresh", got {adapter!r}')
     t0 = time.perf_counter()
     rec_tokens = a.tokens - mask_tokens
-    if rec_tokens < a.batch_size * a.seq_len:
-        rec_tokens = 0
     pruned, target, info = bench.maskprune(ratio, mask_tokens, scores=init, seed=seed, rec_tokens=rec_tokens,
                                            rec_kw={"adapter": adapter, **variant.get("recovery", {})}, **overrides)
     before = info.get("ppl_before_recovery")
@@ -119,6 +122,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--tag", default="smollm2")
     ap.add_argument("--out", default=None, help="JSONL file (default benchmarks/results/variants_<tag>.jsonl)")
     args = ap.parse_args(argv)
+    problem = budget_problem(args)
+    if problem:
+        ap.error(problem)
     try:
         variants = json.loads(args.variants)
         assert isinstance(variants, list) and all(isinstance(v, dict) and "name" in v for v in variants)

@@ -45,7 +45,9 @@ def table(model_dir, tmp_path_factory) -> dict:
 def test_every_trained_row_gets_the_same_tokens(table):
     trained = [r for r in table["rows"] if r["train_tokens"]]
     assert len(trained) >= 8
+    # MaskPrune's rows count the steps they ran (mask learning + recovery), not the figure asked for
     assert {r["train_tokens"] for r in trained} == {512}
+    assert {r["mask_blocks"] for r in trained if "mask_blocks" in r} == {16, 8}  # T alone; T/2 + T/2
     # one Markdown line per JSON row, under a header and a separator
     assert len([ln for ln in table["md"].splitlines() if ln.startswith("| ")]) == len(table["rows"]) + 1
 
@@ -133,3 +135,21 @@ def test_variants_reject_bad_input(tmp_path, capsys):
     assert exc.value.code == 2
     assert "JSON list" in capsys.readouterr().err
     assert not (tmp_path / "x.jsonl").exists()
+
+
+@pytest.mark.parametrize("tokens", ["500", "64"])  # not whole steps of 2 x 32; fewer than two steps
+def test_a_budget_that_cannot_be_split_fairly_is_refused(tokens, tmp_path, capsys):
+    """Every trained row must train on exactly --tokens: a budget that is not a whole number of
+    steps (or cannot give each MaskPrune phase one) is refused before any model is loaded."""
+    from mptool.benchmarks import quality, variants
+
+    args = [*ARGS, "--tokens", tokens]  # the later --tokens wins
+    with pytest.raises(SystemExit) as exc:
+        quality.main(["--model", str(tmp_path / "absent"), "--out", str(tmp_path / "q"), *args])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--tokens must be a multiple of --batch-size x --seq-len = 64, at least 128" in err
+    assert f"got {tokens}" in err
+    with pytest.raises(SystemExit):
+        variants.main(["--variants", '[{"name": "x"}]', "--out", str(tmp_path / "v.jsonl"), *args])
+    assert not list(tmp_path.iterdir())
