@@ -82,7 +82,8 @@ class Bench:
         t0 = time.perf_counter()
         tuned = self.recovered(copy.deepcopy(self.model), self.args.tokens, self.model)
         self.add("dense + recovery (reference)", 0.0, self.d.dense_target(), self.ppl(tuned, "dense + recovery"),
-                 self.args.tokens, time.perf_counter() - t0)
+                 self.args.tokens, time.perf_counter() - t0,
+                 recovery_config=changed(self.rec_cfg(self.args.tokens), RecoveryConfig()))
 
     def ppl(self, model: Any, label: str) -> float:
         model.to(self.dev)
@@ -143,7 +144,9 @@ class Bench:
         info = {"final_violation": hist[-1]["hard_violation"], "binarity": hist[-1]["binarity"],
                 "step_s_median": sorted(r["step_s"] for r in hist)[len(hist) // 2],
                 "mask_blocks": trainer.state.step * cfg.batch_size,
-                "train_tokens": (trainer.state.step + (rec.steps if rec else 0)) * cfg.batch_size * self.args.seq_len}
+                "train_tokens": (trainer.state.step + (rec.steps if rec else 0)) * cfg.batch_size * self.args.seq_len,
+                "maskprune_config": changed(cfg, MaskPruneConfig()),
+                "recovery_config": changed(rec, RecoveryConfig()) if rec else None}
         if continued:
             trainer.freeze()
             info["ppl_before_recovery"] = self.ppl(trainer.model, "maskprune, before recovery")
@@ -172,6 +175,7 @@ class Bench:
                  info.pop("train_tokens"), time.perf_counter() - t0, **info)
         del mp
         fixed = balanced_target(self.d, ratio)
+        rec_changed = changed(self.rec_cfg(T), RecoveryConfig())
         for method in METHODS:
             pruned = materialize(self.model, select(self.scores[method], fixed))
             assert param_count(pruned) == describe(self.d, fixed)["total_params"]
@@ -179,7 +183,7 @@ class Bench:
             t0 = time.perf_counter()
             rec = self.recovered(pruned, T, self.model)
             self.add(f"{method} + recovery", ratio, fixed, self.ppl(rec, f"{method} + recovery"), T,
-                     time.perf_counter() - t0, split="fixed rule")
+                     time.perf_counter() - t0, split="fixed rule", recovery_config=rec_changed)
             if learned != fixed:
                 at = materialize(self.model, select(self.scores[method], learned))
                 self.add(method, ratio, learned, self.ppl(at, f"{method} @ learned"), 0, 0.0,
@@ -188,7 +192,8 @@ class Bench:
                     t0 = time.perf_counter()
                     rec = self.recovered(at, T, self.model)
                     self.add(f"{method} + recovery", ratio, learned, self.ppl(rec, f"{method} @ learned + rec"),
-                             T, time.perf_counter() - t0, split="MaskPrune's learned target")
+                             T, time.perf_counter() - t0, split="MaskPrune's learned target",
+                             recovery_config=rec_changed)
 
     def ablations(self, ratio: float) -> None:
         T, half = self.args.tokens, self.half()
@@ -219,6 +224,8 @@ class Bench:
             "protocol": dataclasses.asdict(self.protocol),
             "training": {"text": "austen: 5 training novels", "tokens_per_method": a.tokens,
                          "seq_len": a.seq_len, "batch_size": a.batch_size, "calib_tokens": a.calib_tokens,
+                         # the defaults; each trained row records what it ran differently
+                         # (maskprune_config / recovery_config: the fields that differ)
                          "maskprune": dataclasses.asdict(MaskPruneConfig()),
                          "recovery": dataclasses.asdict(RecoveryConfig())},
             "rows": self.rows,
@@ -254,6 +261,13 @@ def markdown(result: dict) -> str:
             f"{r['total_params'] / 1e6:.1f} M | {r['ppl']:.2f} | {r['ppl_x_dense']:.2f} | {r['train_tokens']} | "
             f"{r['seconds']:.0f} s |")
     return "\n".join(lines) + "\n"
+
+
+def changed(cfg: Any, default: Any) -> dict[str, Any]:
+    """The fields of ``cfg`` that differ from ``default``: what a row ran, next to the defaults the
+    table records once."""
+    ours, base = dataclasses.asdict(cfg), dataclasses.asdict(default)
+    return {k: v for k, v in ours.items() if base[k] != v}
 
 
 def budget_problem(args: argparse.Namespace) -> str | None:

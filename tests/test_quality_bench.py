@@ -48,6 +48,15 @@ def test_every_trained_row_gets_the_same_tokens(table):
     # MaskPrune's rows count the steps they ran (mask learning + recovery), not the figure asked for
     assert {r["train_tokens"] for r in trained} == {512}
     assert {r["mask_blocks"] for r in trained if "mask_blocks" in r} == {16, 8}  # T alone; T/2 + T/2
+    # each trained row records the configuration it ran where it differs from the recorded defaults
+    assert all(r["recovery_config"] or r["method"] == "maskprune" for r in trained)
+    rows = {r["method"]: r for r in trained if r["ratio"] == 0.5}
+    assert rows["ablation: fixed multipliers (y=0.5) + recovery"]["maskprune_config"]["fixed_multiplier"] == 0.5
+    assert rows["ablation: dual ascent with exact line search + recovery"]["maskprune_config"]["dual"] == "exact"
+    lora_only = rows["ablation: LoRA only (LM loss, no distillation)"]
+    assert lora_only["maskprune_config"]["kd_distill"] is False and lora_only["recovery_config"]["kd"] is False
+    assert rows["maskprune + recovery"]["recovery_config"]["steps"] == 4  # 256 tokens of 2 x 32
+    assert set(table["training"]["maskprune"]) >= set(rows["maskprune"]["maskprune_config"])
     # one Markdown line per JSON row, under a header and a separator
     assert len([ln for ln in table["md"].splitlines() if ln.startswith("| ")]) == len(table["rows"]) + 1
 
