@@ -109,7 +109,8 @@ class CompressConfig:
     legal target whose kept attention fraction is closest to its kept FFN fraction (the classic
     rule); "kd": every legal target within the budget is scored by the KD loss, on one probe batch,
     of the dense model with only the method's units at that target kept, and the lowest wins
-    (MaskPrune's own shape rule, no training). MaskPrune always learns its split."""
+    (MaskPrune's own shape rule, no training). MaskPrune picks its split by the same KD rule
+    at its initial masks (maskprune.snap_frac)."""
     target: TargetConfig = field(default_factory=TargetConfig)
     tp: list[int] = field(default_factory=lambda: [1])
     """Tensor-parallel sizes the result must load with in vLLM."""

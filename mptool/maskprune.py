@@ -14,11 +14,12 @@ mask is ``zg * zh``. The problem solved is
   types, so their relative importance survives), then the proximal step of the penalty
   (``z <- clip(z - lr * y, 0, 1)``);
 * multipliers take projected dual-ascent steps, ``y <- max(0, y + rho * violation)``;
-* targets ``s`` anneal from dense to final over the warm-up. With ``--ratio`` the final
-  legal shape is chosen under the parameter budget: by default (``snap_frac=0``) before the
-  first step, by the KD loss of each legal candidate at the initial masks; with
-  ``snap_frac=None`` the targets are learned during the warm-up (value-per-parameter steps,
-  projected onto the annealed budget) and fixed to a legal shape when it ends;
+* targets ``s`` anneal from dense to final over the warm-up (none by default: the final targets
+  from the first step). With ``--ratio`` the final legal shape is chosen under the parameter
+  budget: by default (``snap_frac=0``) before the first step, by the KD loss of each legal
+  candidate at the initial masks; with ``snap_frac=None`` and a warm-up (``warmup_frac > 0``) the
+  targets are learned during the warm-up (value-per-parameter steps, projected onto the annealed
+  budget) and fixed to a legal shape when it ends;
 * from ``hard_frac`` of the steps on (0: from the start) the forward pass runs the hard
   top-``s_k`` mask of each layer (0/1 with ``forward="binary"``, times the mask values with
   ``"scaled"``), with straight-through gradients, so the trained structure is exactly the one kept.
@@ -87,8 +88,9 @@ class MaskPruneConfig:
     dual: str = "ascent"
     """Multiplier update. "ascent": projected dual ascent y <- max(0, y + rho * violation).
     "exact": dual ascent with exact line search, each step's multipliers are those at which the
-    proximal step meets "kept = target" exactly (signed); it tracks the target without the
-    oscillation of "ascent" but measured worse at the CPU budget (docs/maskprune.md)."""
+    proximal step meets "kept = target" exactly (clamped at 0 like "ascent"); it tracks the target
+    without the oscillation of "ascent" and measured level with it at the CPU budget (76.48 vs
+    76.52 at 50%, docs/maskprune.md)."""
     rho: float = 2.0
     """Dual-ascent step of the per-layer multipliers (on the normalised violation; dual="ascent")."""
     fixed_multiplier: float | None = None
@@ -105,7 +107,7 @@ class MaskPruneConfig:
     than the anneal saves at this budget."""
     snap_frac: float | None = 0.0
     """With --ratio: fraction of steps after which the legal shape is fixed (None: at the end of
-    the warm-up, the paper's joint target learning). 0 (default) picks it before the first step,
+    the warm-up, the paper's joint target learning, which needs warmup_frac > 0). 0 (default) picks it before the first step,
     by the KD loss of each legal candidate with the initial (one-shot) masks, and every step then
     trains toward that one shape, as with explicit targets: measured better at 50% (two seeds,
     88.8 vs 115.9 mean perplexity after recovery) and equal at 20% (docs/maskprune.md)."""
