@@ -213,31 +213,52 @@ def export_(
     print_summary(run(cfg))
 
 
-@app.command(epilog="Example: mptool plan --gpus 1,2,4,8 --gpu-mem 80 --batch-size 8 --seq-len 2048")
+@app.command(epilog="Example: mptool plan --gpus 1,2,4,8 --gpu-mem 80 --batch-size 8 --seq-len 2048; "
+                     "mptool plan -c recipes/maskprune.yaml --gpus 1")
 @user_errors
 def plan(
     model: Optional[str] = ModelArg,
+    config: Optional[str] = typer.Option(None, "--config", "-c",
+                                         help="A compress recipe: plan for its model, batch, sequence length, "
+                                              "LoRA rank, checkpointing and ratio; flags override it."),
     gpus: Optional[str] = typer.Option(None, help="GPU counts to plan for (default 1,2,4,8)."),
     gpu_mem: float = typer.Option(80.0, help="Memory of one GPU in GiB."),
-    batch_size: int = typer.Option(8, help="Global batch (sequences per step)."),
-    seq_len: int = typer.Option(2048, help="Tokens per sequence."),
-    lora_r: int = typer.Option(16, help="LoRA rank."),
+    batch_size: Optional[int] = typer.Option(None, help="Global batch (sequences per step; default 8, or the "
+                                                         "recipe's maskprune.batch_size)."),
+    seq_len: Optional[int] = typer.Option(None, help="Tokens per sequence (default 2048, or the recipe's "
+                                                      "data.seq_len)."),
+    lora_r: Optional[int] = typer.Option(None, help="LoRA rank (default 16, or the recipe's maskprune.lora_r)."),
     dtype_bytes: int = typer.Option(2, help="Bytes per weight (2: bf16, 4: fp32)."),
     grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing",
-                                            help="Plan for compress --grad-checkpointing (activations recomputed)."),
+                                            help="Plan for compress --grad-checkpointing (activations recomputed; "
+                                                 "on too when the recipe turns it on)."),
     ratio: Optional[float] = typer.Option(None, help="Size recovery on the student pruned at this ratio "
-                                                       "(default: the dense shape, an upper bound)."),
+                                                       "(default: the recipe's ratio, else the dense shape, "
+                                                       "an upper bound)."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Estimate per-GPU memory of mask learning and recovery (weights, LoRA, activations, teacher)."""
+    import dataclasses
+
     from mptool.plan import PlanInput, print_plan
 
     counts = _tp(gpus, "--gpus", "GPU counts") or [1, 2, 4, 8]
-    if min(batch_size, seq_len, lora_r, dtype_bytes) < 1 or gpu_mem <= 0:
+    base = PlanInput(batch_size=8, seq_len=2048, lora_r=16, dtype_bytes=dtype_bytes, checkpointing=grad_checkpointing)
+    if config is not None:
+        from mptool.config import CompressConfig, load_config
+
+        cfg = load_config(CompressConfig, config)
+        mp = cfg.maskprune
+        model = model or cfg.model
+        ratio = ratio if ratio is not None else cfg.ratio
+        base = PlanInput(batch_size=mp.batch_size, seq_len=cfg.data.seq_len, lora_r=mp.lora_r, dtype_bytes=dtype_bytes,
+                         checkpointing=grad_checkpointing or mp.grad_checkpointing or cfg.recovery.grad_checkpointing,
+                         kd_chunk=mp.kd_chunk, recovery_teacher=cfg.recovery.teacher)
+    given = {"batch_size": batch_size, "seq_len": seq_len, "lora_r": lora_r}
+    base = dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
+    if min(base.batch_size, base.seq_len, base.lora_r, dtype_bytes) < 1 or gpu_mem <= 0:
         raise MptoolError("--batch-size, --seq-len, --lora-r, --dtype-bytes and --gpu-mem must be positive")
-    print_plan(model, counts, gpu_mem, PlanInput(batch_size=batch_size, seq_len=seq_len, lora_r=lora_r,
-                                                 dtype_bytes=dtype_bytes, checkpointing=grad_checkpointing),
-               as_json=json_out, ratio=ratio)
+    print_plan(model, counts, gpu_mem, base, as_json=json_out, ratio=ratio)
 
 
 def _register_bench() -> None:

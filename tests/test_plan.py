@@ -142,3 +142,29 @@ def test_fsdp_counts_the_gathered_root_and_two_layers():
     layer = 2 * 4096 + 4096 * (4096 + 2 * 1024 + 4096) + 3 * 4096 * 14336  # norms, q/k/v/o, MLP
     assert one == ddp == 0.0
     assert abs(eight - (root + 2 * layer) * 2 * 7 / 8) < 1e3
+
+
+def test_plan_reads_a_compress_recipe_and_flags_override_it(tmp_path, tokenizer_dir):
+    """`mptool plan -c recipe.yaml` plans for what that compress recipe would run (batch, sequence
+    length, LoRA rank, checkpointing, ratio, model); a flag still wins over the recipe."""
+    from typer.testing import CliRunner
+
+    from mptool.cli import app
+    from test_cli import save_tiny
+
+    model = save_tiny("llama", tokenizer_dir, tmp_path / "m")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {model}\nratio: 0.5\ndata:\n  seq_len: 128\n"
+                      "maskprune:\n  batch_size: 3\n  lora_r: 4\n  grad_checkpointing: true\n")
+    res = CliRunner().invoke(app, ["plan", "-c", str(recipe), "--gpus", "1", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["model"] == str(model) and "kv_heads" in out["recovery_student"]
+    assert {k: out["input"][k] for k in ("batch_size", "seq_len", "lora_r", "checkpointing")} == \
+        {"batch_size": 3, "seq_len": 128, "lora_r": 4, "checkpointing": True}
+    res = CliRunner().invoke(app, ["plan", "-c", str(recipe), "--gpus", "1", "--json", "--seq-len", "64"])
+    assert json.loads(res.stdout)["input"]["seq_len"] == 64
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("maskprune:\n  batch_sizee: 3\n")
+    res = CliRunner().invoke(app, ["plan", "-c", str(bad)])
+    assert res.exit_code == 2 and "batch_sizee" in res.output
