@@ -101,10 +101,10 @@ class MaskPruneConfig:
     warmup_frac: float = 0.0
     """Fraction of steps over which the targets anneal from dense to final (units leave one by one
     while LoRA trains, the paper's schedule). 0 (default): the final targets from the first step.
-    With the shape fixed before step 1 (snap_frac 0), 0.5 / 0.25 / 0 gave 77.10 / 76.94 (mean of
-    3 seeds) / 74.99 (mean of 3 seeds) at 50% after recovery, and 40.14 / 39.59 / 39.85 at 20%
-    (the same 32 k tokens; docs/maskprune.md): LoRA training on a structure that moves costs more
-    than the anneal saves at this budget."""
+    With the shape fixed before step 1 (snap_frac 0), 0.5 / 0.25 / 0 gave 77.10 / 76.94 / 74.99
+    at 50% after recovery, and 40.14 / 39.57 / 39.81 at 20% (means of 3 seeds where 0.25 and 0;
+    the same 32 k tokens; docs/maskprune.md): at 50% LoRA training on a structure that moves costs
+    more than the anneal saves; at 20% the anneal helps a little (0.25 for light pruning)."""
     snap_frac: float | None = 0.0
     """With --ratio: fraction of steps after which the legal shape is fixed (None: at the end of
     the warm-up, the paper's joint target learning, which needs warmup_frac > 0). 0 (default) picks it before the first step,
