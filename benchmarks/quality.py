@@ -100,13 +100,18 @@ class Bench:
                       f"(x{row['ppl_x_dense']:.2f}) {tokens} tokens {seconds:.0f} s")
         self.save()
 
+    @property
+    def step_tokens(self) -> int:
+        """Training tokens per step: ``--batch-size`` x ``--seq-len``."""
+        return self.args.batch_size * self.args.seq_len
+
     def steps(self, tokens: int) -> int:
-        return max(1, tokens // (self.args.batch_size * self.args.seq_len))
+        return max(1, tokens // self.step_tokens)
 
     def half(self) -> int:
         """Mask learning's share of ``--tokens`` in the MaskPrune + recovery rows: half the steps
         (recovery gets the rest, one step more when the count is odd), so the two add up exactly."""
-        return self.steps(self.args.tokens) // 2 * self.args.batch_size * self.args.seq_len
+        return self.steps(self.args.tokens) // 2 * self.step_tokens
 
     def rec_cfg(self, tokens: int, **kw: Any) -> RecoveryConfig:
         return RecoveryConfig(steps=self.steps(tokens), batch_size=self.args.batch_size, **kw)
@@ -144,7 +149,7 @@ class Bench:
         info = {"final_violation": hist[-1]["hard_violation"], "binarity": hist[-1]["binarity"],
                 "step_s_median": sorted(r["step_s"] for r in hist)[len(hist) // 2],
                 "mask_blocks": trainer.state.step * cfg.batch_size,
-                "train_tokens": (trainer.state.step + (rec.steps if rec else 0)) * cfg.batch_size * self.args.seq_len,
+                "train_tokens": (trainer.state.step + (rec.steps if rec else 0)) * self.step_tokens,
                 "maskprune_config": changed(cfg, MaskPruneConfig()),
                 "recovery_config": changed(rec, RecoveryConfig()) if rec else None}
         if continued:

@@ -52,7 +52,7 @@ def run_oneshot(bench: Bench, ratio: float, variant: dict[str, Any]) -> dict[str
     except (KeyError, TypeError, ValueError):
         raise ValueError('a "oneshot" variant needs "shape": [kv_heads, heads_per_group, ffn]') from None
     phases = variant.get("phases", [[bench.args.tokens, 16]])
-    step_tokens = bench.args.batch_size * bench.args.seq_len
+    step_tokens = bench.step_tokens
     try:
         phases = [(int(t), int(r)) for t, r in phases]
         assert sum(t for t, _ in phases) == bench.args.tokens
@@ -86,7 +86,7 @@ def run_variant(bench: Bench, ratio: float, variant: dict[str, Any]) -> dict[str
     init = variant.get("init", MaskPruneConfig().init)
     if init not in bench.scores:
         raise ValueError(f"unknown init score {init!r}: one of {', '.join(bench.scores)}")
-    step_tokens = a.batch_size * a.seq_len
+    step_tokens = bench.step_tokens
     mask_tokens = int(variant.get("mask_tokens", bench.half()))
     if not 0 < mask_tokens <= a.tokens or mask_tokens % step_tokens:
         raise ValueError(f"mask_tokens must be a multiple of {step_tokens} (batch x seq_len) in (0, {a.tokens}], "

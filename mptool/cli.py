@@ -41,7 +41,7 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                        help="Print mptool's version and its engines' versions, then exit.")) -> None:
-    """Uniform structured pruning of Llama-family LLMs to plain, engine-ready checkpoints."""
+    pass  # the app's help= is the root help; this callback only carries --version
 
 
 
