@@ -39,7 +39,7 @@ import torch
 from mptool import distributed as D
 from mptool.baselines import METHODS, calibrate, score, select
 from mptool.compress import param_count, peak_rss_mb
-from mptool.data import default_texts, eval_token_stream, token_blocks
+from mptool.data import DATA_ORDERS, default_texts, eval_token_stream, token_blocks
 from mptool.evaluate import PplProtocol, perplexity
 from mptool.maskprune import MaskPrune, MaskPruneConfig
 from mptool.models import load_model
@@ -65,7 +65,8 @@ class Bench:
         self.ids = eval_token_stream(self.tok, held_out, args.eval_tokens)
         self.protocol = PplProtocol(max_tokens=args.eval_tokens, text="austen:persuasion")
         n_blocks = args.tokens // args.seq_len
-        self.blocks = token_blocks(self.tok, [train], args.seq_len, n_blocks * args.seq_len)
+        self.blocks = token_blocks(self.tok, [train], args.seq_len, n_blocks * args.seq_len,
+                                   order=data_order(args))
         self.calib = self.blocks[: args.calib_tokens // args.seq_len]
         with step("calibrate", total=len(self.calib)) as adv:
             o, dd = calibrate(self.model, self.calib, progress=adv)
@@ -224,11 +225,13 @@ class Bench:
             "command": f"python -m mptool.benchmarks.quality --ratios {a.ratios} --tokens {a.tokens} "
                        f"--seq-len {a.seq_len} --batch-size {a.batch_size} --eval-tokens {a.eval_tokens} "
                        f"--calib-tokens {a.calib_tokens}" + (" --ablations" if a.ablations else "")
-                       + (f" --device {a.device}" if a.device != "cpu" else ""),
+                       + (f" --device {a.device}" if a.device != "cpu" else "")
+                       + (f" --data-order {data_order(a)}" if data_order(a) != "sequential" else ""),
             "model": a.model or "embedded:SmolLM2-135M-Instruct",
             "protocol": dataclasses.asdict(self.protocol),
             "training": {"text": "austen: 5 training novels", "tokens_per_method": a.tokens,
                          "seq_len": a.seq_len, "batch_size": a.batch_size, "calib_tokens": a.calib_tokens,
+                         "order": data_order(a),
                          # the defaults; each trained row records what it ran differently
                          # (maskprune_config / recovery_config: the fields that differ)
                          "maskprune": dataclasses.asdict(MaskPruneConfig()),
@@ -275,6 +278,17 @@ def changed(cfg: Any, default: Any) -> dict[str, Any]:
     return {k: v for k, v in ours.items() if base[k] != v}
 
 
+def data_order(args: argparse.Namespace) -> str:
+    """``--data-order`` (sequential when the caller's parser has no such option)."""
+    return getattr(args, "data_order", "sequential")
+
+
+def add_data_order(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--data-order", default="sequential", choices=list(DATA_ORDERS),
+                    help="training/calibration blocks: the text's first tokens (sequential, the committed "
+                         "tables) or drawn from the whole text (shuffled)")
+
+
 def budget_problem(args: argparse.Namespace) -> str | None:
     """Why ``--tokens`` cannot be split fairly, or None: every trained row must train on exactly
     ``--tokens``, so it is a whole number of steps of ``--batch-size`` x ``--seq-len``, and at least
@@ -300,6 +314,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--calib-tokens", type=int, default=16384)
     ap.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens (default: the README table's)")
     ap.add_argument("--ablations", action="store_true")
+    add_data_order(ap)
     ap.add_argument("--device", default="cpu", choices=list(D.DEVICES),
                     help="cpu (default: the committed table) | cuda | auto")
     ap.add_argument("--tag", default="smollm2")

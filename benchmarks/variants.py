@@ -32,7 +32,7 @@ import torch
 
 from mptool import distributed as D
 from mptool.baselines import select
-from mptool.benchmarks.quality import RESULTS, Bench, budget_problem
+from mptool.benchmarks.quality import RESULTS, Bench, add_data_order, budget_problem
 from mptool.maskprune import MaskPruneConfig
 from mptool.progress import console
 from mptool.shapes import Target, describe
@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--calib-tokens", type=int, default=16384)
     ap.add_argument("--eval-tokens", type=int, default=8192)
     ap.add_argument("--device", default="cpu", choices=list(D.DEVICES))
+    add_data_order(ap)
     ap.add_argument("--tag", default="smollm2")
     ap.add_argument("--out", default=None, help="JSONL file (default benchmarks/results/variants_<tag>.jsonl)")
     args = ap.parse_args(argv)
@@ -139,10 +140,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         f"--{k.replace('_', '-')} {v}" for k, v in (("ratio", args.ratio), ("tokens", args.tokens),
                                                     ("seq_len", args.seq_len), ("batch_size", args.batch_size),
                                                     ("calib_tokens", args.calib_tokens),
-                                                    ("eval_tokens", args.eval_tokens)))
+                                                    ("eval_tokens", args.eval_tokens))) + (
+        f" --data-order {args.data_order}" if args.data_order != "sequential" else "")
     rows = []
     for v in variants:
-        row = {**run_variant(bench, args.ratio, dict(v)), "dense_ppl": bench.dense_ppl, "command": command}
+        row = {**run_variant(bench, args.ratio, dict(v)), "dense_ppl": bench.dense_ppl, "data_order": args.data_order,
+               "command": command}
         rows.append(row)
         console.print(f"[bold]{row['name']}[/bold]: ({row['kv_heads']}, {row['heads_per_group']}, {row['ffn']}) "
                       f"ppl {row['ppl_before_recovery']:.2f} -> {row['ppl']:.2f}")

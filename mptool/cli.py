@@ -80,6 +80,8 @@ def compress(
     eval_data: Optional[str] = typer.Option(None, help="Held-out evaluation text (default: Austen's Persuasion)."),
     calib_tokens: Optional[int] = typer.Option(None, help="Calibration tokens for wanda-sp/flap."),
     seq_len: Optional[int] = typer.Option(None, help="Tokens per calibration/training block (default 256)."),
+    data_order: Optional[str] = typer.Option(None, help="Training/calibration blocks: sequential (the text's first "
+                                             "tokens; default) or shuffled (drawn from the whole text)."),
     eval_tokens: Optional[int] = typer.Option(None, help="Held-out tokens for perplexity."),
     out: Optional[str] = typer.Option(None, help="Output folder (written atomically)."),
     overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Replace an existing output folder."),
@@ -122,6 +124,7 @@ def compress(
         "model": model, "method": method, "ratio": ratio, "split": split, "target.kv_heads": kv_heads,
         "target.heads_per_group": heads_per_group, "target.ffn": ffn, "tp": _tp(tp), "ffn_multiple": ffn_multiple, "data.seq_len": seq_len,
         "data.train": data, "data.eval": eval_data, "data.calib_tokens": calib_tokens,
+        "data.order": data_order,
         "ppl.max_tokens": eval_tokens, "out": out, "overwrite": overwrite, "seed": seed,
         "trust_remote_code": trust_remote_code, "maskprune.steps": max_steps,
         "maskprune.max_tokens": max_tokens, "recovery.steps": recovery_steps, "recovery.adapter": recovery_adapter,

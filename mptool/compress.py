@@ -18,6 +18,7 @@ import yaml
 from mptool import distributed as D
 from mptool.baselines import METHODS
 from mptool.config import CompressConfig, save_config, to_dict
+from mptool.data import DATA_ORDERS
 from mptool.errors import MptoolError
 from mptool.evaluate import PplProtocol, perplexity
 from mptool.io import atomic_dir, output_problems
@@ -107,6 +108,8 @@ def validate(cfg: CompressConfig) -> None:
     elif cfg.data.calib_tokens < cfg.data.seq_len:
         problems.append(f"data.calib_tokens (--calib-tokens) {cfg.data.calib_tokens} must be at least one "
                         f"block of --seq-len {cfg.data.seq_len} tokens")
+    if cfg.data.order not in DATA_ORDERS:
+        problems.append(f"data.order (--data-order) {cfg.data.order!r} is not one of {', '.join(DATA_ORDERS)}")
     problems += option_problems(cfg.tp, cfg.ffn_multiple)
     if cfg.device not in D.DEVICES:
         problems.append(f"--device {cfg.device!r} is not one of {', '.join(D.DEVICES)}")
@@ -301,7 +304,7 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
                   f"{budget:,.0f} prunable parameters"))
     eval_ids = eval_token_stream(tokenizer, eval_text, cfg.ppl.max_tokens)
     protocol = cfg.ppl.protocol(eval_name)
-    calib = token_blocks(tokenizer, texts, cfg.data.seq_len, cfg.data.calib_tokens)
+    calib = token_blocks(tokenizer, texts, cfg.data.seq_len, cfg.data.calib_tokens, order=cfg.data.order)
     dense_ppl = measure_ppl(model, eval_ids, protocol, "dense", dev) if main else {}
     if sharded and main:
         model.cpu()
@@ -320,7 +323,8 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
                  else mask_cfg.batch_size if fixed is None else 0)
         rec_blocks = rec_cfg.steps * rec_cfg.batch_size
         train_tokens = (first + rec_blocks if cfg.method == "maskprune" else max(first, rec_blocks)) * cfg.data.seq_len
-        blocks = token_blocks(tokenizer, texts, cfg.data.seq_len, max(train_tokens, cfg.data.seq_len))
+        blocks = token_blocks(tokenizer, texts, cfg.data.seq_len, max(train_tokens, cfg.data.seq_len),
+                              order=cfg.data.order)
 
         t0 = time.perf_counter()
         data_offset = 0  # blocks consumed before recovery

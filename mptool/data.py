@@ -388,19 +388,33 @@ def _encode(tokenizer: Any, text: str, n_tokens: int | None = None) -> list[int]
     return encode(text)[:n_tokens]
 
 
+DATA_ORDERS = ("sequential", "shuffled")
+"""How training and calibration blocks are drawn from the text (``data.order``)."""
+
+SHUFFLE_POOL_TOKENS = 1 << 22
+"""``order="shuffled"`` draws its blocks from the text's first this many tokens (4 M: all of the
+Austen corpus, and a bound on tokenization time for a large user corpus)."""
+
+
 def token_blocks(
     tokenizer: Any,
     texts: str | Sequence[str],
     seq_len: int,
     max_tokens: int | None,
     offset_tokens: int = 0,
+    order: str = "sequential",
 ) -> torch.Tensor:
     """Cut text into full, non-overlapping blocks of token ids.
 
     Documents are joined with the tokenizer's EOS token text (``"\\n\\n"`` without one) and
     tokenized without added special tokens; the first ``offset_tokens`` tokens are skipped, then
     at most ``max_tokens`` tokens are cut into blocks of ``seq_len``; a partial last block is
-    dropped.
+    dropped. With ``order="shuffled"`` the text after the offset (up to
+    :data:`SHUFFLE_POOL_TOKENS` tokens) is cut into blocks first and ``max_tokens`` worth of them
+    are drawn in a fixed random order (seed 0, whatever the run's seed), so a small budget
+    samples the whole corpus instead of its first document; the first ``k`` blocks of a call are
+    the first ``k`` of any other call with a larger ``max_tokens`` (calibration blocks are the
+    first training blocks, as in sequential order).
 
     Args:
         tokenizer: a Hugging Face tokenizer.
@@ -417,17 +431,27 @@ def token_blocks(
     """
     if seq_len < 1 or offset_tokens < 0:
         raise MptoolError(f"seq_len must be >= 1 and offset >= 0 (got {seq_len}, {offset_tokens})")
+    if order not in DATA_ORDERS:
+        raise MptoolError(f"data order {order!r} is not one of {', '.join(DATA_ORDERS)}")
     docs = [texts] if isinstance(texts, str) else list(texts)
     separator = getattr(tokenizer, "eos_token", None) or "\n\n"
-    cap = None if max_tokens is None else offset_tokens + max_tokens
+    shuffled = order == "shuffled"
+    if shuffled:
+        cap: int | None = offset_tokens + SHUFFLE_POOL_TOKENS
+    else:
+        cap = None if max_tokens is None else offset_tokens + max_tokens
     ids = _encode(tokenizer, separator.join(docs), cap)[offset_tokens:]
-    n_blocks = len(ids) // seq_len
+    pool = len(ids) // seq_len
+    n_blocks = pool if max_tokens is None else min(pool, max_tokens // seq_len)
     if n_blocks < 1:
         raise MptoolError(
             f"the data gives {len(ids)} tokens after skipping {offset_tokens} "
             f"(cap {max_tokens}); need at least one block of {seq_len}: give more text or a "
             "smaller sequence length"
         )
+    if shuffled:
+        blocks = torch.tensor(ids[: pool * seq_len], dtype=torch.long).view(pool, seq_len)
+        return blocks[torch.randperm(pool, generator=torch.Generator().manual_seed(0))[:n_blocks]]
     return torch.tensor(ids[: n_blocks * seq_len], dtype=torch.long).view(n_blocks, seq_len)
 
 

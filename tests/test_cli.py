@@ -419,6 +419,7 @@ def test_unknown_recipe_key(tiny_dir, tmp_path):
     (["--ffn-multiple", "0"], "", "--ffn-multiple 0 must be >= 1"),
     (["--calib-tokens", "100"], "", "data.calib_tokens (--calib-tokens) 100 must be at least one block"),
     (["--eval-tokens", "-5"], "", "ppl.max_tokens (--eval-tokens) -5 must be >= 2"),
+    (["--data-order", "random"], "", "data.order (--data-order) 'random' is not one of sequential, shuffled"),
 ])
 def test_bad_training_knobs_fail_before_any_work(tiny_dir, text_file, tmp_path, args, recipe, needle):
     """Knobs that used to fail late (after training) or with a traceback: one line, up front."""

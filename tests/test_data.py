@@ -153,6 +153,31 @@ def test_token_blocks_too_short(tokenizer):
         token_blocks(tokenizer, SAMPLE_TEXT, seq_len=8, max_tokens=100, offset_tokens=10**6)
 
 
+def test_shuffled_blocks_sample_the_whole_text(tokenizer):
+    """order="shuffled": whole blocks of the full stream, drawn in one fixed order from all of it;
+    a smaller budget takes the first blocks of a larger one (calibration = first training blocks)."""
+    docs = [" ".join(f"chapter {d} line {i}." for i in range(120)) for d in range(6)]  # no two blocks alike
+    full = token_blocks(tokenizer, docs, seq_len=32, max_tokens=None)
+    index = {tuple(b.tolist()): i for i, b in enumerate(full)}
+    assert len(index) == len(full) > 80
+    few = token_blocks(tokenizer, docs, seq_len=32, max_tokens=8 * 32, order="shuffled")
+    many = token_blocks(tokenizer, docs, seq_len=32, max_tokens=40 * 32, order="shuffled")
+    assert few.shape == (8, 32) and many.shape == (40, 32)
+    assert torch.equal(many[:8], few)
+    assert torch.equal(few, token_blocks(tokenizer, docs, seq_len=32, max_tokens=8 * 32, order="shuffled"))
+    positions = [index[tuple(b.tolist())] for b in many]
+    assert len(set(positions)) == len(positions)  # distinct blocks of the sequential cut
+    assert max(positions[:8]) >= 8  # not just the text's first blocks
+    assert max(positions) > len(full) // 2  # reaches the second half of the corpus
+    # an offset skips the same tokens in both orders; no cap draws every block once
+    every = token_blocks(tokenizer, docs, seq_len=32, max_tokens=None, order="shuffled")
+    assert sorted(index[tuple(b.tolist())] for b in every) == list(range(len(full)))
+    skipped = token_blocks(tokenizer, docs, seq_len=32, max_tokens=None, offset_tokens=64, order="shuffled")
+    assert sorted(index[tuple(b.tolist())] for b in skipped) == list(range(2, len(full)))
+    with pytest.raises(MptoolError, match="data order 'random' is not one of sequential, shuffled"):
+        token_blocks(tokenizer, docs, seq_len=32, max_tokens=None, order="random")
+
+
 def test_eval_token_stream(tokenizer):
     ids = eval_token_stream(tokenizer, SAMPLE_TEXT * 10, 100)
     assert ids.shape == (100,) and ids.dtype == torch.long

@@ -116,6 +116,21 @@ def test_oneshot_and_seeded_variants(table, model_dir, tmp_path):
                        "--variants", '[{"name": "x", "oneshot": "flap"}]'])
 
 
+def test_shuffled_data_order_is_recorded_and_trains_on_other_text(table, model_dir, tmp_path):
+    """--data-order shuffled draws calibration and training blocks from the whole text: the row
+    says so (and its command reproduces it), and the same one-shot row trains to another result."""
+    from mptool.benchmarks import variants
+
+    flap = next(r for r in table["rows"] if r["method"] == "flap + recovery" and r["split"] == "fixed rule")
+    shape = [flap["kv_heads"], flap["heads_per_group"], flap["ffn"]]
+    row, = variants.main(["--model", str(model_dir), "--ratio", "0.5", "--out", str(tmp_path / "v.jsonl"), *ARGS,
+                          "--data-order", "shuffled",
+                          "--variants", json.dumps([{"name": "flap", "oneshot": "flap", "shape": shape}])])
+    assert row["data_order"] == "shuffled" and row["command"].endswith("--data-order shuffled")
+    assert row["dense_ppl"] == pytest.approx(table["rows"][0]["ppl"], rel=1e-6)  # same held-out text
+    assert row["ppl"] != pytest.approx(flap["ppl"], rel=1e-4)
+
+
 def test_oneshot_recovery_in_phases(table, model_dir, tmp_path):
     """"phases" splits a one-shot row's recovery like MaskPrune's two phases: one phase of every
     token at rank 16 is the plain row; two phases train differently and report the perplexity
