@@ -421,7 +421,9 @@ def token_blocks(
         texts: one text or a list of documents.
         seq_len: tokens per block.
         max_tokens: cap on the tokens used (after the offset); None for all.
-        offset_tokens: tokens to skip first (e.g. to keep calibration and training disjoint).
+        offset_tokens: tokens to skip first (e.g. to keep calibration and training disjoint, in
+            sequential order; in shuffled order the pool starts after the offset, so a shuffled
+            call with ``max_tokens=C`` and one with ``offset_tokens=C`` can share text).
 
     Returns:
         ``torch.LongTensor`` of shape ``[n_blocks, seq_len]``.
