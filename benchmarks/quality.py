@@ -39,6 +39,7 @@ import torch
 from mptool import distributed as D
 from mptool.baselines import METHODS, calibrate, score, select
 from mptool.compress import param_count, peak_rss_mb
+from mptool.config import DataConfig
 from mptool.data import DATA_ORDERS, default_texts, eval_token_stream, token_blocks
 from mptool.evaluate import PplProtocol, perplexity
 from mptool.maskprune import MaskPrune, MaskPruneConfig
@@ -66,7 +67,7 @@ class Bench:
         self.protocol = PplProtocol(max_tokens=args.eval_tokens, text="austen:persuasion")
         n_blocks = args.tokens // args.seq_len
         self.blocks = token_blocks(self.tok, [train], args.seq_len, n_blocks * args.seq_len,
-                                   order=data_order(args))
+                                   order=args.data_order)
         self.calib = self.blocks[: args.calib_tokens // args.seq_len]
         with step("calibrate", total=len(self.calib)) as adv:
             o, dd = calibrate(self.model, self.calib, progress=adv)
@@ -226,12 +227,12 @@ class Bench:
                        f"--seq-len {a.seq_len} --batch-size {a.batch_size} --eval-tokens {a.eval_tokens} "
                        f"--calib-tokens {a.calib_tokens}" + (" --ablations" if a.ablations else "")
                        + (f" --device {a.device}" if a.device != "cpu" else "")
-                       + (f" --data-order {data_order(a)}" if data_order(a) != "sequential" else ""),
+                       + f" --data-order {a.data_order}",
             "model": a.model or "embedded:SmolLM2-135M-Instruct",
             "protocol": dataclasses.asdict(self.protocol),
             "training": {"text": "austen: 5 training novels", "tokens_per_method": a.tokens,
                          "seq_len": a.seq_len, "batch_size": a.batch_size, "calib_tokens": a.calib_tokens,
-                         "order": data_order(a),
+                         "order": a.data_order,
                          # the defaults; each trained row records what it ran differently
                          # (maskprune_config / recovery_config: the fields that differ)
                          "maskprune": dataclasses.asdict(MaskPruneConfig()),
@@ -255,7 +256,8 @@ def markdown(result: dict) -> str:
     lines = [
         f"Held-out perplexity on {result['protocol']['text']} ({result['protocol']['max_tokens']} tokens, "
         f"window {result['protocol']['window']}). Every trained method: {t['tokens_per_method']} training "
-        f"tokens in all (batch {t['batch_size']} x {t['seq_len']}). Wall time of the whole table: "
+        f"tokens in all (batch {t['batch_size']} x {t['seq_len']}, {t.get('order', 'sequential')} blocks of the "
+        f"training text). Wall time of the whole table: "
         f"{result['wall_s'] / 60:.0f} min on " + (result["environment"].get("gpu") or
                                                    f"{result['environment']['threads']} CPU threads") + ".",
         "",
@@ -278,15 +280,11 @@ def changed(cfg: Any, default: Any) -> dict[str, Any]:
     return {k: v for k, v in ours.items() if base[k] != v}
 
 
-def data_order(args: argparse.Namespace) -> str:
-    """``--data-order`` (sequential when the caller's parser has no such option)."""
-    return getattr(args, "data_order", "sequential")
-
-
 def add_data_order(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--data-order", default="sequential", choices=list(DATA_ORDERS),
-                    help="training/calibration blocks: the text's first tokens (sequential, the committed "
-                         "tables) or drawn from the whole text (shuffled)")
+    """``--data-order``, defaulting to ``mptool compress``'s (``data.order``)."""
+    ap.add_argument("--data-order", default=DataConfig().order, choices=list(DATA_ORDERS),
+                    help=f"training/calibration blocks: drawn from the whole text (shuffled) or the text's "
+                         f"first tokens (sequential); default {DataConfig().order}, as mptool compress")
 
 
 def budget_problem(args: argparse.Namespace) -> str | None:

@@ -140,8 +140,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         f"--{k.replace('_', '-')} {v}" for k, v in (("ratio", args.ratio), ("tokens", args.tokens),
                                                     ("seq_len", args.seq_len), ("batch_size", args.batch_size),
                                                     ("calib_tokens", args.calib_tokens),
-                                                    ("eval_tokens", args.eval_tokens))) + (
-        f" --data-order {args.data_order}" if args.data_order != "sequential" else "")
+                                                    ("eval_tokens", args.eval_tokens),
+                                                    ("data_order", args.data_order)))
     rows = []
     for v in variants:
         row = {**run_variant(bench, args.ratio, dict(v)), "dense_ppl": bench.dense_ppl, "data_order": args.data_order,

@@ -80,8 +80,8 @@ def compress(
     eval_data: Optional[str] = typer.Option(None, help="Held-out evaluation text (default: Austen's Persuasion)."),
     calib_tokens: Optional[int] = typer.Option(None, help="Calibration tokens for wanda-sp/flap."),
     seq_len: Optional[int] = typer.Option(None, help="Tokens per calibration/training block (default 256)."),
-    data_order: Optional[str] = typer.Option(None, help="Training/calibration blocks: sequential (the text's first "
-                                             "tokens; default) or shuffled (drawn from the whole text)."),
+    data_order: Optional[str] = typer.Option(None, help="Training/calibration blocks: shuffled (drawn from the whole "
+                                             "text; default) or sequential (the text's first tokens)."),
     eval_tokens: Optional[int] = typer.Option(None, help="Held-out tokens for perplexity."),
     out: Optional[str] = typer.Option(None, help="Output folder (written atomically)."),
     overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Replace an existing output folder."),

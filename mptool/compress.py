@@ -304,7 +304,19 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
                   f"{budget:,.0f} prunable parameters"))
     eval_ids = eval_token_stream(tokenizer, eval_text, cfg.ppl.max_tokens)
     protocol = cfg.ppl.protocol(eval_name)
-    calib = token_blocks(tokenizer, texts, cfg.data.seq_len, cfg.data.calib_tokens, order=cfg.data.order)
+    # one cut of the training text: calibration is its first blocks (in either order the first k
+    # blocks of a shorter cut are those of a longer one), training the first ``train_blocks``
+    mask_cfg, rec_cfg = cfg.maskprune, cfg.recovery
+    # MaskPrune's steps, or the probe batch of --split kd (the same first blocks MaskPrune probes);
+    # recovery after MaskPrune continues where mask learning stopped (new text, not a second pass)
+    first = (mask_cfg.steps * mask_cfg.batch_size if cfg.method == "maskprune"
+             else mask_cfg.batch_size if fixed is None else 0)
+    rec_blocks = rec_cfg.steps * rec_cfg.batch_size
+    train_blocks = max(1, first + rec_blocks if cfg.method == "maskprune" else max(first, rec_blocks))
+    calib_blocks = cfg.data.calib_tokens // cfg.data.seq_len
+    cut = token_blocks(tokenizer, texts, cfg.data.seq_len, max(train_blocks, calib_blocks) * cfg.data.seq_len,
+                       order=cfg.data.order)
+    calib, blocks = cut[:calib_blocks], cut[:train_blocks]
     dense_ppl = measure_ppl(model, eval_ids, protocol, "dense", dev) if main else {}
     if sharded and main:
         model.cpu()
@@ -316,15 +328,6 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
         metrics = ckpt_parent / "metrics.jsonl"
         history: list[dict] = []
         extra: dict[str, Any] = {}
-        mask_cfg, rec_cfg = cfg.maskprune, cfg.recovery
-        # MaskPrune's steps, or the probe batch of --split kd (the same first blocks MaskPrune probes);
-        # recovery after MaskPrune continues where mask learning stopped (new text, not a second pass)
-        first = (mask_cfg.steps * mask_cfg.batch_size if cfg.method == "maskprune"
-                 else mask_cfg.batch_size if fixed is None else 0)
-        rec_blocks = rec_cfg.steps * rec_cfg.batch_size
-        train_tokens = (first + rec_blocks if cfg.method == "maskprune" else max(first, rec_blocks)) * cfg.data.seq_len
-        blocks = token_blocks(tokenizer, texts, cfg.data.seq_len, max(train_tokens, cfg.data.seq_len),
-                              order=cfg.data.order)
 
         t0 = time.perf_counter()
         data_offset = 0  # blocks consumed before recovery

@@ -53,9 +53,10 @@ class DataConfig:
     """Tokens per training/calibration block."""
     calib_tokens: int = 16384
     """Calibration tokens for activation-aware scores (wanda-sp, flap)."""
-    order: str = "sequential"
-    """How training and calibration blocks are drawn: "sequential" (the text's first tokens, in
-    order) or "shuffled" (blocks of the whole text, up to 4 M tokens, in a fixed random order)."""
+    order: str = "shuffled"
+    """How training and calibration blocks are drawn: "shuffled" (blocks of the whole text, up to
+    4 M tokens, in a fixed random order) or "sequential" (the text's first tokens, in order: a
+    small budget then sees only the first document)."""
 
 
 @dataclass

@@ -64,6 +64,30 @@ def test_compress_writes_a_plain_uniform_checkpoint(method, tiny_dir, text_file,
     assert "not on held-out text" in " ".join(res.output.split())
 
 
+@pytest.mark.parametrize("order", [None, "sequential"])
+def test_compress_calibrates_on_blocks_in_the_asked_order(order, tiny_dir, text_file, tmp_path, monkeypatch):
+    """Calibration sees the first blocks of the training cut in ``data.order``: by default (shuffled)
+    the whole text's blocks in the fixed random order, with --data-order sequential its first ones."""
+    import mptool.baselines as B
+    from transformers import AutoTokenizer
+
+    from mptool.data import token_blocks
+
+    seen = []
+    real = B.calibrate
+    monkeypatch.setattr(B, "calibrate", lambda model, blocks, **kw: (seen.append(blocks.clone()), real(model, blocks, **kw))[1])
+    out = tmp_path / "pruned"
+    flags = [] if order is None else ["--data-order", order]
+    res = run("compress", tiny_dir, "--method", "flap", "--ffn", "128", *small(text_file), *flags, "--out", out)
+    assert res.exit_code == 0, res.output
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    expect = token_blocks(tok, [text_file.read_text()], 128, 512, order=order or "shuffled")
+    assert len(seen) == 1 and torch.equal(seen[0], expect)
+    other = token_blocks(tok, [text_file.read_text()], 128, 512, order="sequential" if order is None else "shuffled")
+    assert not torch.equal(seen[0], other)
+    assert json.loads((out / "report.json").read_text())["config"]["data"]["order"] == (order or "shuffled")
+
+
 def test_compress_with_ratio_and_yaml_recipe(tiny_dir, text_file, tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(f"method: flap\nratio: 0.5\nffn_multiple: 32\nrecovery:\n  steps: 0\ndata:\n  train: {text_file}\n"

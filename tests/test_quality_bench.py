@@ -116,17 +116,21 @@ def test_oneshot_and_seeded_variants(table, model_dir, tmp_path):
                        "--variants", '[{"name": "x", "oneshot": "flap"}]'])
 
 
-def test_shuffled_data_order_is_recorded_and_trains_on_other_text(table, model_dir, tmp_path):
-    """--data-order shuffled draws calibration and training blocks from the whole text: the row
-    says so (and its command reproduces it), and the same one-shot row trains to another result."""
+def test_data_order_is_recorded_and_changes_the_training_text(table, model_dir, tmp_path):
+    """The table draws its blocks in mptool compress's default order (shuffled: from the whole text)
+    and says so in JSON, command and Markdown; --data-order sequential trains the same one-shot row
+    on the text's first blocks instead, to another result, on the same held-out text."""
     from mptool.benchmarks import variants
+    from mptool.config import DataConfig
 
+    assert DataConfig().order == "shuffled" == table["training"]["order"]
+    assert table["command"].endswith("--data-order shuffled") and "shuffled blocks" in table["md"].splitlines()[0]
     flap = next(r for r in table["rows"] if r["method"] == "flap + recovery" and r["split"] == "fixed rule")
     shape = [flap["kv_heads"], flap["heads_per_group"], flap["ffn"]]
     row, = variants.main(["--model", str(model_dir), "--ratio", "0.5", "--out", str(tmp_path / "v.jsonl"), *ARGS,
-                          "--data-order", "shuffled",
+                          "--data-order", "sequential",
                           "--variants", json.dumps([{"name": "flap", "oneshot": "flap", "shape": shape}])])
-    assert row["data_order"] == "shuffled" and row["command"].endswith("--data-order shuffled")
+    assert row["data_order"] == "sequential" and row["command"].endswith("--data-order sequential")
     assert row["dense_ppl"] == pytest.approx(table["rows"][0]["ppl"], rel=1e-6)  # same held-out text
     assert row["ppl"] != pytest.approx(flap["ppl"], rel=1e-4)
 

@@ -88,3 +88,5 @@ def test_table_on_a_tiny_model(tmp_path):
         assert ("ppl_after_recovery" in r) == (name in saliency.RECOVER)
     assert result["target"]["ffn"] == 128 and result["gradient_snr"]["sequences"] == 4
     assert result["recovery_tokens"] == 128
+    # the order of the calibration blocks is recorded, and the command states it
+    assert result["protocol"]["data_order"] == "shuffled" and result["command"].endswith("--data-order shuffled")
