@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 from mptool.baselines import METHODS, calibrate, score, select
+from mptool.benchmarks.quality import add_data_order
 from mptool.compress import eval_text_for, param_count
 from mptool.data import default_texts, eval_token_stream, token_blocks
 from mptool.evaluate import PplProtocol, perplexity
@@ -35,6 +37,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--calib-tokens", type=int, default=16384)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--eval-tokens", type=int, default=16384)
+    add_data_order(ap)
     ap.add_argument("--out", default=str(RESULTS / "oneshot_quality"))
     args = ap.parse_args(argv)
     torch.manual_seed(0)
@@ -45,7 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
     text, name = eval_text_for(None)
     protocol = PplProtocol(max_tokens=args.eval_tokens, text=name)
     ids = eval_token_stream(tok, text, args.eval_tokens)
-    blocks = token_blocks(tok, [default_texts()[0]], args.seq_len, args.calib_tokens)
+    blocks = token_blocks(tok, [default_texts()[0]], args.seq_len, args.calib_tokens, order=args.data_order)
 
     def ppl(m, label):
         with step(f"ppl {label}", total=ids.numel()) as adv:
@@ -63,13 +66,15 @@ def main(argv: list[str] | None = None) -> dict:
             assert param_count(pruned) == describe(d, target)["total_params"]
             rows.append({"method": method, "ratio": ratio, **describe(d, target),
                          "ppl": ppl(pruned, f"{method} @ {ratio}")})
+    given = list(sys.argv[1:] if argv is None else argv)
     result = {
         "benchmark": "oneshot_quality",
-        "command": "python -m mptool.benchmarks.oneshot " + " ".join(argv or []),
+        "command": "python -m mptool.benchmarks.oneshot " + " ".join(given) + (
+            "" if any(a.split("=")[0] == "--data-order" for a in given) else f" --data-order {args.data_order}"),
         "model": args.model or "embedded:SmolLM2-135M-Instruct",
         "protocol": protocol.__dict__,
         "calibration": {"text": "austen:train (5 novels)", "tokens": int(blocks.numel()),
-                        "seq_len": args.seq_len},
+                        "seq_len": args.seq_len, "order": args.data_order},
         "rows": rows,
         "wall_s": round(time.perf_counter() - started, 1),
         "torch_threads": torch.get_num_threads(),
@@ -87,7 +92,8 @@ def markdown(result: dict) -> str:
     lines = [
         f"Held-out perplexity, {result['protocol']['text']}, {result['protocol']['max_tokens']} tokens, "
         f"window {result['protocol']['window']} / stride {result['protocol']['stride']}; "
-        f"calibration {result['calibration']['tokens']} tokens of the training novels.",
+        f"calibration {result['calibration']['tokens']} tokens of the training novels "
+        f"({result['calibration'].get('order', 'sequential')} blocks).",
         "",
         "| method | removed (of prunable) | KV heads | heads/group | FFN | params | perplexity | × dense |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",

@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                            "data_order": args.data_order},
               "seconds": round(time.perf_counter() - started, 1),
               "command": "python -m mptool.benchmarks.saliency " + " ".join(given) + (
-                  "" if "--data-order" in given else f" --data-order {args.data_order}")}
+                  "" if any(a.split("=")[0] == "--data-order" for a in given) else f" --data-order {args.data_order}")}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     return result

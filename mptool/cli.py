@@ -115,10 +115,15 @@ def compress(
         if not saved.is_file():
             raise MptoolError(f"--resume {resume} is not a mptool checkpoint folder (no compress-config.yaml); "
                               "give the <out>.ckpt folder of an interrupted run")
+        import yaml
+
         from mptool.compress import compress as run
 
-        run(load_config(CompressConfig, saved, {"overwrite": overwrite, "device": device, "sharding": sharding}),
-            resume=resume)
+        overrides = {"overwrite": overwrite, "device": device, "sharding": sharding}
+        recorded = yaml.safe_load(saved.read_text()) or {}
+        if "order" not in (recorded.get("data") or {}):
+            overrides["data.order"] = "sequential"  # a checkpoint from before data.order: its blocks were in order
+        run(load_config(CompressConfig, saved, overrides), resume=resume)
         return
     cfg = load_config(CompressConfig, config, {
         "model": model, "method": method, "ratio": ratio, "split": split, "target.kv_heads": kv_heads,

@@ -65,26 +65,36 @@ def test_compress_writes_a_plain_uniform_checkpoint(method, tiny_dir, text_file,
 
 
 @pytest.mark.parametrize("order", [None, "sequential"])
-def test_compress_calibrates_on_blocks_in_the_asked_order(order, tiny_dir, text_file, tmp_path, monkeypatch):
-    """Calibration sees the first blocks of the training cut in ``data.order``: by default (shuffled)
-    the whole text's blocks in the fixed random order, with --data-order sequential its first ones."""
+def test_compress_draws_its_blocks_in_the_asked_order(order, tiny_dir, text_file, tmp_path, monkeypatch):
+    """One cut of the training text in ``data.order`` (default shuffled: the whole text's blocks in
+    the fixed random order; --data-order sequential: its first ones): MaskPrune trains on its first
+    20 blocks (8 steps x 2 + 2 recovery steps x 2) and calibration (flap, the masks' initialisation)
+    sees its first 4 (512 calibration tokens of 128)."""
     import mptool.baselines as B
     from transformers import AutoTokenizer
 
     from mptool.data import token_blocks
+    from mptool.maskprune import MaskPrune
 
-    seen = []
-    real = B.calibrate
-    monkeypatch.setattr(B, "calibrate", lambda model, blocks, **kw: (seen.append(blocks.clone()), real(model, blocks, **kw))[1])
+    seen, trained = [], []
+    real_calibrate, real_init = B.calibrate, MaskPrune.__init__
+    monkeypatch.setattr(B, "calibrate", lambda model, blocks, **kw: (seen.append(blocks.clone()), real_calibrate(model, blocks, **kw))[1])
+
+    def init(self, model, blocks, *a, **kw):
+        trained.append(blocks.clone())
+        real_init(self, model, blocks, *a, **kw)
+
+    monkeypatch.setattr(MaskPrune, "__init__", init)
     out = tmp_path / "pruned"
     flags = [] if order is None else ["--data-order", order]
-    res = run("compress", tiny_dir, "--method", "flap", "--ffn", "128", *small(text_file), *flags, "--out", out)
+    res = run("compress", tiny_dir, *maskprune_args(text_file, tmp_path), *flags, "--out", out)
     assert res.exit_code == 0, res.output
-    tok = AutoTokenizer.from_pretrained(tiny_dir)
-    expect = token_blocks(tok, [text_file.read_text()], 128, 512, order=order or "shuffled")
-    assert len(seen) == 1 and torch.equal(seen[0], expect)
-    other = token_blocks(tok, [text_file.read_text()], 128, 512, order="sequential" if order is None else "shuffled")
-    assert not torch.equal(seen[0], other)
+    tok, text = AutoTokenizer.from_pretrained(tiny_dir), [text_file.read_text()]
+    expect = token_blocks(tok, text, 128, 20 * 128, order=order or "shuffled")
+    assert len(trained) == 1 and torch.equal(trained[0], expect)
+    assert len(seen) == 1 and torch.equal(seen[0], expect[:4])
+    other = token_blocks(tok, text, 128, 20 * 128, order="sequential" if order is None else "shuffled")
+    assert not torch.equal(trained[0], other)
     assert json.loads((out / "report.json").read_text())["config"]["data"]["order"] == (order or "shuffled")
 
 
@@ -228,16 +238,19 @@ def test_maskprune_is_the_default_and_reports_a_uniform_result(tiny_dir, text_fi
     assert not (tmp_path / "mp.ckpt").exists()  # checkpoints go once the result is written
 
 
-@pytest.mark.parametrize("dies_at", [5, 10])
-def test_killed_run_resumes_to_the_same_result(tiny_dir, text_file, tmp_path, monkeypatch, dies_at):
+@pytest.mark.parametrize("dies_at,legacy", [(5, True), (10, False)])
+def test_killed_run_resumes_to_the_same_result(tiny_dir, text_file, tmp_path, monkeypatch, dies_at, legacy):
     """Killed in mask learning (step 5) or in the recovery that continues it (its third step, after
-    the checkpoint at step 10): resumed, the same checkpoint as a run never killed."""
+    the checkpoint at step 10): resumed, the same checkpoint as a run never killed. ``legacy``: the
+    run trained on sequential blocks and its checkpoint's config predates ``data.order`` (no such
+    key); the resume must keep the order the run started with, not take today's default."""
+    import yaml
     from safetensors.torch import load_file
 
     from mptool.maskprune import MaskPrune
 
     full = tmp_path / "full"
-    args = maskprune_args(text_file, tmp_path, rec_steps=3)
+    args = maskprune_args(text_file, tmp_path, rec_steps=3) + (["--data-order", "sequential"] if legacy else [])
     assert run("compress", tiny_dir, *args, "--out", full).exit_code == 0
 
     original = MaskPrune.step
@@ -255,6 +268,10 @@ def test_killed_run_resumes_to_the_same_result(tiny_dir, text_file, tmp_path, mo
     state = json.loads((ckpt / "trainer.json").read_text())["state"]
     assert state["step"] == dies_at // 2 * 2 and state["frozen_at"] == (8 if dies_at > 8 else None)
     monkeypatch.setattr(MaskPrune, "step", original)
+    if legacy:
+        saved = yaml.safe_load((ckpt / "compress-config.yaml").read_text())
+        assert saved["data"].pop("order") == "sequential"
+        (ckpt / "compress-config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
     res = run("compress", "--resume", ckpt)
     assert res.exit_code == 0, res.output
     assert json.loads((out / "keeps.json").read_text()) == json.loads((full / "keeps.json").read_text())

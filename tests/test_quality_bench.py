@@ -181,3 +181,27 @@ def test_a_budget_that_cannot_be_split_fairly_is_refused(tokens, tmp_path, capsy
     with pytest.raises(SystemExit):
         variants.main(["--variants", '[{"name": "x"}]', "--out", str(tmp_path / "v.jsonl"), *args])
     assert not list(tmp_path.iterdir())
+
+
+def test_oneshot_table_prunes_every_method_to_the_same_shape(model_dir, tmp_path):
+    """The one-shot table: dense, then each method at each ratio cut to one balanced target (the
+    methods differ only in which units they keep), counted parameters equal to the sliced model's,
+    and the calibration's block order recorded in the JSON, the command and the Markdown."""
+    from mptool.benchmarks import oneshot
+    from mptool.baselines import METHODS
+
+    out = tmp_path / "oneshot"
+    result = oneshot.main(["--model", str(model_dir), "--ratios", "0.25,0.5", "--calib-tokens", "128",
+                           "--seq-len", "32", "--eval-tokens", "192", "--out", str(out)])
+    rows = result["rows"]
+    assert [r["method"] for r in rows] == ["dense", *METHODS, *METHODS]
+    for ratio in (0.25, 0.5):
+        shapes = {(r["kv_heads"], r["heads_per_group"], r["ffn"], r["total_params"]) for r in rows if r["ratio"] == ratio}
+        assert len(shapes) == 1
+        assert next(iter(shapes))[3] < rows[0]["total_params"]
+    assert len({r["ppl"] for r in rows}) == len(rows) and all(r["ppl"] > 1 for r in rows)
+    assert result["calibration"]["tokens"] == 128 and result["calibration"]["order"] == "shuffled"
+    assert result["command"].endswith("--data-order shuffled")
+    assert json.loads(out.with_suffix(".json").read_text()) == result
+    md = out.with_suffix(".md").read_text()
+    assert "(shuffled blocks)" in md and len([ln for ln in md.splitlines() if ln.startswith("| ")]) == len(rows) + 1
