@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 from mptool.baselines import METHODS, calibrate, score, select
-from mptool.benchmarks.quality import add_data_order
+from mptool.benchmarks.quality import add_data_order, recorded_command
 from mptool.compress import eval_text_for, param_count
 from mptool.data import default_texts, eval_token_stream, token_blocks
 from mptool.evaluate import PplProtocol, perplexity
@@ -66,11 +65,9 @@ def main(argv: list[str] | None = None) -> dict:
             assert param_count(pruned) == describe(d, target)["total_params"]
             rows.append({"method": method, "ratio": ratio, **describe(d, target),
                          "ppl": ppl(pruned, f"{method} @ {ratio}")})
-    given = list(sys.argv[1:] if argv is None else argv)
     result = {
         "benchmark": "oneshot_quality",
-        "command": "python -m mptool.benchmarks.oneshot " + " ".join(given) + (
-            "" if any(a.split("=")[0] == "--data-order" for a in given) else f" --data-order {args.data_order}"),
+        "command": recorded_command("mptool.benchmarks.oneshot", argv, args),
         "model": args.model or "embedded:SmolLM2-135M-Instruct",
         "protocol": protocol.__dict__,
         "calibration": {"text": "austen:train (5 novels)", "tokens": int(blocks.numel()),

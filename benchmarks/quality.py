@@ -30,6 +30,7 @@ import argparse
 import dataclasses
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -285,6 +286,14 @@ def add_data_order(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--data-order", default=DataConfig().order, choices=list(DATA_ORDERS),
                     help=f"training/calibration blocks: drawn from the whole text (shuffled) or the text's "
                          f"first tokens (sequential); default {DataConfig().order}, as mptool compress")
+
+
+def recorded_command(module: str, argv: list[str] | None, args: argparse.Namespace) -> str:
+    """The command line that reproduces a run of ``module``: its arguments (``sys.argv`` when
+    ``argv`` is None) with ``--data-order`` stated even where the default was taken."""
+    given = list(sys.argv[1:] if argv is None else argv)
+    stated = any(a.split("=")[0] == "--data-order" for a in given)
+    return " ".join([f"python -m {module}", *given, *([] if stated else ["--data-order", args.data_order])])
 
 
 def budget_problem(args: argparse.Namespace) -> str | None:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -40,7 +39,7 @@ import torch
 from mptool import distributed as D
 from mptool import masks as M
 from mptool.baselines import Scores, select
-from mptool.benchmarks.quality import RESULTS, Bench, add_data_order
+from mptool.benchmarks.quality import RESULTS, Bench, add_data_order, recorded_command
 from mptool.hooks import apply_masks
 from mptool.maskprune import autocast, kd_loss, lm_loss
 from mptool.progress import console, step
@@ -173,15 +172,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         console.print(f"[bold]{name}[/bold]: ppl {row['ppl']:.2f}"
                       + (f" -> {row['ppl_after_recovery']:.2f}" if "ppl_after_recovery" in row else "")
                       + f" ({row['ffn_changed_vs_wanda_sp']:.1%} of kept channels differ from wanda-sp)")
-    given = list(sys.argv[1:] if argv is None else argv)
     result = {"target": describe(bench.d, target), "dense_ppl": bench.dense_ppl, "gradient_snr": stats,
               "rows": rows, "recovery_tokens": args.tokens if args.recover else 0,
               "protocol": {"eval_tokens": args.eval_tokens, "text": "austen:persuasion",
                            "calib_tokens": args.calib_tokens, "seq_len": args.seq_len,
                            "data_order": args.data_order},
               "seconds": round(time.perf_counter() - started, 1),
-              "command": "python -m mptool.benchmarks.saliency " + " ".join(given) + (
-                  "" if any(a.split("=")[0] == "--data-order" for a in given) else f" --data-order {args.data_order}")}
+              "command": recorded_command("mptool.benchmarks.saliency", argv, args)}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     return result
