@@ -136,6 +136,11 @@ def validate(cfg: BenchConfig) -> dict[str, Any]:
         except MptoolError as e:
             problems.append(f"{role}: {e}")
             continue
+        from mptool.models import weights_problem
+
+        if (why := weights_problem(path, config)) is not None:
+            problems.append(f"{role}: cannot load model {path}: {why}")
+            continue
         models[role] = (path, config, dims)
         if "onnxruntime" in engines and not _has_tokenizer(path):
             problems.append(f"{role} model folder {path} has no tokenizer.json; the onnxruntime-genai "

@@ -330,6 +330,45 @@ def resolve_model(spec: str | os.PathLike | None, config_only: bool = False) -> 
     return text
 
 
+def weights_problem(path: Path, config: Any) -> str | None:
+    """Why the safetensors in ``path`` cannot hold the model ``config`` describes, or None.
+
+    Reads the files' headers only (no tensor data): every tensor the model declares must be
+    present with its shape (a tied LM head may be absent). Extra tensors are allowed. This is the
+    check :func:`load_model` gets from transformers' loading report, for engines that load the
+    folder themselves (a missing tensor is random-initialised by transformers, silently).
+    """
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        return "no *.safetensors weights (a Hugging Face model folder holds config.json + *.safetensors)"
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    shapes[key] = tuple(f.get_slice(key).get_shape())
+        except Exception as exc:  # safetensors raises its own types for a bad header
+            return f"{file.name} is not a readable safetensors file ({_one_line(exc)})"
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    missing, wrong = [], []
+    for key, tensor in model.state_dict().items():
+        if key not in shapes:
+            if not (tied and key.endswith("lm_head.weight")):
+                missing.append(key)
+        elif shapes[key] != tuple(tensor.shape):
+            wrong.append(f"{key} is {list(shapes[key])}, config.json implies {list(tensor.shape)}")
+    if missing:
+        return f"its weights do not match its config.json ({len(missing)} missing keys, e.g. {missing[0]})"
+    if wrong:
+        return f"its weights do not match its config.json ({len(wrong)} tensors of another shape, e.g. {wrong[0]})"
+    return None
+
+
 def load_model(
     spec: str | os.PathLike | None,
     dtype: torch.dtype = torch.float32,
@@ -358,6 +397,7 @@ def load_model(
     from mptool.families import get_adapter
 
     path = resolve_model(spec)
+    config = None
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         get_adapter(config)
@@ -366,7 +406,10 @@ def load_model(
         )
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
-        raise MptoolError(f"cannot load model {path}: {_one_line(exc)}") from exc
+        why = None
+        if config is not None and isinstance(exc, RuntimeError) and Path(path).is_dir():
+            why = weights_problem(Path(path), config)  # e.g. shapes: transformers points at a log it did not print
+        raise MptoolError(f"cannot load model {path}: {why or _one_line(exc)}") from exc
     # transformers fills absent tensors with random values and only logs it: refuse instead
     for kind in ("missing_keys", "mismatched_keys"):
         if keys := sorted(str(k) for k in info.get(kind) or ()):

@@ -303,3 +303,23 @@ def test_rates_are_the_inverted_time_statistics_with_an_even_count():
     assert (f["decode_tok_s"]["min"], f["decode_tok_s"]["max"]) == pytest.approx((4 / 0.030, 4 / 0.010))
     _check_stats(f["decode_tok_s"], 2)
     assert f["output_tok_s"]["median"] == pytest.approx(32 / (0.1 + 7 * 0.020))
+
+
+def test_broken_or_incomplete_weights_are_refused_before_any_measurement(pair, tmp_path):
+    """transformers would fill a missing tensor with random values (and bench would time it);
+    a truncated file would end in a SafetensorError traceback. Both: one line, before any engine."""
+    from safetensors.torch import load_file, save_file
+
+    dense, pruned = pair
+    weights = load_file(pruned / "model.safetensors")
+    weights.pop("model.layers.1.mlp.down_proj.weight")
+    save_file(weights, pruned / "model.safetensors", metadata={"format": "pt"})
+    res = run(dense, pruned, "--out", tmp_path / "o")
+    assert res.exit_code == 2 and len([ln for ln in res.output.splitlines() if ln.strip()]) == 1, res.output
+    assert "1 missing keys, e.g. model.layers.1.mlp.down_proj.weight" in " ".join(res.output.split())
+    blob = (dense / "model.safetensors").read_bytes()
+    (dense / "model.safetensors").write_bytes(blob[:20_000])
+    res = run(dense, pruned, "--out", tmp_path / "o")
+    text = " ".join(res.output.split())
+    assert res.exit_code == 2 and "model.safetensors is not a readable safetensors file" in text, res.output
+    assert "Traceback" not in res.output and not (tmp_path / "o.json").exists()
