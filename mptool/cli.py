@@ -115,12 +115,11 @@ def compress(
         if not saved.is_file():
             raise MptoolError(f"--resume {resume} is not a mptool checkpoint folder (no compress-config.yaml); "
                               "give the <out>.ckpt folder of an interrupted run")
-        import yaml
-
         from mptool.compress import compress as run
+        from mptool.maskprune import check_checkpoint
 
         overrides = {"overwrite": overwrite, "device": device, "sharding": sharding}
-        recorded = yaml.safe_load(saved.read_text()) or {}
+        recorded = check_checkpoint(Path(resume))  # every file readable before the model loads
         if "order" not in (recorded.get("data") or {}):
             overrides["data.order"] = "sequential"  # a checkpoint from before data.order: its blocks were in order
         run(load_config(CompressConfig, saved, overrides), resume=resume)
@@ -264,8 +263,15 @@ def plan(
                          kd_chunk=mp.kd_chunk, recovery_teacher=cfg.recovery.teacher)
     given = {"batch_size": batch_size, "seq_len": seq_len, "lora_r": lora_r}
     base = dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
-    if min(base.batch_size, base.seq_len, base.lora_r, dtype_bytes) < 1 or gpu_mem <= 0:
-        raise MptoolError("--batch-size, --seq-len, --lora-r, --dtype-bytes and --gpu-mem must be positive")
+    import math
+
+    if min(base.batch_size, base.seq_len, base.lora_r, dtype_bytes) < 1 or not (math.isfinite(gpu_mem) and gpu_mem > 0):
+        raise MptoolError("--batch-size, --seq-len, --lora-r, --dtype-bytes and --gpu-mem must be positive "
+                          "(and --gpu-mem a finite number of GiB)")
+    if uneven := [n for n in counts if base.batch_size % n]:
+        raise MptoolError(f"a global batch of {base.batch_size} sequences cannot be split evenly over "
+                          f"{', '.join(map(str, uneven))} GPUs (compress refuses it too); give --batch-size a "
+                          f"multiple of every GPU count, e.g. {math.lcm(*counts) * math.ceil(base.batch_size / math.lcm(*counts))}")
     print_plan(model, counts, gpu_mem, base, as_json=json_out, ratio=ratio)
 
 
@@ -279,8 +285,17 @@ def _register_bench() -> None:
 _register_bench()
 
 
+def _terminated(signum: int, frame: object) -> None:
+    # SIGTERM (timeout, a job scheduler, torchrun stopping its workers) unwinds like Ctrl-C, so
+    # every temporary output folder is removed on the way out
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
     """Console entry point."""
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminated)
     app()
 
 

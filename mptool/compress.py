@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import platform
 import shutil
 import sys
@@ -83,6 +84,7 @@ def validate(cfg: CompressConfig) -> None:
     for name, value in (*sizes, ("recovery.batch_size", rec.batch_size)):
         if value < 1 or value % world:
             problems.append(f"{name} {value} must be a positive multiple of the {world} processes")
+    problems += number_problems(cfg)
     if mp.dual not in ("ascent", "exact"):
         problems.append(f"maskprune.dual {mp.dual!r} is not one of ascent, exact")
     if mp.forward not in ("binary", "scaled"):
@@ -120,6 +122,41 @@ def validate(cfg: CompressConfig) -> None:
     problems += output_problems(cfg.out, cfg.overwrite, sources=inputs)
     if problems:
         raise MptoolError("; ".join(problems))
+
+
+# (section, knob, interval) of every numeric training knob; the interval in the usual notation,
+# "[0, inf)" or "(0, 1)". None (where a knob accepts it) is not checked; NaN and inf never pass.
+_RANGES = (
+    ("maskprune", "lr_mask", "[0, inf)"), ("maskprune", "mask_beta", "[0, 1)"),
+    ("maskprune", "lr_lora", "(0, inf)"), ("maskprune", "lora_r", "[1, inf)"),
+    ("maskprune", "lora_alpha", "(0, inf)"), ("maskprune", "temperature", "(0, inf)"),
+    ("maskprune", "lm_weight", "[0, inf)"), ("maskprune", "rho", "[0, inf)"),
+    ("maskprune", "fixed_multiplier", "[0, inf)"), ("maskprune", "lr_target", "[0, inf)"),
+    ("maskprune", "warmup_frac", "[0, 1]"), ("maskprune", "hard_frac", "[0, 1]"),
+    ("maskprune", "checkpoint_every", "[0, inf)"), ("maskprune", "kd_chunk", "[1, inf)"),
+    ("recovery", "lr", "(0, inf)"), ("recovery", "lora_r", "[1, inf)"),
+    ("recovery", "lora_alpha", "(0, inf)"), ("recovery", "temperature", "(0, inf)"),
+    ("recovery", "lm_weight", "[0, inf)"), ("recovery", "cache_topk", "[1, inf)"),
+    ("recovery", "kd_chunk", "[1, inf)"),
+)
+
+
+def _inside(value: float, interval: str) -> bool:
+    lo, hi = (float(x) for x in interval[1:-1].split(","))
+    above = value >= lo if interval[0] == "[" else value > lo
+    below = value <= hi if interval[-1] == "]" else value < hi
+    return math.isfinite(value) and above and below
+
+
+def number_problems(cfg: CompressConfig) -> list[str]:
+    """Training knobs out of range (a negative learning rate, a temperature of 0, NaN): caught
+    here rather than as a silent no-op or a divergence many steps in."""
+    problems = []
+    for section, name, interval in _RANGES:
+        value = getattr(getattr(cfg, section), name, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not _inside(value, interval):
+            problems.append(f"{section}.{name} {value} must be a finite number in {interval}")
+    return problems
 
 
 def continues_adapter(cfg: CompressConfig) -> bool:
@@ -483,6 +520,8 @@ def _work_folder(path: Path, resumable: bool) -> Iterator[None]:
         if resumable:
             for cache in path.glob("teacher-topk*.safetensors"):
                 cache.unlink(missing_ok=True)
+            if path.is_dir() and not any(path.iterdir()):  # failed before anything worth keeping
+                path.rmdir()
         else:
             shutil.rmtree(path, ignore_errors=True)
         raise

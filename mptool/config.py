@@ -245,10 +245,14 @@ def load_config(cls: type[T], path: str | Path | None = None,
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            raise MptoolError(f"config file {path} is a folder; give a YAML recipe file")
         if not p.is_file():
             raise MptoolError(f"config file {path} does not exist; give a YAML recipe file")
         try:
-            loaded = yaml.safe_load(p.read_text())
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise MptoolError(f"config file {path} is not UTF-8 text; give a YAML recipe file") from None
         except yaml.YAMLError as e:
             raise MptoolError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
         if loaded is not None and not isinstance(loaded, dict):

@@ -685,11 +685,22 @@ class MaskPrune:
         D.barrier()
 
     def load_checkpoint(self, folder: Path) -> None:
+        """Restore a :meth:`save_checkpoint` folder (check it first with :func:`check_checkpoint`).
+
+        Raises:
+            MptoolError: the checkpoint was written for another model or shape.
+        """
         from safetensors.torch import load_file
 
         data = load_file(str(folder / "state.safetensors"))
         meta = json.loads((folder / "trainer.json").read_text())
         st = self.state
+        for key, now in st.tensors().items():
+            saved = data.get(f"mask.{key}")
+            if saved is None or saved.shape != now.shape:
+                got = "none" if saved is None else tuple(saved.shape)
+                raise MptoolError(f"checkpoint {folder} was written for another model: its {key} masks have shape "
+                                  f"{got}, this model's {tuple(now.shape)}; resume it with the model it was made from")
         for key in st.tensors():
             setattr(st, key, data[f"mask.{key}"].clone())
         for key, val in meta["state"].items():
@@ -698,8 +709,13 @@ class MaskPrune:
         for key, val in load_file(str(folder / "optimizer.safetensors")).items():
             name, field_ = key.rsplit("::", 1)
             state.setdefault(name, {})[field_] = val
-        D.load_full_state(self.model, self.opt, {k[5:]: v for k, v in data.items() if k.startswith("lora.")},
-                          {"state": state, "param_groups": meta["optimizer"]["param_groups"]})
+        try:
+            D.load_full_state(self.model, self.opt, {k[5:]: v for k, v in data.items() if k.startswith("lora.")},
+                              {"state": state, "param_groups": meta["optimizer"]["param_groups"]})
+        except (RuntimeError, KeyError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise MptoolError(f"checkpoint {folder} does not fit this model's LoRA adapters and optimiser "
+                              f"({first}); resume it with the model and recipe it was made with") from None
         random.setstate(_tuple_rng(meta["rng"]["python"]))
         torch.set_rng_state(torch.tensor(meta["rng"]["torch"], dtype=torch.uint8))
 
@@ -837,3 +853,46 @@ def _jsonable_rng(state: tuple) -> list:
 
 def _tuple_rng(state: list) -> tuple:
     return (state[0], tuple(state[1]), state[2])
+
+
+CHECKPOINT_FILES = ("compress-config.yaml", "trainer.json", "state.safetensors", "optimizer.safetensors")
+
+
+def check_checkpoint(folder: Path) -> dict[str, Any]:
+    """Read a MaskPrune checkpoint folder's files without loading a model; returns its recorded
+    compress config (a mapping).
+
+    Raises:
+        MptoolError: a file missing, unreadable or of the wrong kind, named in one line.
+    """
+    import yaml
+    from safetensors import safe_open
+
+    hint = "give the <out>.ckpt folder of an interrupted run, as it was written"
+    if not folder.is_dir():
+        raise MptoolError(f"--resume {folder} is not a folder; {hint}")
+    missing = [name for name in CHECKPOINT_FILES if not (folder / name).is_file()]
+    if missing:
+        raise MptoolError(f"--resume {folder} is not a complete mptool checkpoint (no {', '.join(missing)}); {hint}")
+    try:
+        config = yaml.safe_load((folder / "compress-config.yaml").read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, yaml.YAMLError):
+        config = None
+    if not isinstance(config, dict):
+        raise MptoolError(f"--resume {folder}: compress-config.yaml is not a YAML mapping of compress settings; {hint}")
+    try:
+        meta = json.loads((folder / "trainer.json").read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        meta = None
+    if not (isinstance(meta, dict) and all(isinstance(meta.get(k), dict) for k in ("state", "optimizer", "rng"))):
+        raise MptoolError(f"--resume {folder}: trainer.json is not the JSON a mptool checkpoint writes; {hint}")
+    for name in ("state.safetensors", "optimizer.safetensors"):
+        try:
+            with safe_open(str(folder / name), framework="pt") as f:
+                keys = list(f.keys())
+        except Exception as e:  # safetensors raises its own error types for a bad header
+            raise MptoolError(f"--resume {folder}: {name} is not a readable safetensors file "
+                              f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); {hint}") from None
+        if name == "state.safetensors" and not any(k.startswith("mask.") for k in keys):
+            raise MptoolError(f"--resume {folder}: state.safetensors holds no masks; {hint}")
+    return config

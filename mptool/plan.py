@@ -136,7 +136,8 @@ def print_plan(model: str | None, gpus: list[int], gpu_mem_gib: float, base: Pla
         print(json.dumps({"model": model or "embedded:SmolLM2-135M-Instruct", "input": asdict(base),
                           "gpu_mem_gib": gpu_mem_gib, "recovery_student": shape, "rows": rows}, indent=2))
         return rows
-    table = Table(title=f"per-GPU memory (GiB), micro-batch {base.batch_size} x {base.seq_len} tokens per step, "
+    table = Table(title=f"per-GPU memory (GiB), global batch {base.batch_size} x {base.seq_len} tokens per step "
+                        f"(split over the GPUs), "
                         f"LoRA r={base.lora_r}, {base.dtype_bytes}-byte weights, {gpu_mem_gib:g} GiB GPUs, "
                         f"activation checkpointing {'on' if base.checkpointing else 'off'}; "
                         f"recovery student: {shape}")

@@ -69,6 +69,8 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     from mptool.models import load_model, looks_like_path, resolve_model
 
     problems = cfg.ppl.problems()
+    if cfg.limit is not None and cfg.limit < 1:
+        problems.append(f"--limit {cfg.limit} must be >= 1 (examples per lm-eval task; leave it out for all)")
     if cfg.data is not None and looks_like_path(cfg.data) and not Path(cfg.data).exists():
         problems.append(f"data path {cfg.data} does not exist (give a .txt, .jsonl, a folder or a datasets folder)")
     if cfg.out:

@@ -461,6 +461,10 @@ def test_unknown_recipe_key(tiny_dir, tmp_path):
     (["--calib-tokens", "100"], "", "data.calib_tokens (--calib-tokens) 100 must be at least one block"),
     (["--eval-tokens", "-5"], "", "ppl.max_tokens (--eval-tokens) -5 must be >= 2"),
     (["--data-order", "random"], "", "data.order (--data-order) 'random' is not one of sequential, shuffled"),
+    ([], "recovery:\n  lr: -1\n", "recovery.lr -1.0 must be a finite number in (0, inf)"),
+    ([], "maskprune:\n  lr_mask: .nan\n", "maskprune.lr_mask nan must be a finite number in [0, inf)"),
+    ([], "maskprune:\n  temperature: 0\n", "maskprune.temperature 0.0 must be a finite number in (0, inf)"),
+    ([], "maskprune:\n  mask_beta: 1\n", "maskprune.mask_beta 1.0 must be a finite number in [0, 1)"),
 ])
 def test_bad_training_knobs_fail_before_any_work(tiny_dir, text_file, tmp_path, args, recipe, needle):
     """Knobs that used to fail late (after training) or with a traceback: one line, up front."""
@@ -604,3 +608,97 @@ def test_version_names_mptool_and_the_installed_engines():
     first, second = res.output.strip().splitlines()
     assert first.startswith(f"mptool {__version__} (Python ") and __version__ == declared
     assert f"torch {torch.__version__}" in second and f"transformers {transformers.__version__}" in second
+
+
+def test_a_recipe_that_is_not_utf8_text_or_is_a_folder_is_refused(tiny_dir, tmp_path):
+    recipe = tmp_path / "bin.yaml"
+    recipe.write_bytes(bytes(range(128, 256)) * 8)
+    for command in ("shapes", "plan", "eval"):
+        res = run(command, tiny_dir, "--config", recipe)
+        assert res.exit_code == 2 and "is not UTF-8 text; give a YAML recipe file" in res.output, res.output
+    res = run("shapes", tiny_dir, "--config", tmp_path)
+    assert res.exit_code == 2 and "is a folder; give a YAML recipe file" in res.output, res.output
+
+
+def test_plan_refuses_a_batch_it_cannot_split_and_a_gpu_memory_that_is_not_a_number(tiny_dir):
+    res = run("plan", tiny_dir, "--batch-size", "3", "--gpus", "1,2")
+    assert res.exit_code == 2 and "cannot be split evenly over 2 GPUs" in res.output, res.output
+    assert "e.g. 4" in res.output
+    for mem in ("nan", "inf", "0"):
+        res = run("plan", tiny_dir, "--gpu-mem", mem)
+        assert res.exit_code == 2 and "--gpu-mem a finite number of GiB" in " ".join(res.output.split()), res.output
+
+
+def test_eval_limit_below_one_is_refused_before_any_work(tiny_dir, text_file, tmp_path):
+    out = tmp_path / "e.json"
+    res = run("eval", tiny_dir, "--data", text_file, "--limit", "0", "--tasks", "x", "--out", out)
+    assert_clean_failure(res, out, "--limit 0 must be >= 1")
+
+
+@pytest.mark.parametrize("damage, needle", [
+    ("trainer.json", "trainer.json is not the JSON a mptool checkpoint writes"),
+    ("state.safetensors", "state.safetensors is not a readable safetensors file"),
+    ("compress-config.yaml", "compress-config.yaml is not a YAML mapping of compress settings"),
+    ("optimizer.safetensors:gone", "not a complete mptool checkpoint (no optimizer.safetensors)"),
+    ("model", "was written for another model: its zg masks have shape (2, 4), this model's (2, 2)"),
+])
+def test_resume_from_a_damaged_or_foreign_checkpoint_is_one_line(tiny_dir, text_file, tmp_path, monkeypatch,
+                                                                   tokenizer_dir, damage, needle):
+    """Each damage fails in one line, the files are checked before the model loads, and a resume
+    that fails leaves the checkpoint as it was."""
+    import yaml
+
+    from mptool.maskprune import MaskPrune
+
+    original = MaskPrune.step
+
+    def dying_step(self):
+        if self.state.step == 3:
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(MaskPrune, "step", dying_step)
+    out = tmp_path / "killed"
+    assert run("compress", tiny_dir, *maskprune_args(text_file, tmp_path), "--out", out).exit_code != 0
+    monkeypatch.setattr(MaskPrune, "step", original)
+    ckpt = tmp_path / "killed.ckpt"
+    name, _, how = damage.partition(":")
+    if name == "model":  # the recorded model replaced by one with 2 KV heads
+        other = save_tiny("llama", tokenizer_dir, tmp_path / "other", num_key_value_heads=2)
+        saved = yaml.safe_load((ckpt / "compress-config.yaml").read_text())
+        (ckpt / "compress-config.yaml").write_text(yaml.safe_dump({**saved, "model": str(other)}))
+    elif how == "gone":
+        (ckpt / name).unlink()
+    elif name.endswith(".yaml"):
+        (ckpt / name).write_text("- a list\n- not a mapping\n")
+    else:
+        (ckpt / name).write_bytes((ckpt / name).read_bytes()[:7])
+    before = {p.name: p.read_bytes() for p in ckpt.iterdir()}
+    work = sorted(p.name for p in tmp_path.iterdir())
+    res = run("compress", "--resume", ckpt)
+    last = [ln for ln in res.output.strip().splitlines() if ln.strip()][-1]
+    assert res.exit_code == 2 and last.startswith("error:") and needle in last, res.output
+    assert "Traceback" not in res.output
+    assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == work and not out.exists()
+
+
+def test_sigterm_removes_the_half_written_output(tokenizer_dir, tmp_path):
+    """timeout(1), a scheduler or torchrun stop a command with SIGTERM: it unwinds like Ctrl-C and
+    leaves no temporary folder."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    src = save_tiny("llama", tokenizer_dir, tmp_path / "src")
+    out = tmp_path / "onnx"
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "mptool"), "export", str(src), "--target", "onnx",
+                             "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not list(tmp_path.glob(".onnx.tmp-*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the export ended before its temporary folder was seen"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    assert not out.exists() and not list(tmp_path.glob(".onnx.tmp-*"))
