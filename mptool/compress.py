@@ -192,7 +192,10 @@ def model_dims(model: str | None, trust_remote_code: bool = False, config_only: 
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise MptoolError(f"cannot read a model config from {path}: {str(e).splitlines()[0]}") from None
+        from mptool.models import remote_code_hint
+
+        raise MptoolError(f"cannot read a model config from {path}: {str(e).splitlines()[0]}"
+                          f"{remote_code_hint(str(e))}") from None
     return Dims.from_config(config)
 
 

@@ -50,7 +50,14 @@ def _console(console: Any = None) -> Any:
 def _one_line(exc: BaseException) -> str:
     """The first non-empty line of an exception's message, prefixed by its type."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return f"{type(exc).__name__}: {lines[0] if lines else 'no message'}"
+    return f"{type(exc).__name__}: {lines[0] if lines else 'no message'}{remote_code_hint(str(exc))}"
+
+
+def remote_code_hint(message: str) -> str:
+    """What to add to transformers' refusal of a model with custom code: the flag that allows it."""
+    if "custom code" in message or "trust_remote_code" in message:
+        return " (mptool runs a model's own code only with --trust-remote-code; pass it if you trust that code)"
+    return ""
 
 
 def looks_like_path(spec: str) -> bool:

@@ -702,3 +702,20 @@ def test_sigterm_removes_the_half_written_output(tokenizer_dir, tmp_path):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 128 + signal.SIGTERM
     assert not out.exists() and not list(tmp_path.glob(".onnx.tmp-*"))
+
+
+def test_a_model_with_its_own_code_is_refused_naming_the_flag_and_its_code_never_runs(tiny_dir, tmp_path):
+    import shutil
+
+    remote = tmp_path / "remote"
+    shutil.copytree(tiny_dir, remote)
+    marker = tmp_path / "ran"
+    (remote / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n")
+    config = json.loads((remote / "config.json").read_text())
+    config.update(model_type="evilllama", auto_map={"AutoConfig": "evil.EvilConfig",
+                                                    "AutoModelForCausalLM": "evil.EvilModel"})
+    (remote / "config.json").write_text(json.dumps(config))
+    for command in ("shapes", "eval"):
+        res = run(command, remote)
+        assert res.exit_code == 2 and "only with --trust-remote-code" in " ".join(res.output.split()), res.output
+    assert not marker.exists()
