@@ -58,19 +58,32 @@ def parse_model(text: str) -> tuple[str, str | None]:
 
 
 def checks_summary(parity: dict[str, Any]) -> str:
-    """One table cell: each check's max |diff| against its bound, greedy tokens matched."""
+    """One table cell: each check's max |diff| against its bound, greedy tokens matched, and how
+    far the model computed in a lower precision is from the fp32 source (recorded, not bounded)."""
     cells = []
     for name, check in parity.items():
         bits = []
         if "max_abs_diff" in check and "bound" in check:
             bits.append(f"{check['max_abs_diff']:.3g} ≤ {check['bound']:.3g}")
-        if "tokens_matched" in check:
-            total = check["prompts"] * check["new_tokens"]
-            bits.append(f"{check['tokens_matched']}/{total} tokens" + ("" if check.get("identical", True)
-                                                                       else " then a tie"))
+        if "weights" in check:
+            bits.append(f"{check['weights']['identical']}/{check['weights']['tensors']} tensors bit-exact")
+        greedy = check.get("greedy", check)
+        if "tokens_matched" in greedy:
+            total = greedy["prompts"] * greedy["new_tokens"]
+            bits.append(f"{greedy['tokens_matched']}/{total} greedy tokens"
+                        + ("" if greedy.get("identical", True) else " then a tie"))
+        if "in_dtype" in check:
+            drift = check["in_dtype"]
+            bits.append(f"computed in {drift['dtype']}: max diff {drift['max_abs_diff']:.3g} from fp32 "
+                        f"({drift['relative']:.0%} of max logit), top-1 {drift['top1_agreement']:.0%}")
         if bits:
             cells.append(f"{name}: {', '.join(bits)}")
     return "; ".join(cells)
+
+
+def short(error: str, limit: int = 220) -> str:
+    text = error.removeprefix("error: ").replace("|", "/")
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " …"
 
 
 def run_one(model: str | None, spec: dict[str, Any], out: Path) -> dict[str, Any]:
@@ -99,10 +112,10 @@ def markdown(result: dict[str, Any]) -> str:
     for r in result["rows"]:
         if r["ok"]:
             lines.append(f"| {r['model']} | {r['target']} | {r['dtype']} | {r['tp'] or ''} | {r['seconds']:.1f} s | "
-                         f"{r['total_bytes'] / 1e6:.1f} MB | {checks_summary(r['parity'])} |")
+                         f"{r['total_bytes'] / 1e6:.1f} MB | {checks_summary(r['parity']).replace('|', '/')} |")
         else:
             lines.append(f"| {r['model']} | {r['target']} | {r['dtype']} | {r['tp'] or ''} | {r['wall_s']:.1f} s | "
-                         f"refused (exit {r['rc']}) | {r['error'].replace('|', '/')} |")
+                         f"refused (exit {r['rc']}) | {short(r['error'])} |")
     return "\n".join(lines) + "\n"
 
 

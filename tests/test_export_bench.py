@@ -41,6 +41,9 @@ def test_records_each_export_and_each_refusal(tokenizer_dir, tmp_path):
     table = (results / "exports_t.md").read_text().splitlines()
     rows = [ln for ln in table if ln.startswith("| tiny ")]
     assert len(rows) == 2 and "refused (exit 2)" in rows[1] and f"{ok['total_bytes'] / 1e6:.1f} MB" in rows[0]
+    header = next(ln for ln in table if ln.startswith("| model"))
+    assert all(row.count("|") == header.count("|") for row in rows)  # no cell breaks the table
+    assert f"{check['weights']['identical']}/" in rows[0]
 
 
 @pytest.mark.parametrize("args, says", [
