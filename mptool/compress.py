@@ -37,8 +37,9 @@ BEFORE_RECOVERY = "before-recovery.json"
 SPLITS = ("balanced", "kd")
 
 
-def validate(cfg: CompressConfig) -> None:
-    """Checks that need no model: run before anything heavy."""
+def validate(cfg: CompressConfig, resuming: bool = False) -> None:
+    """Checks that need no model: run before anything heavy. ``resuming``: the out is the one the
+    checkpoint records, which only --overwrite can change."""
     problems = []
     if cfg.method not in METHODS:
         problems.append(f"--method {cfg.method!r} is not one of {', '.join(METHODS)}")
@@ -119,7 +120,12 @@ def validate(cfg: CompressConfig) -> None:
     for path in (cfg.data.train, cfg.data.eval):
         if path is not None and looks_like_path(path) and not Path(path).exists():
             problems.append(f"data path {path} does not exist (give a .txt, .jsonl, a folder or a datasets folder)")
-    problems += output_problems(cfg.out, cfg.overwrite, sources=inputs)
+    out_problems = output_problems(cfg.out, cfg.overwrite, sources=inputs)
+    if resuming:  # --out cannot be given with --resume
+        out_problems = [p.replace("pass --overwrite or another --out",
+                                  "pass --overwrite to replace it (the resumed run writes where its checkpoint says)")
+                        for p in out_problems]
+    problems += out_problems
     if problems:
         raise MptoolError("; ".join(problems))
 
@@ -314,7 +320,7 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
     from mptool.data import eval_token_stream, token_blocks
     from mptool.models import load_model
 
-    validate(cfg)
+    validate(cfg, resuming=resume is not None)
     cfg = resolve(cfg)
     D.init_from_env(cfg.device)
     main = D.is_main()

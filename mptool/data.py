@@ -228,7 +228,7 @@ def default_texts(console: Any = None) -> tuple[str, str]:
 def _read_text(path: Path) -> str:
     """A text file's content; undecodable or unreadable files are a one-line user error."""
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")  # a BOM (Windows editors) is not text
     except UnicodeDecodeError as exc:
         raise MptoolError(f"data file {path} is not UTF-8 text (byte {exc.start}); convert it, "
                           "e.g. iconv -f latin1 -t utf-8") from None

@@ -719,3 +719,25 @@ def test_a_model_with_its_own_code_is_refused_naming_the_flag_and_its_code_never
         res = run(command, remote)
         assert res.exit_code == 2 and "only with --trust-remote-code" in " ".join(res.output.split()), res.output
     assert not marker.exists()
+
+
+def test_resume_into_an_occupied_out_names_the_flag_it_accepts(tiny_dir, text_file, tmp_path, monkeypatch):
+    from mptool.maskprune import MaskPrune
+
+    original = MaskPrune.step
+
+    def dying_step(self):
+        if self.state.step == 3:
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(MaskPrune, "step", dying_step)
+    out = tmp_path / "killed"
+    assert run("compress", tiny_dir, *maskprune_args(text_file, tmp_path), "--out", out).exit_code != 0
+    monkeypatch.setattr(MaskPrune, "step", original)
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    res = run("compress", "--resume", tmp_path / "killed.ckpt")
+    text = " ".join(res.output.split())
+    assert res.exit_code == 2 and "pass --overwrite to replace it" in text and "another --out" not in text, res.output
+    assert (out / "notes.txt").read_text() == "mine"

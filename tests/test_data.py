@@ -39,6 +39,16 @@ def test_jsonl_text_field(tmp_path):
     assert load_texts(str(p)) == ["x", "y", "z"]
 
 
+def test_a_byte_order_mark_is_not_part_of_the_text(tmp_path):
+    """Windows editors start UTF-8 files with a BOM; it would break the first JSON line."""
+    p = tmp_path / "d.jsonl"
+    p.write_bytes("\ufeff".encode() + b'{"text": "x"}\n{"text": "y"}\n')
+    assert load_texts(str(p)) == ["x", "y"]
+    t = tmp_path / "t.txt"
+    t.write_bytes("\ufeff".encode() + b"plain")
+    assert load_texts(str(t)) == ["plain"]
+
+
 def test_jsonl_without_text_field(tmp_path):
     p = tmp_path / "d.jsonl"
     p.write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps({"content": "no"}) + "\n")
