@@ -39,8 +39,12 @@ def shapes_table(cfg: ShapesConfig, as_json: bool = False) -> dict[str, Any]:
     from rich.table import Table
 
     result = shapes_rows(cfg)
+    none = (f"no legal target removes ~{cfg.ratio:.0%} of prunable parameters with tp "
+            f"{','.join(map(str, cfg.tp))}; try a smaller --ratio or fewer --tp sizes")
     if as_json:
         print(json.dumps(result, indent=2))
+        if not result["targets"]:
+            raise MptoolError(none)  # the JSON is printed, and the exit status says nothing fits
         return result
     dense = result["dense"]
     table = Table(title=f"legal uniform targets removing ~{cfg.ratio:.0%} of prunable parameters "
@@ -55,7 +59,7 @@ def shapes_table(cfg: ShapesConfig, as_json: bool = False) -> dict[str, Any]:
                       f"{r['total_params']:,}", f"{r['prunable_params']:,}", f"{100 * r['prunable_kept']:.1f}")
     Console(width=140).print(table)
     if not result["targets"]:
-        console.print("no legal target within that budget; try a smaller --ratio or fewer --tp sizes")
+        raise MptoolError(none)
     return result
 
 

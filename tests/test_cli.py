@@ -741,3 +741,12 @@ def test_resume_into_an_occupied_out_names_the_flag_it_accepts(tiny_dir, text_fi
     text = " ".join(res.output.split())
     assert res.exit_code == 2 and "pass --overwrite to replace it" in text and "another --out" not in text, res.output
     assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_shapes_with_no_legal_target_exits_2_after_the_listing(tiny_dir):
+    for extra in ([], ["--json"]):
+        res = run("shapes", tiny_dir, "--ratio", "0.9999", *extra)
+        assert res.exit_code == 2, res.output
+        assert "error: no legal target removes ~100% of prunable parameters with tp 1" in res.output
+    res = run("shapes", tiny_dir, "--ratio", "0.5")
+    assert res.exit_code == 0 and "error" not in res.output
