@@ -269,9 +269,10 @@ def plan(
         raise MptoolError("--batch-size, --seq-len, --lora-r, --dtype-bytes and --gpu-mem must be positive "
                           "(and --gpu-mem a finite number of GiB)")
     if uneven := [n for n in counts if base.batch_size % n]:
+        step = math.lcm(*counts)
         raise MptoolError(f"a global batch of {base.batch_size} sequences cannot be split evenly over "
                           f"{', '.join(map(str, uneven))} GPUs (compress refuses it too); give --batch-size a "
-                          f"multiple of every GPU count, e.g. {math.lcm(*counts) * math.ceil(base.batch_size / math.lcm(*counts))}")
+                          f"multiple of every GPU count, e.g. {step * math.ceil(base.batch_size / step)}")
     print_plan(model, counts, gpu_mem, base, as_json=json_out, ratio=ratio)
 
 

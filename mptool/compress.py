@@ -120,12 +120,9 @@ def validate(cfg: CompressConfig, resuming: bool = False) -> None:
     for path in (cfg.data.train, cfg.data.eval):
         if path is not None and looks_like_path(path) and not Path(path).exists():
             problems.append(f"data path {path} does not exist (give a .txt, .jsonl, a folder or a datasets folder)")
-    out_problems = output_problems(cfg.out, cfg.overwrite, sources=inputs)
-    if resuming:  # --out cannot be given with --resume
-        out_problems = [p.replace("pass --overwrite or another --out",
-                                  "pass --overwrite to replace it (the resumed run writes where its checkpoint says)")
-                        for p in out_problems]
-    problems += out_problems
+    problems += output_problems(cfg.out, cfg.overwrite, sources=inputs,  # --resume refuses --out:
+                                remedy="pass --overwrite to replace it (the resumed run writes where its checkpoint "
+                                       "says)" if resuming else None)
     if problems:
         raise MptoolError("; ".join(problems))
 

@@ -13,12 +13,13 @@ from typing import Iterator
 
 
 def output_problems(out: str | os.PathLike, overwrite: bool, sources: tuple = (), flag: str = "--out",
-                    folder: bool = True) -> list[str]:
+                    folder: bool = True, remedy: str | None = None) -> list[str]:
     """What is wrong with an output path, found before any work (one line each).
 
     ``folder``: ``out`` is a folder written by :func:`atomic_dir` (replaced whole with
     ``overwrite``); else it is a file stem (``<out>.json`` and siblings). ``sources``: input
     paths that the output folder must not be or hold (replacing it would delete them).
+    ``remedy``: what to do about an occupied output folder (default: --overwrite or another ``flag``).
     """
     path = Path(out).expanduser()
     resolved = path.resolve()
@@ -37,7 +38,8 @@ def output_problems(out: str | os.PathLike, overwrite: bool, sources: tuple = ()
     if path.exists() and not path.is_dir():
         problems.append(f"{flag} {out} is a file; give a folder (new, empty, or with --overwrite)")
     elif path.exists() and any(path.iterdir()) and not overwrite:
-        problems.append(f"output folder {out} exists and is not empty; pass --overwrite or another {flag}")
+        problems.append(f"output folder {out} exists and is not empty; "
+                        f"{remedy or f'pass --overwrite or another {flag}'}")
     cwd = Path.cwd().resolve()
     if resolved == cwd or resolved in cwd.parents:
         problems.append(f"{flag} {out} holds the current directory; give a folder of its own")

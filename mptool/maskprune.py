@@ -713,9 +713,10 @@ class MaskPrune:
             D.load_full_state(self.model, self.opt, {k[5:]: v for k, v in data.items() if k.startswith("lora.")},
                               {"state": state, "param_groups": meta["optimizer"]["param_groups"]})
         except (RuntimeError, KeyError, ValueError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            from mptool.models import _one_line
+
             raise MptoolError(f"checkpoint {folder} does not fit this model's LoRA adapters and optimiser "
-                              f"({first}); resume it with the model and recipe it was made with") from None
+                              f"({_one_line(e)}); resume it with the model and recipe it was made with") from None
         random.setstate(_tuple_rng(meta["rng"]["python"]))
         torch.set_rng_state(torch.tensor(meta["rng"]["torch"], dtype=torch.uint8))
 
@@ -868,6 +869,8 @@ def check_checkpoint(folder: Path) -> dict[str, Any]:
     import yaml
     from safetensors import safe_open
 
+    from mptool.models import _one_line
+
     hint = "give the <out>.ckpt folder of an interrupted run, as it was written"
     if not folder.is_dir():
         raise MptoolError(f"--resume {folder} is not a folder; {hint}")
@@ -892,7 +895,7 @@ def check_checkpoint(folder: Path) -> dict[str, Any]:
                 keys = list(f.keys())
         except Exception as e:  # safetensors raises its own error types for a bad header
             raise MptoolError(f"--resume {folder}: {name} is not a readable safetensors file "
-                              f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); {hint}") from None
+                              f"({_one_line(e)}); {hint}") from None
         if name == "state.safetensors" and not any(k.startswith("mask.") for k in keys):
             raise MptoolError(f"--resume {folder}: state.safetensors holds no masks; {hint}")
     return config

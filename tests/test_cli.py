@@ -118,6 +118,23 @@ def maskprune_args(text_file: Path, tmp_path: Path, rec_steps: int = 2) -> list[
     return [*small(text_file)[:-2], "--ratio", "0.5", "--ffn-multiple", "32", "--config", str(recipe)]
 
 
+def killed_run(tiny_dir: Path, args: list[str], out: Path, monkeypatch, dies_at: int = 3):
+    """``mptool compress`` killed (KeyboardInterrupt) when mask learning reaches step ``dies_at``;
+    returns the CLI result. Its checkpoint is ``<out>.ckpt``."""
+    from mptool.maskprune import MaskPrune
+
+    original = MaskPrune.step
+
+    def dying_step(self):
+        if self.state.step == dies_at:
+            raise KeyboardInterrupt  # a kill between checkpoints
+        return original(self)
+
+    with monkeypatch.context() as m:
+        m.setattr(MaskPrune, "step", dying_step)
+        return run("compress", tiny_dir, *args, "--out", out)
+
+
 def test_maskprune_select_wanda_sp_keeps_the_shape_and_cuts_the_dense_weights(tiny_dir, text_file, tmp_path):
     """select: wanda-sp = MaskPrune's learned shape, cut from the dense weights by wanda-sp: the
     same checkpoint, tensor for tensor, as the one-shot method at that shape."""
@@ -247,27 +264,16 @@ def test_killed_run_resumes_to_the_same_result(tiny_dir, text_file, tmp_path, mo
     import yaml
     from safetensors.torch import load_file
 
-    from mptool.maskprune import MaskPrune
-
     full = tmp_path / "full"
     args = maskprune_args(text_file, tmp_path, rec_steps=3) + (["--data-order", "sequential"] if legacy else [])
     assert run("compress", tiny_dir, *args, "--out", full).exit_code == 0
 
-    original = MaskPrune.step
-
-    def dying_step(self):
-        if self.state.step == dies_at:
-            raise KeyboardInterrupt  # a kill between checkpoints (saved every 2 steps)
-        return original(self)
-
     out = tmp_path / "killed"
-    monkeypatch.setattr(MaskPrune, "step", dying_step)
-    res = run("compress", tiny_dir, *args, "--out", out)
+    res = killed_run(tiny_dir, args, out, monkeypatch, dies_at)  # checkpoints every 2 steps
     assert res.exit_code != 0 and not out.exists()
     ckpt = tmp_path / "killed.ckpt"
     state = json.loads((ckpt / "trainer.json").read_text())["state"]
     assert state["step"] == dies_at // 2 * 2 and state["frozen_at"] == (8 if dies_at > 8 else None)
-    monkeypatch.setattr(MaskPrune, "step", original)
     if legacy:
         saved = yaml.safe_load((ckpt / "compress-config.yaml").read_text())
         assert saved["data"].pop("order") == "sequential"
@@ -648,19 +654,8 @@ def test_resume_from_a_damaged_or_foreign_checkpoint_is_one_line(tiny_dir, text_
     that fails leaves the checkpoint as it was."""
     import yaml
 
-    from mptool.maskprune import MaskPrune
-
-    original = MaskPrune.step
-
-    def dying_step(self):
-        if self.state.step == 3:
-            raise KeyboardInterrupt
-        return original(self)
-
-    monkeypatch.setattr(MaskPrune, "step", dying_step)
     out = tmp_path / "killed"
-    assert run("compress", tiny_dir, *maskprune_args(text_file, tmp_path), "--out", out).exit_code != 0
-    monkeypatch.setattr(MaskPrune, "step", original)
+    assert killed_run(tiny_dir, maskprune_args(text_file, tmp_path), out, monkeypatch).exit_code != 0
     ckpt = tmp_path / "killed.ckpt"
     name, _, how = damage.partition(":")
     if name == "model":  # the recorded model replaced by one with 2 KV heads
@@ -722,19 +717,8 @@ def test_a_model_with_its_own_code_is_refused_naming_the_flag_and_its_code_never
 
 
 def test_resume_into_an_occupied_out_names_the_flag_it_accepts(tiny_dir, text_file, tmp_path, monkeypatch):
-    from mptool.maskprune import MaskPrune
-
-    original = MaskPrune.step
-
-    def dying_step(self):
-        if self.state.step == 3:
-            raise KeyboardInterrupt
-        return original(self)
-
-    monkeypatch.setattr(MaskPrune, "step", dying_step)
     out = tmp_path / "killed"
-    assert run("compress", tiny_dir, *maskprune_args(text_file, tmp_path), "--out", out).exit_code != 0
-    monkeypatch.setattr(MaskPrune, "step", original)
+    assert killed_run(tiny_dir, maskprune_args(text_file, tmp_path), out, monkeypatch).exit_code != 0
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     res = run("compress", "--resume", tmp_path / "killed.ckpt")
