@@ -202,6 +202,16 @@ def model_dims(model: str | None, trust_remote_code: bool = False, config_only: 
     return Dims.from_config(config)
 
 
+def context_check(cfg: CompressConfig, context: int | None) -> None:
+    """Training blocks and evaluation windows must fit the positions the model was built for."""
+    problems = cfg.ppl.context_problems(context)
+    if context and cfg.data.seq_len > context:
+        problems.insert(0, f"data.seq_len (--seq-len) {cfg.data.seq_len} is longer than the model's "
+                           f"context (max_position_embeddings {context}): give --seq-len {context} or less")
+    if problems:
+        raise MptoolError("; ".join(problems))
+
+
 def resolve_target(cfg: CompressConfig, d: Dims) -> Target:
     """The uniform target: explicit (validated against the engine rules) or from the ratio."""
     if cfg.target.is_set():
@@ -335,7 +345,9 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
     started = time.perf_counter()
     texts, eval_text, eval_name = load_texts_for(cfg.data)
     overlap = held_out_overlap(cfg.data)
-    fixed, budget = plan_target(cfg, model_dims(cfg.model, cfg.trust_remote_code))
+    dims = model_dims(cfg.model, cfg.trust_remote_code)
+    context_check(cfg, dims.context)
+    fixed, budget = plan_target(cfg, dims)
     with console.status("loading model"):
         model, tokenizer = load_model(cfg.model, dtype=weights_dtype, trust_remote_code=cfg.trust_remote_code)
     if not sharded:
@@ -346,7 +358,7 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
                   f"{'learned' if cfg.method == 'maskprune' else 'KD-chosen'} target within "
                   f"{budget:,.0f} prunable parameters"))
     eval_ids = eval_token_stream(tokenizer, eval_text, cfg.ppl.max_tokens)
-    protocol = cfg.ppl.protocol(eval_name)
+    protocol = cfg.ppl.protocol(eval_name, d.context)
     # one cut of the training text: calibration is its first blocks (in either order the first k
     # blocks of a shorter cut are those of a longer one), training the first ``train_blocks``
     mask_cfg, rec_cfg = cfg.maskprune, cfg.recovery

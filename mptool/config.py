@@ -63,27 +63,48 @@ class DataConfig:
 class PplConfig:
     """The perplexity protocol (see mptool.evaluate.PplProtocol)."""
 
-    window: int = 1024
+    window: int | None = None
+    """Tokens per forward pass; None: 1024, or the model's context (max_position_embeddings)
+    when that is shorter."""
     stride: int | None = None
     """Tokens the window advances; None: the window (non-overlapping windows)."""
     max_tokens: int = 16384
 
-    def protocol(self, text: str) -> Any:
-        """The :class:`mptool.evaluate.PplProtocol` these settings declare for ``text``."""
+    DEFAULT_WINDOW = 1024
+
+    def protocol(self, text: str, context: int | None = None) -> Any:
+        """The :class:`mptool.evaluate.PplProtocol` these settings declare for ``text`` on a model
+        whose context is ``context`` tokens."""
         from mptool.evaluate import PplProtocol
 
-        return PplProtocol(self.window, self.stride or self.window, self.max_tokens, text)
+        window = self.window or min(self.DEFAULT_WINDOW, context or self.DEFAULT_WINDOW)
+        return PplProtocol(window, self.stride or window, self.max_tokens, text)
 
     def problems(self) -> list[str]:
         """What is wrong with these settings (one line each)."""
         out = []
-        if self.window < 2:
+        if self.window is not None and self.window < 2:
             out.append(f"ppl.window (--window) {self.window} must be >= 2")
-        elif self.stride is not None and not 1 <= self.stride <= self.window:
-            out.append(f"ppl.stride (--stride) {self.stride} must be in [1, window {self.window}]")
+        elif self.stride is not None and not 1 <= self.stride <= (self.window or self.DEFAULT_WINDOW):
+            out.append(f"ppl.stride (--stride) {self.stride} must be in "
+                       f"[1, window {self.window or self.DEFAULT_WINDOW}]")
         if self.max_tokens < 2:
             out.append(f"ppl.max_tokens (--eval-tokens) {self.max_tokens} must be >= 2")
         return out
+
+    def context_problems(self, context: int | None) -> list[str]:
+        """An explicit window longer than the model's context: RoPE past the positions a model was
+        built for gives a perplexity that measures extrapolation, not the model."""
+        if not context:
+            return []
+        if self.window is not None and self.window > context:
+            return [f"ppl.window (--window) {self.window} is longer than the model's context "
+                    f"(max_position_embeddings {context}): give --window {context} or less"]
+        window = self.protocol("", context).window
+        if self.stride is not None and self.stride > window:
+            return [f"ppl.stride (--stride) {self.stride} is longer than the window, {window} tokens "
+                    f"on this model (its context): give --stride {window} or less"]
+        return []
 
 
 def _maskprune_config():

@@ -92,9 +92,12 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     text, name = eval_text_for(cfg.data)
     with console.status("loading model"):
         model, tokenizer = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    context = getattr(model.config, "max_position_embeddings", None)
+    if problems := cfg.ppl.context_problems(context):
+        raise MptoolError("; ".join(problems))
     ids = eval_token_stream(tokenizer, text, cfg.ppl.max_tokens)
     result: dict[str, Any] = {"model": str(path),
-                              "perplexity": measure_ppl(model, ids, cfg.ppl.protocol(name), "eval")}
+                              "perplexity": measure_ppl(model, ids, cfg.ppl.protocol(name, context), "eval")}
     if cfg.tasks:
         with console.status(f"lm-eval: {', '.join(cfg.tasks)}"):
             result["tasks"] = run_tasks(path, resolved, cfg.limit)

@@ -35,6 +35,8 @@ class Dims:
     o_bias: bool
     mlp_bias: bool
     qk_norm: bool
+    context: int | None = None
+    """max_position_embeddings: the longest sequence the model was built for (None: not declared)."""
 
     @classmethod
     def from_config(cls, config: Any) -> "Dims":
@@ -57,6 +59,7 @@ class Dims:
             o_bias=attention_bias and not adapter.qkv_bias,
             mlp_bias=bool(getattr(config, "mlp_bias", False)),
             qk_norm=adapter.qk_norm,
+            context=getattr(config, "max_position_embeddings", None),
         )
 
     @property

@@ -326,6 +326,25 @@ def test_eval_stride_defaults_to_the_window_and_bad_protocols_fail_first(tiny_di
         assert res.exit_code == 2 and needle in res.output, res.output
 
 
+def test_windows_and_blocks_longer_than_the_context_are_refused(tiny_dir, text_file, tmp_path):
+    """The tiny model declares 256 positions: the default window shrinks to it, an explicit longer
+    --window, --stride or --seq-len is refused before any training, naming the limit."""
+    out = tmp_path / "eval.json"
+    res = run("eval", tiny_dir, "--data", text_file, "--eval-tokens", "600", "--out", out)
+    assert res.exit_code == 0, res.output
+    p = json.loads(out.read_text())["perplexity"]
+    assert p["protocol"]["window"] == p["protocol"]["stride"] == 256 and p["tokens"] == 600 - 3
+    for args, needle in ((["--window", "512"], "(--window) 512 is longer than the model's context "
+                          "(max_position_embeddings 256): give --window 256 or less"),
+                         (["--stride", "300"], "give --stride 256 or less")):
+        res = run("eval", tiny_dir, "--data", text_file, "--eval-tokens", "600", *args, "--out", out)
+        assert res.exit_code == 2 and needle in res.output, res.output
+    comp = tmp_path / "c"
+    res = run("compress", tiny_dir, "--method", "magnitude", "--ratio", "0.5", *small(text_file),
+              "--seq-len", "512", "--calib-tokens", "1024", "--out", comp)
+    assert_clean_failure(res, comp, "(--seq-len) 512 is longer than the model's context", "256 or less")
+
+
 def test_plan_and_shapes_name_their_own_bad_flags(tiny_dir, tmp_path):
     res = run("plan", tiny_dir, "--gpus", "1,x")
     assert res.exit_code == 2 and "--gpus '1,x' must be comma-separated integers" in res.output, res.output
@@ -354,6 +373,24 @@ def assert_clean_failure(res, out: Path, *needles: str) -> None:
         assert needle in lines[0], lines[0]
     assert not out.exists()
     assert not list(out.parent.glob(f".{out.name}.tmp-*"))
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["compress", "--ratio", "abc"], "Invalid value for '--ratio'"),
+    (["compress", "--no-such-flag"], "No such option: --no-such-flag"),
+    (["bogus"], "No such command 'bogus'"),
+    (["export", "--target"], "'--target' requires an argument"),
+])
+def test_usage_errors_are_one_line_too(args, needle, tmp_path):
+    """Typer's multi-line error panel becomes the same one line as mptool's own errors."""
+    res = run(*args)
+    assert_clean_failure(res, tmp_path / "none", needle, "--help')")
+
+
+def test_a_bare_mptool_still_prints_the_whole_help():
+    res = run()
+    assert res.exit_code == 2
+    assert "compress" in res.output and "shapes" in res.output and len(res.output.splitlines()) > 5
 
 
 def test_weights_that_do_not_match_the_config_are_refused(tiny_dir, text_file, tmp_path):
