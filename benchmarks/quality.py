@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from mptool import distributed as D
-from mptool.baselines import METHODS, calibrate, score, select
+from mptool.baselines import METHODS, calibrate, massive_channels, score, select
 from mptool.compress import param_count, peak_rss_mb
 from mptool.config import DataConfig
 from mptool.data import DATA_ORDERS, default_texts, eval_token_stream, token_blocks
@@ -73,6 +73,7 @@ class Bench:
         with step("calibrate", total=len(self.calib)) as adv:
             o, dd = calibrate(self.model, self.calib, progress=adv)
         self.scores = {m: score(self.model, m, o, dd) for m in METHODS}
+        self.d_stats = dd
         self.rows: list[dict[str, Any]] = []
         self.dense_ppl = self.ppl(self.model, "dense")
         self.add("dense", 0.0, self.d.dense_target(), self.dense_ppl, tokens=0, seconds=0.0)
@@ -142,8 +143,9 @@ class Bench:
                               checkpoint_every=0, **kw)
         rec = self.rec_cfg(rec_tokens, **(rec_kw or {})) if rec_tokens else None
         budget = (1 - ratio) * prunable_params(self.d, self.d.dense_target())
+        protected = massive_channels(self.model, self.d_stats, cfg.protect)  # as compress does
         trainer = MaskPrune(model, self.blocks, cfg, budget=budget, init_scores=self.scores.get(scores or cfg.init),
-                            device=self.dev, seed=seed)
+                            device=self.dev, seed=seed, protected=protected)
         continued = rec is not None and rec.adapter == "continue"
         if continued:
             trainer.continue_with(rec)

@@ -105,6 +105,37 @@ def score(model: Any, method: str, o_stats: list[InputStats] | None = None,
     return Scores(torch.stack(heads).float(), torch.stack(groups).float(), torch.stack(ffn).float())
 
 
+@torch.no_grad()
+def massive_channels(model: Any, d_stats: list[InputStats], factor: float) -> torch.Tensor:
+    """``[layers, intermediate]`` bool: the FFN channels that write massive values into the
+    residual stream, to be kept whatever the method's ranking.
+
+    A channel's largest write is ``max_t |x_c(t)| * max_j |W_down[j, c]|`` over the calibration
+    tokens (exact: the two factors are independent). A handful of channels write thousands of
+    times their layer's median: those that create a model's massive activations (Sun et al.,
+    2024) and those in a late layer that cancel them again. A ranking summed over tokens, or a
+    KD gradient through the final norm, can drop a canceller (MaskPrune did, in SmolLM2's layer
+    28 at 20%): the residual entering the final norm then stays thousands of times too large,
+    which costs accuracy and overflows fp16 engines. ``factor`` 0: none.
+    """
+    d = Dims.from_config(model.config)
+    out = torch.zeros(d.num_layers, d.intermediate_size, dtype=torch.bool)
+    if factor <= 0:
+        return out
+    for i, (*_, wd) in enumerate(_layer_weights(model)):
+        write = d_stats[i].amax.to(wd.device) * wd.detach().abs().double().amax(0)
+        out[i] = (write > factor * write.median()).cpu()
+    return out
+
+
+def protect(scores: Scores, protected: torch.Tensor | None) -> Scores:
+    """The same scores with the protected FFN channels ranked first in every layer."""
+    if protected is None or not protected.any():
+        return scores
+    return Scores(scores.heads, scores.groups,
+                  scores.ffn.masked_fill(protected.to(scores.ffn.device), float("inf")))
+
+
 def select(scores: Scores, t: Target) -> list[LayerKeep]:
     """Keep the top units of each layer: the same counts everywhere (uniform by construction)."""
     gmask, hmask = group_topk(scores.groups, scores.heads, t.kv_heads, t.heads_per_group)

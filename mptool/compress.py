@@ -136,7 +136,7 @@ _RANGES = (
     ("maskprune", "lm_weight", "[0, inf)"), ("maskprune", "rho", "[0, inf)"),
     ("maskprune", "fixed_multiplier", "[0, inf)"), ("maskprune", "lr_target", "[0, inf)"),
     ("maskprune", "warmup_frac", "[0, 1]"), ("maskprune", "hard_frac", "[0, 1]"),
-    ("maskprune", "checkpoint_every", "[0, inf)"), ("maskprune", "kd_chunk", "[1, inf)"),
+    ("maskprune", "checkpoint_every", "[0, inf)"), ("maskprune", "protect", "[0, inf)"), ("maskprune", "kd_chunk", "[1, inf)"),
     ("recovery", "lr", "(0, inf)"), ("recovery", "lora_r", "[1, inf)"),
     ("recovery", "lora_alpha", "(0, inf)"), ("recovery", "temperature", "(0, inf)"),
     ("recovery", "lm_weight", "[0, inf)"), ("recovery", "cache_topk", "[1, inf)"),
@@ -273,16 +273,28 @@ def measure_ppl(model: Any, ids: torch.Tensor, protocol: PplProtocol, label: str
         return perplexity(model, ids, protocol, progress=advance)
 
 
-def one_shot_scores(model: Any, methods: tuple[str, ...], blocks: torch.Tensor) -> dict[str, Any]:
+def one_shot_scores(model: Any, methods: tuple[str, ...], blocks: torch.Tensor,
+                    protect: float = 0.0) -> tuple[dict[str, Any], torch.Tensor | None]:
     """Unit scores of one-shot methods, from one calibration pass where the model's weights are
-    (none when only magnitude is asked for)."""
-    from mptool.baselines import calibrate, score
+    (none when only magnitude is asked for and nothing is protected), and the FFN channels that
+    ``protect`` keeps (:func:`mptool.baselines.massive_channels`; None with ``protect`` 0)."""
+    from mptool.baselines import calibrate, massive_channels, score
 
     o_stats = d_stats = None
-    if any(m != "magnitude" for m in methods):
+    if protect > 0 or any(m != "magnitude" for m in methods):
         with step(f"calibrate ({len(blocks)} x {blocks.shape[1]} tokens)", total=len(blocks)) as advance:
             o_stats, d_stats = calibrate(model, blocks, progress=advance)
-    return {m: score(model, m, o_stats, d_stats) for m in dict.fromkeys(methods)}
+    protected = massive_channels(model, d_stats, protect) if protect > 0 else None
+    return {m: score(model, m, o_stats, d_stats) for m in dict.fromkeys(methods)}, protected
+
+
+def protected_report(protected: torch.Tensor | None) -> dict[str, list[int]]:
+    """The protected FFN channels of each layer that has any, for the report."""
+    if protected is None:
+        return {}
+    from mptool.masks import mask_indices
+
+    return {str(layer): mask_indices(row.float()) for layer, row in enumerate(protected) if row.any()}
 
 
 def param_count(model: Any) -> int:
@@ -393,10 +405,16 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
             from mptool.maskprune import MaskPrune
 
             # the dense model's scores for the initialisation and a one-shot selection, one calibration
-            scored = one_shot_scores(model, tuple(m for m in (mask_cfg.init, mask_cfg.select) if m in ONE_SHOT), calib)
+            scored, protected = one_shot_scores(model, tuple(m for m in (mask_cfg.init, mask_cfg.select)
+                                                              if m in ONE_SHOT), calib, mask_cfg.protect)
+            if protected is not None and protected.any():
+                extra["protected_ffn"] = protected_report(protected)
+                if main:
+                    console.print(f"protected {int(protected.sum())} FFN channels that write massive activations "
+                                  f"(layers {', '.join(extra['protected_ffn'])})")
             trainer = MaskPrune(model, blocks, mask_cfg, target=fixed, budget=budget, tp=tuple(cfg.tp),
                                 ffn_multiple=cfg.ffn_multiple, init_scores=scored.get(mask_cfg.init), seed=cfg.seed,
-                                sharding=cfg.sharding, device=dev)
+                                sharding=cfg.sharding, device=dev, protected=protected)
             if continued:
                 trainer.continue_with(rec_cfg)
             trainer.extra_files = {"compress-config.yaml": yaml.safe_dump(to_dict(cfg), sort_keys=False)}
@@ -429,11 +447,11 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
                     trainer.run_recovery(metrics, ckpt, progress=advance)
                 timings["recovery_s"] = round(time.perf_counter() - t1, 1)
             if mask_cfg.select != "learned":  # MaskPrune's shape only: the dense weights cut by a one-shot score
-                from mptool.baselines import select
+                from mptool.baselines import protect, select
 
                 shape = trainer.keeps()[0].target()
                 model = load_dense()  # the trainer's model carries LoRA; this one is also recovery's teacher
-                keeps = select(scored[mask_cfg.select], shape)
+                keeps = select(protect(scored[mask_cfg.select], protected), shape)
                 pruned = materialize(model.cpu(), keeps)
             else:
                 pruned, keeps = trainer.finish(reload=load_dense)
@@ -460,7 +478,7 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
         else:
             from mptool.baselines import select
 
-            scores = one_shot_scores(model, (cfg.method,), calib)[cfg.method]
+            scores = one_shot_scores(model, (cfg.method,), calib)[0][cfg.method]
             if fixed is None:  # --split kd
                 from mptool.baselines import kd_split
                 from mptool.shapes import candidates

@@ -92,12 +92,15 @@ class InputStats:
     n: int = 0
     sum: torch.Tensor | None = None
     sumsq: torch.Tensor | None = None
+    amax: torch.Tensor | None = None
+    """Per-column largest |input| over all tokens seen."""
 
     def update(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).double()
-        s, q = x.sum(0), (x * x).sum(0)
+        s, q, m = x.sum(0), (x * x).sum(0), x.abs().amax(0)
         self.sum = s if self.sum is None else self.sum + s
         self.sumsq = q if self.sumsq is None else self.sumsq + q
+        self.amax = m if self.amax is None else torch.maximum(self.amax, m)
         self.n += x.shape[0]
 
     @property

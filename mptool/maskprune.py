@@ -128,6 +128,11 @@ class MaskPruneConfig:
     decides the shape only; the units are that score's ranking of the dense weights at that shape,
     LoRA dropped; recovery then starts from there). At the CPU budget a one-shot ranking measured
     better (docs/maskprune.md)."""
+    protect: float = 100.0
+    """FFN channels whose largest write into the residual stream on the calibration text exceeds
+    this multiple of their layer's median are always kept (the few that create and cancel
+    massive activations, :func:`mptool.baselines.massive_channels`); 0: none. At 20% on SmolLM2
+    the learned masks otherwise dropped layer 28's canceller (docs/maskprune.md)."""
     checkpoint_every: int = 20
     """Save a resumable checkpoint every N steps (0: never)."""
     kd_distill: bool = True
@@ -259,9 +264,11 @@ class MaskPrune:
                  target: Target | None = None, budget: float | None = None,
                  tp: tuple[int, ...] = (1,), ffn_multiple: int = 64,
                  init_scores: Any = None, seed: int = 0, sharding: str = "ddp",
-                 device: torch.device | None = None) -> None:
+                 device: torch.device | None = None, protected: torch.Tensor | None = None) -> None:
         """Wrap ``model`` with LoRA and mask hooks.
 
+        ``protected``: ``[layers, intermediate]`` bool, FFN channels kept whatever their mask
+        (their mask stays 1 and they rank first in every top-k).
         Under ``sharding="fsdp"`` with several processes the LoRA model is sharded with FSDP2
         (weights may still be on the CPU: FSDP moves each shard to this process's device);
         otherwise it runs on the device its weights are on.
@@ -296,6 +303,9 @@ class MaskPrune:
                           M.init_from_scores(init_scores.ffn).cpu())
         else:
             zg, zh, zf = torch.ones(L, G), torch.ones(L, G, R), torch.ones(L, I)
+        self.protected = (torch.zeros(L, I, dtype=torch.bool) if protected is None
+                          else protected.to(device="cpu", dtype=torch.bool))
+        zf = zf.masked_fill(self.protected, 1.0)
         final = target or d.dense_target()
         self.state = MaskState(zg=zg.clone(), zh=zh.clone(), zf=zf.clone(), yg=torch.zeros(L),
                                yh=torch.zeros(L, G), yf=torch.zeros(L),
@@ -377,7 +387,7 @@ class MaskPrune:
         if self._hard():
             kv, hpg, ffn = self.hard_counts()
             gmask, hmask = M.group_topk(zg.detach(), zh.detach(), kv, hpg)
-            fmask = M.topk_mask(zf.detach(), ffn)
+            fmask = self._ffn_topk(zf.detach(), ffn)
             st_fn = M.straight_through_binary if self.cfg.forward == "binary" else M.straight_through
             g = st_fn(zg, gmask)
             h = st_fn(zh, (hmask > 0).float())
@@ -390,6 +400,10 @@ class MaskPrune:
             g, h, f = zg, zh, zf
             self._churn, self._prev_hard = {"churn_heads": 0.0, "churn_ffn": 0.0}, None
         self._set_masks(g, h, f)
+
+    def _ffn_topk(self, zf: torch.Tensor, k: int) -> torch.Tensor:
+        """Top-k FFN channels of each layer by mask value, protected channels first."""
+        return M.topk_mask(zf + 2.0 * self.protected.to(zf.dtype), k)
 
     def _set_masks(self, g: torch.Tensor, h: torch.Tensor, f: torch.Tensor) -> None:
         d = self.d
@@ -486,7 +500,7 @@ class MaskPrune:
             y = self._multipliers()
             st.zg = M.proximal_step(pg, lr, y["g"].unsqueeze(-1))
             st.zh = M.proximal_step(ph, lr, y["h"].unsqueeze(-1))
-            st.zf = M.proximal_step(pf, lr, y["f"].unsqueeze(-1))
+            st.zf = M.proximal_step(pf, lr, y["f"].unsqueeze(-1)).masked_fill(self.protected, 1.0)
             vg, vh, vf = (M.violation(st.zg, s_kv), M.violation(st.zh, s_h), M.violation(st.zf, s_f))
             if cfg.fixed_multiplier is None and cfg.dual == "ascent":
                 st.yg = M.dual_update(st.yg, vg, cfg.rho)
@@ -607,7 +621,7 @@ class MaskPrune:
         """Binarise: per layer, the top units by mask value, exactly the target everywhere."""
         kv, hpg, ffn = self.final_target_counts()
         gmask, hmask = M.group_topk(self.state.zg, self.state.zh, kv, hpg)
-        fmask = M.topk_mask(self.state.zf, ffn)
+        fmask = self._ffn_topk(self.state.zf, ffn)
         out = []
         for layer in range(self.d.num_layers):
             groups = M.mask_indices(gmask[layer])
@@ -813,7 +827,7 @@ class MaskPrune:
         """Forward masks that keep the top units at these counts (at their mask value if ``scaled``)."""
         st = self.state
         gmask, hmask = M.group_topk(st.zg, st.zh, kv, hpg)
-        fmask = M.topk_mask(st.zf, ffn)
+        fmask = self._ffn_topk(st.zf, ffn)
         if scaled:
             self._set_masks(gmask * st.zg, (hmask > 0).float() * st.zh, fmask * st.zf)
         else:

@@ -97,3 +97,13 @@ def text_file(tmp_path) -> Path:
     p = tmp_path / "corpus.txt"
     p.write_text(SAMPLE_TEXT * 40)
     return p
+
+
+def plant_massive_channel(model, layer: int, channel: int, scale: float = 1e4) -> None:
+    """Make one FFN channel write ``scale`` times more into the residual stream."""
+    from mptool.families import get_adapter
+
+    a = get_adapter(model.config)
+    down = getattr(a.ffn(a.decoder_layers(model)[layer]), a.down)
+    with torch.no_grad():
+        down.weight[:, channel] *= scale

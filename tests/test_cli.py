@@ -9,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import tiny_model
+from conftest import plant_massive_channel, tiny_model
 from mptool.cli import app
 
 runner = CliRunner()
@@ -589,6 +589,30 @@ def test_the_documented_recipe_is_the_defaults():
     path = Path(__file__).parent.parent / "recipes" / "maskprune.yaml"
     assert yaml.safe_load(path.read_text()) == to_dict(CompressConfig())
     assert load_config(CompressConfig, path) == CompressConfig()
+
+
+def test_compress_keeps_a_channel_that_writes_massive_activations(tokenizer_dir, text_file, tmp_path):
+    """A channel planted to write 1e4 x more than its neighbours is found on the calibration text,
+    named in the report and kept in the checkpoint; maskprune.protect 0 turns that off."""
+    from transformers import AutoTokenizer
+
+    model = tiny_model("llama")
+    plant_massive_channel(model, 1, 37)
+    src = tmp_path / "massive"
+    model.save_pretrained(src)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(src)
+    out = tmp_path / "o"
+    res = run("compress", src, "--ratio", "0.5", "--max-steps", "3", *small(text_file), "--ffn-multiple", "32",
+              "--out", out)
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["protected_ffn"] == {"1": [37]}
+    assert 37 in json.loads((out / "keeps.json").read_text())[1]["ffn"]
+    (tmp_path / "off.yaml").write_text("maskprune:\n  protect: 0\n")
+    res = run("compress", src, "--config", tmp_path / "off.yaml", "--ratio", "0.5", "--max-steps", "3",
+              *small(text_file), "--ffn-multiple", "32", "--out", tmp_path / "off")
+    assert res.exit_code == 0, res.output
+    assert "protected_ffn" not in json.loads((tmp_path / "off" / "report.json").read_text())
 
 
 def test_bf16_weights_give_a_bf16_uniform_checkpoint(tiny_dir, text_file, tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import FAMILIES, tiny_model
+from conftest import FAMILIES, plant_massive_channel, tiny_model
 from mptool.maskprune import MaskPrune, MaskPruneConfig
 from mptool.shapes import Dims, Target, check, prunable_params, total_params
 
@@ -304,3 +304,50 @@ def test_a_non_finite_loss_stops_the_run_before_anything_is_updated(monkeypatch)
     assert all(torch.equal(v, getattr(mp.state, k)) for k, v in masks.items())
     assert all(torch.equal(v, _lora(mp)[n]) for n, v in lora.items())
     assert mp.state.step == 1
+
+
+def test_massive_channels_finds_exactly_the_planted_one():
+    """The largest write of a channel, max_t |x_c| * max_j |W_down[j, c]|, against its layer's
+    median: a channel scaled 1e4 stands out, nothing else does, and factor 0 protects nothing."""
+    from mptool.baselines import calibrate, massive_channels
+
+    model = tiny_model("llama")
+    d = Dims.from_config(model.config)
+    plant_massive_channel(model, 1, 37)
+    _, d_stats = calibrate(model, blocks(d.vocab_size))
+    assert d_stats[1].amax.shape == (d.intermediate_size,)
+    found = massive_channels(model, d_stats, 100.0)
+    assert found.shape == (d.num_layers, d.intermediate_size)
+    assert torch.nonzero(found).tolist() == [[1, 37]]
+    assert not massive_channels(model, d_stats, 0.0).any()
+
+
+@pytest.mark.parametrize("forward", ["binary", "scaled"])
+def test_protected_channels_are_kept_at_full_scale_whatever_their_mask(forward):
+    """A protected channel's mask is pinned at 1 through the proximal steps, it ranks first in
+    every top-k (even at the lowest initial score), and the finished model still equals the
+    masked one."""
+    from mptool.baselines import Scores
+
+    model = tiny_model("llama")
+    d = Dims.from_config(model.config)
+    L, I = d.num_layers, d.intermediate_size
+    ffn = torch.arange(I, dtype=torch.float32).repeat(L, 1)  # channel 0 ranks last in every layer
+    scores = Scores(torch.ones(L, d.num_kv_heads, d.heads_per_group), torch.ones(L, d.num_kv_heads), ffn)
+    protected = torch.zeros(L, I, dtype=torch.bool)
+    protected[:, 0] = True
+    protected[1, 5] = True
+    mp = MaskPrune(model, blocks(d.vocab_size), cfg(steps=6, init="wanda-sp", forward=forward, lr_mask=0.3),
+                   target=Target(d.num_kv_heads, d.heads_per_group, I // 4), ffn_multiple=16,
+                   init_scores=scores, protected=protected)
+    mp.run()
+    assert bool((mp.state.zf[protected] == 1.0).all())
+    sliced, keeps, rel = finish_against_masked(mp, blocks(d.vocab_size, 2, 9))
+    assert rel <= 1e-5
+    assert all(0 in k.ffn and len(k.ffn) == I // 4 for k in keeps)
+    assert 5 in keeps[1].ffn
+    unprotected = MaskPrune(tiny_model("llama"), blocks(d.vocab_size), cfg(steps=6, init="wanda-sp"),
+                            target=Target(d.num_kv_heads, d.heads_per_group, I // 4), ffn_multiple=16,
+                            init_scores=scores)
+    unprotected.run()
+    assert not any(0 in k.ffn for k in unprotected.keeps())  # the ranking alone would drop it
