@@ -403,7 +403,7 @@ class MaskPrune:
 
     def _ffn_topk(self, zf: torch.Tensor, k: int) -> torch.Tensor:
         """Top-k FFN channels of each layer by mask value, protected channels first."""
-        return M.topk_mask(zf + 2.0 * self.protected.to(zf.dtype), k)
+        return M.topk_mask(zf + 2.0 * self.protected.to(device=zf.device, dtype=zf.dtype), k)
 
     def _set_masks(self, g: torch.Tensor, h: torch.Tensor, f: torch.Tensor) -> None:
         d = self.d
@@ -500,7 +500,7 @@ class MaskPrune:
             y = self._multipliers()
             st.zg = M.proximal_step(pg, lr, y["g"].unsqueeze(-1))
             st.zh = M.proximal_step(ph, lr, y["h"].unsqueeze(-1))
-            st.zf = M.proximal_step(pf, lr, y["f"].unsqueeze(-1)).masked_fill(self.protected, 1.0)
+            st.zf = M.proximal_step(pf, lr, y["f"].unsqueeze(-1)).masked_fill(self.protected.to(pf.device), 1.0)
             vg, vh, vf = (M.violation(st.zg, s_kv), M.violation(st.zh, s_h), M.violation(st.zf, s_f))
             if cfg.fixed_multiplier is None and cfg.dual == "ascent":
                 st.yg = M.dual_update(st.yg, vg, cfg.rho)
