@@ -123,6 +123,8 @@ def compress(
         recorded = check_checkpoint(Path(resume))  # every file readable before the model loads
         if "order" not in (recorded.get("data") or {}):
             overrides["data.order"] = "sequential"  # a checkpoint from before data.order: its blocks were in order
+        if "protect" not in (recorded.get("maskprune") or {}):
+            overrides["maskprune.protect"] = 0.0  # from before maskprune.protect: nothing was protected
         run(load_config(CompressConfig, saved, overrides), resume=resume)
         return
     cfg = load_config(CompressConfig, config, {

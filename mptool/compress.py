@@ -288,6 +288,17 @@ def one_shot_scores(model: Any, methods: tuple[str, ...], blocks: torch.Tensor,
     return {m: score(model, m, o_stats, d_stats) for m in dict.fromkeys(methods)}, protected
 
 
+def check_protected(protected: torch.Tensor, factor: float) -> None:
+    """Refuse a ``maskprune.protect`` so low that it would pin a large part of a layer: protection
+    is for the handful of channels that write massive activations, not a second ranking."""
+    per_layer = protected.sum(1)
+    worst = int(per_layer.argmax())
+    if int(per_layer[worst]) > protected.shape[1] // 8:
+        raise MptoolError(f"maskprune.protect {factor} protects {int(per_layer[worst])} of layer {worst}'s "
+                          f"{protected.shape[1]} FFN channels (more than 1/8): give a larger factor "
+                          f"(default 100: channels writing 100x their layer's median) or 0 for none")
+
+
 def protected_report(protected: torch.Tensor | None) -> dict[str, list[int]]:
     """The protected FFN channels of each layer that has any, for the report."""
     if protected is None:
@@ -407,11 +418,9 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
             # the dense model's scores for the initialisation and a one-shot selection, one calibration
             scored, protected = one_shot_scores(model, tuple(m for m in (mask_cfg.init, mask_cfg.select)
                                                               if m in ONE_SHOT), calib, mask_cfg.protect)
-            if protected is not None and protected.any():
-                extra["protected_ffn"] = protected_report(protected)
-                if main:
-                    console.print(f"protected {int(protected.sum())} FFN channels that write massive activations "
-                                  f"(layers {', '.join(extra['protected_ffn'])})")
+            if protected is not None:
+                protected = D.union(protected)  # every rank keeps the same channels
+                check_protected(protected, mask_cfg.protect)
             trainer = MaskPrune(model, blocks, mask_cfg, target=fixed, budget=budget, tp=tuple(cfg.tp),
                                 ffn_multiple=cfg.ffn_multiple, init_scores=scored.get(mask_cfg.init), seed=cfg.seed,
                                 sharding=cfg.sharding, device=dev, protected=protected)
@@ -419,7 +428,7 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
                 trainer.continue_with(rec_cfg)
             trainer.extra_files = {"compress-config.yaml": yaml.safe_dump(to_dict(cfg), sort_keys=False)}
             if resume:
-                trainer.load_checkpoint(ckpt)
+                trainer.load_checkpoint(ckpt)  # with the protected set the run began with
                 if main:  # one writer; the others wait so that nobody appends before the rewrite
                     kept = [r for r in _read_jsonl(metrics) if _before_resume(r, trainer.state)]
                     metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))
@@ -427,6 +436,11 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
                 console.print(f"resumed from {ckpt} at step {trainer.state.step}")
             elif main:
                 metrics.unlink(missing_ok=True)
+            if trainer.protected.any():
+                extra["protected_ffn"] = protected_report(trainer.protected)
+                if main:
+                    console.print(f"protected {int(trainer.protected.sum())} FFN channels that write massive "
+                                  f"activations (layers {', '.join(extra['protected_ffn'])})")
             st = trainer.state
             with step("mask learning", total=mask_cfg.steps) as advance:
                 advance(st.step if st.frozen_at is None else mask_cfg.steps)

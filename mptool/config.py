@@ -99,11 +99,12 @@ class PplConfig:
             return []
         if self.window is not None and self.window > context:
             return [f"ppl.window (--window) {self.window} is longer than the model's context "
-                    f"(max_position_embeddings {context}): give --window {context} or less"]
+                    f"(max_position_embeddings {context}): give ppl.window {context} or less "
+                    f"(--window on eval, the recipe's ppl.window on compress)"]
         window = self.protocol("", context).window
         if self.stride is not None and self.stride > window:
             return [f"ppl.stride (--stride) {self.stride} is longer than the window, {window} tokens "
-                    f"on this model (its context): give --stride {window} or less"]
+                    f"on this model (its context): give ppl.stride {window} or less"]
         return []
 
 

@@ -104,6 +104,15 @@ def mean(value: float) -> float:
     return float(t) / world_size()
 
 
+def union(mask: torch.Tensor) -> torch.Tensor:
+    """Element-wise OR of a bool tensor over ranks, so every rank holds the same set (on the CPU)."""
+    if world_size() == 1:
+        return mask
+    t = mask.to(device=_comm_device(), dtype=torch.uint8)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.bool().cpu()
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

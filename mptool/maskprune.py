@@ -680,6 +680,7 @@ class MaskPrune:
         with atomic_dir(folder) as tmp:
             tensors = {f"mask.{k}": v.contiguous() for k, v in st.tensors().items()}
             tensors.update({f"lora.{k}": v.contiguous() for k, v in lora.items()})
+            tensors["protected"] = self.protected.contiguous()
             save_file(tensors, str(tmp / "state.safetensors"))
             opt_tensors, opt_meta = {}, {"param_groups": opt["param_groups"], "state": {}}
             for name, s in opt["state"].items():
@@ -717,6 +718,9 @@ class MaskPrune:
                                   f"{got}, this model's {tuple(now.shape)}; resume it with the model it was made from")
         for key in st.tensors():
             setattr(st, key, data[f"mask.{key}"].clone())
+        # the channels protected when the run began (a resume on another device could compute a
+        # borderline set differently); a checkpoint from before protection had none
+        self.protected = data.get("protected", torch.zeros_like(self.protected)).bool().clone()
         for key, val in meta["state"].items():
             setattr(st, key, val)
         state: dict[str, dict] = {name: dict(extra) for name, extra in meta["optimizer"]["state"].items()}

@@ -335,8 +335,8 @@ def test_windows_and_blocks_longer_than_the_context_are_refused(tiny_dir, text_f
     p = json.loads(out.read_text())["perplexity"]
     assert p["protocol"]["window"] == p["protocol"]["stride"] == 256 and p["tokens"] == 600 - 3
     for args, needle in ((["--window", "512"], "(--window) 512 is longer than the model's context "
-                          "(max_position_embeddings 256): give --window 256 or less"),
-                         (["--stride", "300"], "give --stride 256 or less")):
+                          "(max_position_embeddings 256): give ppl.window 256 or less"),
+                         (["--stride", "300"], "give ppl.stride 256 or less")):
         res = run("eval", tiny_dir, "--data", text_file, "--eval-tokens", "600", *args, "--out", out)
         assert res.exit_code == 2 and needle in res.output, res.output
     comp = tmp_path / "c"
@@ -613,6 +613,13 @@ def test_compress_keeps_a_channel_that_writes_massive_activations(tokenizer_dir,
               *small(text_file), "--ffn-multiple", "32", "--out", tmp_path / "off")
     assert res.exit_code == 0, res.output
     assert "protected_ffn" not in json.loads((tmp_path / "off" / "report.json").read_text())
+    (tmp_path / "low.yaml").write_text("maskprune:\n  protect: 1\n")
+    res = run("compress", src, "--config", tmp_path / "low.yaml", "--ratio", "0.5", "--max-steps", "3",
+              *small(text_file), "--ffn-multiple", "32", "--out", tmp_path / "low")
+    assert res.exit_code == 2, res.output  # refused after the calibration pass that finds them
+    last = [ln for ln in res.output.strip().splitlines() if ln.strip()][-1]
+    assert last.startswith("error: maskprune.protect 1") and "more than 1/8" in last and "or 0 for none" in last
+    assert not (tmp_path / "low").exists() and not list(tmp_path.glob(".low*"))
 
 
 def test_bf16_weights_give_a_bf16_uniform_checkpoint(tiny_dir, text_file, tmp_path):

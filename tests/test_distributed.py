@@ -87,3 +87,27 @@ def test_resume_across_process_counts_and_sharding(tmp_path, tokenizer_dir):
         assert a.keys() == b.keys()
         worst = max((a[k] - b[k]).abs().max().item() for k in a)
         assert worst <= TOL, (other, worst)
+
+
+def _union_worker(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from mptool import distributed as D
+
+    dist.init_process_group("gloo", rank=rank, world_size=2, init_method=f"tcp://127.0.0.1:{port}")
+    try:
+        mask = torch.zeros(2, 4, dtype=torch.bool)
+        mask[rank, rank] = True  # each rank found a different borderline channel
+        torch.save(D.union(mask), os.path.join(out, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_protects_the_union_of_what_the_ranks_found(tmp_path):
+    """compress takes the protected FFN channels' union over ranks, so no rank keeps different units."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_union_worker, args=(free_port(), str(tmp_path)), nprocs=2)
+    expected = torch.tensor([[True, False, False, False], [False, True, False, False]])
+    for rank in (0, 1):
+        assert torch.equal(torch.load(tmp_path / f"{rank}.pt", weights_only=True), expected)

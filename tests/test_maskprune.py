@@ -351,3 +351,29 @@ def test_protected_channels_are_kept_at_full_scale_whatever_their_mask(forward):
                             init_scores=scores)
     unprotected.run()
     assert not any(0 in k.ffn for k in unprotected.keeps())  # the ranking alone would drop it
+
+
+def test_a_checkpoint_keeps_the_protected_set_it_began_with(tmp_path):
+    """Resume uses the saved protected channels, not a set recomputed on another device; a
+    checkpoint from before protection existed restores none."""
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_model("llama")
+    d = Dims.from_config(model.config)
+    protected = torch.zeros(d.num_layers, d.intermediate_size, dtype=torch.bool)
+    protected[0, 3] = protected[1, 200] = True
+    mp = MaskPrune(model, blocks(d.vocab_size), cfg(steps=2), target=Target(2, 1, 64), ffn_multiple=32,
+                   protected=protected)
+    mp.run()
+    mp.save_checkpoint(tmp_path / "ckpt")
+    again = MaskPrune(tiny_model("llama"), blocks(d.vocab_size), cfg(steps=2), target=Target(2, 1, 64),
+                      ffn_multiple=32)
+    assert not again.protected.any()
+    again.load_checkpoint(tmp_path / "ckpt")
+    assert torch.equal(again.protected, protected)
+    assert all(3 in k.ffn for k in again.keeps()[:1]) and 200 in again.keeps()[1].ffn
+    state = load_file(str(tmp_path / "ckpt" / "state.safetensors"))
+    del state["protected"]
+    save_file(state, str(tmp_path / "ckpt" / "state.safetensors"))
+    again.load_checkpoint(tmp_path / "ckpt")
+    assert not again.protected.any()
