@@ -28,7 +28,7 @@ import torch
 from mptool.errors import MptoolError
 from mptool.families import get_adapter
 from mptool.hooks import InputStats, collect_stats
-from mptool.masks import group_topk, mask_indices, topk_mask
+from mptool.masks import group_topk, mask_indices, rank_first, topk_mask
 from mptool.shapes import Dims, Target
 from mptool.surgery import LayerKeep
 
@@ -128,12 +128,9 @@ def massive_channels(model: Any, d_stats: list[InputStats], factor: float) -> to
     return out
 
 
-def protect(scores: Scores, protected: torch.Tensor | None) -> Scores:
+def protect(scores: Scores, protected: torch.Tensor) -> Scores:
     """The same scores with the protected FFN channels ranked first in every layer."""
-    if protected is None or not protected.any():
-        return scores
-    return Scores(scores.heads, scores.groups,
-                  scores.ffn.masked_fill(protected.to(scores.ffn.device), float("inf")))
+    return Scores(scores.heads, scores.groups, rank_first(scores.ffn, protected))
 
 
 def select(scores: Scores, t: Target) -> list[LayerKeep]:

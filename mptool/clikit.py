@@ -42,7 +42,7 @@ class OneLineErrors(TyperGroup):
     def main(self, args: Any = None, prog_name: Any = None, complete_var: Any = None,
              standalone_mode: bool = True, **extra: Any) -> Any:
         argv = sys.argv[1:] if args is None else [str(a) for a in args]
-        command = " ".join(["mptool"] + argv[:1] if argv[:1] and argv[0] in self.commands else ["mptool"])
+        command = f"mptool {argv[0]}" if argv and argv[0] in self.commands else "mptool"
         try:
             rv = super().main(args=argv, prog_name=prog_name, complete_var=complete_var,
                               standalone_mode=False, **extra)

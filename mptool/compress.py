@@ -274,18 +274,18 @@ def measure_ppl(model: Any, ids: torch.Tensor, protocol: PplProtocol, label: str
 
 
 def one_shot_scores(model: Any, methods: tuple[str, ...], blocks: torch.Tensor,
-                    protect: float = 0.0) -> tuple[dict[str, Any], torch.Tensor | None]:
+                    protect: float = 0.0) -> tuple[dict[str, Any], torch.Tensor]:
     """Unit scores of one-shot methods, from one calibration pass where the model's weights are
     (none when only magnitude is asked for and nothing is protected), and the FFN channels that
-    ``protect`` keeps (:func:`mptool.baselines.massive_channels`; None with ``protect`` 0)."""
+    ``protect`` keeps (:func:`mptool.baselines.massive_channels`; none with ``protect`` 0)."""
     from mptool.baselines import calibrate, massive_channels, score
 
     o_stats = d_stats = None
     if protect > 0 or any(m != "magnitude" for m in methods):
         with step(f"calibrate ({len(blocks)} x {blocks.shape[1]} tokens)", total=len(blocks)) as advance:
             o_stats, d_stats = calibrate(model, blocks, progress=advance)
-    protected = massive_channels(model, d_stats, protect) if protect > 0 else None
-    return {m: score(model, m, o_stats, d_stats) for m in dict.fromkeys(methods)}, protected
+    return {m: score(model, m, o_stats, d_stats) for m in dict.fromkeys(methods)}, \
+        massive_channels(model, d_stats, protect)
 
 
 def check_protected(protected: torch.Tensor, factor: float) -> None:
@@ -299,10 +299,8 @@ def check_protected(protected: torch.Tensor, factor: float) -> None:
                           f"(default 100: channels writing 100x their layer's median) or 0 for none")
 
 
-def protected_report(protected: torch.Tensor | None) -> dict[str, list[int]]:
+def protected_report(protected: torch.Tensor) -> dict[str, list[int]]:
     """The protected FFN channels of each layer that has any, for the report."""
-    if protected is None:
-        return {}
     from mptool.masks import mask_indices
 
     return {str(layer): mask_indices(row.float()) for layer, row in enumerate(protected) if row.any()}
@@ -418,9 +416,8 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
             # the dense model's scores for the initialisation and a one-shot selection, one calibration
             scored, protected = one_shot_scores(model, tuple(m for m in (mask_cfg.init, mask_cfg.select)
                                                               if m in ONE_SHOT), calib, mask_cfg.protect)
-            if protected is not None:
-                protected = D.union(protected)  # every rank keeps the same channels
-                check_protected(protected, mask_cfg.protect)
+            protected = D.union(protected)  # every rank keeps the same channels
+            check_protected(protected, mask_cfg.protect)
             trainer = MaskPrune(model, blocks, mask_cfg, target=fixed, budget=budget, tp=tuple(cfg.tp),
                                 ffn_multiple=cfg.ffn_multiple, init_scores=scored.get(mask_cfg.init), seed=cfg.seed,
                                 sharding=cfg.sharding, device=dev, protected=protected)

@@ -77,17 +77,20 @@ class PplConfig:
         whose context is ``context`` tokens."""
         from mptool.evaluate import PplProtocol
 
-        window = self.window or min(self.DEFAULT_WINDOW, context or self.DEFAULT_WINDOW)
+        window = self.window_for(context)
         return PplProtocol(window, self.stride or window, self.max_tokens, text)
+
+    def window_for(self, context: int | None = None) -> int:
+        """The window: the one given, else 1024, or ``context`` where that is shorter."""
+        return self.window or min(self.DEFAULT_WINDOW, context or self.DEFAULT_WINDOW)
 
     def problems(self) -> list[str]:
         """What is wrong with these settings (one line each)."""
         out = []
         if self.window is not None and self.window < 2:
             out.append(f"ppl.window (--window) {self.window} must be >= 2")
-        elif self.stride is not None and not 1 <= self.stride <= (self.window or self.DEFAULT_WINDOW):
-            out.append(f"ppl.stride (--stride) {self.stride} must be in "
-                       f"[1, window {self.window or self.DEFAULT_WINDOW}]")
+        elif self.stride is not None and not 1 <= self.stride <= self.window_for():
+            out.append(f"ppl.stride (--stride) {self.stride} must be in [1, window {self.window_for()}]")
         if self.max_tokens < 2:
             out.append(f"ppl.max_tokens (--eval-tokens) {self.max_tokens} must be >= 2")
         return out
@@ -101,7 +104,7 @@ class PplConfig:
             return [f"ppl.window (--window) {self.window} is longer than the model's context "
                     f"(max_position_embeddings {context}): give ppl.window {context} or less "
                     f"(--window on eval, the recipe's ppl.window on compress)"]
-        window = self.protocol("", context).window
+        window = self.window_for(context)
         if self.stride is not None and self.stride > window:
             return [f"ppl.stride (--stride) {self.stride} is longer than the window, {window} tokens "
                     f"on this model (its context): give ppl.stride {window} or less"]

@@ -403,7 +403,7 @@ class MaskPrune:
 
     def _ffn_topk(self, zf: torch.Tensor, k: int) -> torch.Tensor:
         """Top-k FFN channels of each layer by mask value, protected channels first."""
-        return M.topk_mask(zf + 2.0 * self.protected.to(device=zf.device, dtype=zf.dtype), k)
+        return M.topk_mask(M.rank_first(zf, self.protected), k)
 
     def _set_masks(self, g: torch.Tensor, h: torch.Tensor, f: torch.Tensor) -> None:
         d = self.d

@@ -9,6 +9,11 @@ from __future__ import annotations
 import torch
 
 
+def rank_first(scores: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+    """``scores`` with the units where ``first`` (bool, same shape) is set ranked above all others."""
+    return scores.masked_fill(first.to(scores.device), float("inf"))
+
+
 def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Binary mask keeping the ``k`` largest entries of each row (exactly ``k``; among tied
     scores ``torch.topk`` chooses, deterministically on the CPU).

@@ -66,7 +66,7 @@ def shapes_table(cfg: ShapesConfig, as_json: bool = False) -> dict[str, Any]:
 def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     import os
 
-    from mptool.compress import eval_text_for, measure_ppl
+    from mptool.compress import eval_text_for, measure_ppl, model_dims
     from mptool.data import eval_token_stream
     from mptool.evaluate import resolve_tasks, run_tasks
     from mptool.io import output_problems
@@ -90,11 +90,11 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         console.print(f"{out.parent} is not writable: the result is printed only (--out FILE to keep it)")
         out = None
     text, name = eval_text_for(cfg.data)
-    with console.status("loading model"):
-        model, tokenizer = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    context = getattr(model.config, "max_position_embeddings", None)
+    context = model_dims(cfg.model, cfg.trust_remote_code).context  # from config.json: before the weights load
     if problems := cfg.ppl.context_problems(context):
         raise MptoolError("; ".join(problems))
+    with console.status("loading model"):
+        model, tokenizer = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
     ids = eval_token_stream(tokenizer, text, cfg.ppl.max_tokens)
     result: dict[str, Any] = {"model": str(path),
                               "perplexity": measure_ppl(model, ids, cfg.ppl.protocol(name, context), "eval")}
