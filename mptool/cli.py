@@ -123,9 +123,13 @@ def compress(
         recorded = check_checkpoint(Path(resume))  # every file readable before the model loads
         if "order" not in (recorded.get("data") or {}):
             overrides["data.order"] = "sequential"  # a checkpoint from before data.order: its blocks were in order
-        if "protect" not in (recorded.get("maskprune") or {}):
-            overrides["maskprune.protect"] = 0.0  # from before maskprune.protect: nothing was protected
-        run(load_config(CompressConfig, saved, overrides), resume=resume)
+        before_protect = "protect" not in (recorded.get("maskprune") or {})
+        if before_protect:
+            overrides["maskprune.protect"] = 0.0  # nothing was protected
+        cfg = load_config(CompressConfig, saved, overrides)
+        if before_protect and cfg.ppl.window == 1024:  # that era's default window, written out; today's
+            cfg.ppl.window = None  # is the same, capped at a shorter context (which 1024 would now exceed)
+        run(cfg, resume=resume)
         return
     cfg = load_config(CompressConfig, config, {
         "model": model, "method": method, "ratio": ratio, "split": split, "target.kv_heads": kv_heads,

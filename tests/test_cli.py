@@ -259,8 +259,10 @@ def test_maskprune_is_the_default_and_reports_a_uniform_result(tiny_dir, text_fi
 def test_killed_run_resumes_to_the_same_result(tiny_dir, text_file, tmp_path, monkeypatch, dies_at, legacy):
     """Killed in mask learning (step 5) or in the recovery that continues it (its third step, after
     the checkpoint at step 10): resumed, the same checkpoint as a run never killed. ``legacy``: the
-    run trained on sequential blocks and its checkpoint's config predates ``data.order`` (no such
-    key); the resume must keep the order the run started with, not take today's default."""
+    run trained on sequential blocks and its checkpoint's config predates ``data.order`` and
+    ``maskprune.protect`` (no such keys) and writes out that era's default window, 1024, longer than
+    the tiny model's context (256); the resume must keep the order the run started with, not take
+    today's default, and evaluate with today's default window (the context), not refuse the 1024."""
     import yaml
     from safetensors.torch import load_file
 
@@ -277,6 +279,9 @@ def test_killed_run_resumes_to_the_same_result(tiny_dir, text_file, tmp_path, mo
     if legacy:
         saved = yaml.safe_load((ckpt / "compress-config.yaml").read_text())
         assert saved["data"].pop("order") == "sequential"
+        assert saved["ppl"]["window"] is None and "protect" in saved["maskprune"]
+        saved["ppl"]["window"] = 1024
+        del saved["maskprune"]["protect"]
         (ckpt / "compress-config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
     res = run("compress", "--resume", ckpt)
     assert res.exit_code == 0, res.output
