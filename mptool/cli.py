@@ -234,7 +234,8 @@ def plan(
     model: Optional[str] = ModelArg,
     config: Optional[str] = typer.Option(None, "--config", "-c",
                                          help="A compress recipe: plan for its model, batch, sequence length, "
-                                              "LoRA rank, checkpointing and ratio; flags override it."),
+                                              "LoRA rank, weight dtype, checkpointing, recovery teacher and "
+                                              "ratio; flags override it."),
     gpus: Optional[str] = typer.Option(None, help="GPU counts to plan for (default 1,2,4,8)."),
     gpu_mem: float = typer.Option(80.0, help="Memory of one GPU in GiB."),
     batch_size: Optional[int] = typer.Option(None, help="Global batch (sequences per step; default 8, or the "
@@ -242,7 +243,8 @@ def plan(
     seq_len: Optional[int] = typer.Option(None, help="Tokens per sequence (default 2048, or the recipe's "
                                                       "data.seq_len)."),
     lora_r: Optional[int] = typer.Option(None, help="LoRA rank (default 16, or the recipe's maskprune.lora_r)."),
-    dtype_bytes: int = typer.Option(2, help="Bytes per weight (2: bf16, 4: fp32)."),
+    dtype_bytes: Optional[int] = typer.Option(None, help="Bytes per weight (2: bf16, 4: fp32; default 2, or "
+                                                          "the recipe's dtype)."),
     grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing",
                                             help="Plan for compress --grad-checkpointing (activations recomputed; "
                                                  "on too when the recipe turns it on)."),
@@ -257,7 +259,7 @@ def plan(
     from mptool.plan import PlanInput, print_plan
 
     counts = _tp(gpus, "--gpus", "GPU counts") or [1, 2, 4, 8]
-    base = PlanInput(batch_size=8, seq_len=2048, lora_r=16, dtype_bytes=dtype_bytes, checkpointing=grad_checkpointing)
+    base = PlanInput(batch_size=8, seq_len=2048, lora_r=16, dtype_bytes=2, checkpointing=grad_checkpointing)
     if config is not None:
         from mptool.config import CompressConfig, load_config
 
@@ -265,14 +267,15 @@ def plan(
         mp = cfg.maskprune
         model = model or cfg.model
         ratio = ratio if ratio is not None else cfg.ratio
-        base = PlanInput(batch_size=mp.batch_size, seq_len=cfg.data.seq_len, lora_r=mp.lora_r, dtype_bytes=dtype_bytes,
+        base = PlanInput(batch_size=mp.batch_size, seq_len=cfg.data.seq_len, lora_r=mp.lora_r,
+                         dtype_bytes=2 if cfg.dtype == "bfloat16" else 4,
                          checkpointing=grad_checkpointing or mp.grad_checkpointing or cfg.recovery.grad_checkpointing,
                          kd_chunk=mp.kd_chunk, recovery_teacher=cfg.recovery.teacher)
-    given = {"batch_size": batch_size, "seq_len": seq_len, "lora_r": lora_r}
+    given = {"batch_size": batch_size, "seq_len": seq_len, "lora_r": lora_r, "dtype_bytes": dtype_bytes}
     base = dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
     import math
 
-    if min(base.batch_size, base.seq_len, base.lora_r, dtype_bytes) < 1 or not (math.isfinite(gpu_mem) and gpu_mem > 0):
+    if min(base.batch_size, base.seq_len, base.lora_r, base.dtype_bytes) < 1 or not (math.isfinite(gpu_mem) and gpu_mem > 0):
         raise MptoolError("--batch-size, --seq-len, --lora-r, --dtype-bytes and --gpu-mem must be positive "
                           "(and --gpu-mem a finite number of GiB)")
     if uneven := [n for n in counts if base.batch_size % n]:

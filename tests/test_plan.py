@@ -146,7 +146,7 @@ def test_fsdp_counts_the_gathered_root_and_two_layers():
 
 def test_plan_reads_a_compress_recipe_and_flags_override_it(tmp_path, tokenizer_dir):
     """`mptool plan -c recipe.yaml` plans for what that compress recipe would run (batch, sequence
-    length, LoRA rank, checkpointing, ratio, model); a flag still wins over the recipe."""
+    length, LoRA rank, weight dtype, checkpointing, ratio, model); a flag still wins over the recipe."""
     from typer.testing import CliRunner
 
     from mptool.cli import app
@@ -160,10 +160,17 @@ def test_plan_reads_a_compress_recipe_and_flags_override_it(tmp_path, tokenizer_
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     assert out["model"] == str(model) and "kv_heads" in out["recovery_student"]
-    assert {k: out["input"][k] for k in ("batch_size", "seq_len", "lora_r", "checkpointing")} == \
-        {"batch_size": 3, "seq_len": 128, "lora_r": 4, "checkpointing": True}
+    assert {k: out["input"][k] for k in ("batch_size", "seq_len", "lora_r", "checkpointing", "dtype_bytes")} == \
+        {"batch_size": 3, "seq_len": 128, "lora_r": 4, "checkpointing": True, "dtype_bytes": 4}  # float32: compress's default
     res = CliRunner().invoke(app, ["plan", "-c", str(recipe), "--gpus", "1", "--json", "--seq-len", "64"])
     assert json.loads(res.stdout)["input"]["seq_len"] == 64
+    recipe.write_text(recipe.read_text() + "dtype: bfloat16\n")
+    res = CliRunner().invoke(app, ["plan", "-c", str(recipe), "--gpus", "1", "--json"])
+    assert json.loads(res.stdout)["input"]["dtype_bytes"] == 2
+    res = CliRunner().invoke(app, ["plan", "-c", str(recipe), "--gpus", "1", "--json", "--dtype-bytes", "4"])
+    assert json.loads(res.stdout)["input"]["dtype_bytes"] == 4
+    res = CliRunner().invoke(app, ["plan", str(model), "--gpus", "1", "--json"])
+    assert json.loads(res.stdout)["input"]["dtype_bytes"] == 2  # no recipe: a GPU host's bf16
     bad = tmp_path / "bad.yaml"
     bad.write_text("maskprune:\n  batch_sizee: 3\n")
     res = CliRunner().invoke(app, ["plan", "-c", str(bad)])
