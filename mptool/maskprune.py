@@ -126,8 +126,9 @@ class MaskPruneConfig:
     """Which units are kept at the final target: "learned" (the top-k of the learned masks, with
     the trained LoRA merged) or a one-shot score ("flap", "wanda-sp", "magnitude": MaskPrune
     decides the shape only; the units are that score's ranking of the dense weights at that shape,
-    LoRA dropped; recovery then starts from there). At the CPU budget a one-shot ranking measured
-    better (docs/maskprune.md)."""
+    LoRA dropped; recovery then starts from there). Under earlier defaults a one-shot ranking
+    measured better at the CPU budget; with today's (flap initialisation, shape fixed up front,
+    mask step 0.003) the two are within the seed spread there (docs/maskprune.md)."""
     protect: float = 100.0
     """FFN channels whose largest write into the residual stream on the calibration text exceeds
     this multiple of their layer's median are always kept (the few that create and cancel
