@@ -587,6 +587,7 @@ def host_info() -> dict[str, Any]:
     with contextlib.suppress(Exception):
         import torch
 
+        info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()  # the kernels, so the rounding
         if torch.cuda.is_available():
             info["gpu"] = torch.cuda.get_device_name(0)
     return info

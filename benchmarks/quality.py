@@ -39,6 +39,7 @@ import torch
 
 from mptool import distributed as D
 from mptool.baselines import METHODS, calibrate, massive_channels, score, select
+from mptool.benchmarks.engines import host_info
 from mptool.compress import param_count, peak_rss_mb
 from mptool.config import DataConfig
 from mptool.data import DATA_ORDERS, default_texts, eval_token_stream, token_blocks
@@ -246,7 +247,10 @@ class Bench:
             "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(),
                             "device": str(self.dev),
                             "gpu": torch.cuda.get_device_name(0) if self.dev.type == "cuda" else None,
-                            "python": platform.python_version(), "machine": platform.machine()},
+                            "python": platform.python_version(), "machine": platform.machine(),
+                            # the CPU model and kernel level: rows of badly damaged models recovered
+                            # on another CPU differ by several percent (float rounding, then chaos)
+                            **{k: host[k] for k in ("cpu", "cpu_capability") if k in (host := host_info())}},
         }
         out = Path(a.out)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import make_tokenizer, tiny_model
 
@@ -59,6 +60,9 @@ def test_every_trained_row_gets_the_same_tokens(table):
     assert set(table["training"]["maskprune"]) >= set(rows["maskprune"]["maskprune_config"])
     # one Markdown line per JSON row, under a header and a separator
     assert len([ln for ln in table["md"].splitlines() if ln.startswith("| ")]) == len(table["rows"]) + 1
+    # the CPU and its kernel level are recorded: they set the rounding that recovery amplifies
+    env = table["environment"]
+    assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and env["cpu"]
 
 
 def test_maskprune_rows_meet_the_budget_and_ablations_share_its_shape(table):
