@@ -225,6 +225,7 @@ class Bench:
         if not self.table:
             return
         a = self.args
+        host = host_info()
         result = {
             "benchmark": "quality",
             "command": f"python -m mptool.benchmarks.quality --ratios {a.ratios} --tokens {a.tokens} "
@@ -250,7 +251,7 @@ class Bench:
                             "python": platform.python_version(), "machine": platform.machine(),
                             # the CPU model and kernel level: rows of badly damaged models recovered
                             # on another CPU differ by several percent (float rounding, then chaos)
-                            **{k: host[k] for k in ("cpu", "cpu_capability") if k in (host := host_info())}},
+                            "cpu": host["cpu"], "cpu_capability": host.get("cpu_capability")},
         }
         out = Path(a.out)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -261,14 +261,14 @@ def plan(
     counts = _tp(gpus, "--gpus", "GPU counts") or [1, 2, 4, 8]
     base = PlanInput(batch_size=8, seq_len=2048, lora_r=16, dtype_bytes=2, checkpointing=grad_checkpointing)
     if config is not None:
-        from mptool.config import CompressConfig, load_config
+        from mptool.config import WEIGHT_DTYPE_BYTES, CompressConfig, load_config
 
         cfg = load_config(CompressConfig, config)
         mp = cfg.maskprune
         model = model or cfg.model
         ratio = ratio if ratio is not None else cfg.ratio
         base = PlanInput(batch_size=mp.batch_size, seq_len=cfg.data.seq_len, lora_r=mp.lora_r,
-                         dtype_bytes=2 if cfg.dtype == "bfloat16" else 4,
+                         dtype_bytes=WEIGHT_DTYPE_BYTES.get(cfg.dtype, 4),
                          checkpointing=grad_checkpointing or mp.grad_checkpointing or cfg.recovery.grad_checkpointing,
                          kd_chunk=mp.kd_chunk, recovery_teacher=cfg.recovery.teacher)
     given = {"batch_size": batch_size, "seq_len": seq_len, "lora_r": lora_r, "dtype_bytes": dtype_bytes}

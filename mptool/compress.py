@@ -18,7 +18,7 @@ import yaml
 
 from mptool import distributed as D
 from mptool.baselines import METHODS
-from mptool.config import CompressConfig, save_config, to_dict
+from mptool.config import WEIGHT_DTYPE_BYTES, CompressConfig, save_config, to_dict
 from mptool.data import DATA_ORDERS
 from mptool.errors import MptoolError
 from mptool.evaluate import PplProtocol, perplexity
@@ -56,8 +56,8 @@ def validate(cfg: CompressConfig, resuming: bool = False) -> None:
             problems.append(f"--{name.replace('_', '-')} {value} must be >= 1")
     if cfg.sharding not in D.SHARDINGS:
         problems.append(f"--sharding {cfg.sharding!r} is not one of {', '.join(D.SHARDINGS)}")
-    if cfg.dtype not in ("float32", "bfloat16"):
-        problems.append(f"--dtype {cfg.dtype!r} is not one of float32, bfloat16")
+    if cfg.dtype not in WEIGHT_DTYPE_BYTES:
+        problems.append(f"--dtype {cfg.dtype!r} is not one of {', '.join(WEIGHT_DTYPE_BYTES)}")
     if cfg.split not in SPLITS:
         problems.append(f"--split {cfg.split!r} is not one of {', '.join(SPLITS)}")
     elif cfg.split == "kd" and cfg.method == "maskprune":

@@ -123,6 +123,10 @@ def _recovery_config():
     return RecoveryConfig()
 
 
+WEIGHT_DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
+"""The weight dtypes ``compress --dtype`` accepts, with their size (``plan`` sizes a recipe by it)."""
+
+
 @dataclass
 class CompressConfig:
     """`mptool compress`: prune a model to a uniform target and write a plain checkpoint."""
@@ -157,7 +161,7 @@ class CompressConfig:
     seed: int = 0
     trust_remote_code: bool = False
     """Allow custom model code from the model folder or hub (only when you trust it)."""
-    dtype: str = "float32"
+    dtype: str = "float32"  # one of WEIGHT_DTYPE_BYTES
     """Dtype the weights are held, trained against and written in: float32, or bfloat16 (half the
     weight memory, e.g. on GPUs; LoRA and masks stay fp32, merged into bf16 weights)."""
     device: str = "auto"
