@@ -59,15 +59,23 @@ def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
     """
     out = Path(out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
+    # A SIGTERM or Ctrl-C that lands after the folder exists but before the ``try`` below would
+    # leave it behind (seen in CI): hold both until the cleanup is armed; they act right after.
+    held = _hold_signals()
     try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except BaseException:
+        _release_signals(held)
+        raise
+    try:
+        _release_signals(held)
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
         yield tmp
         _ordinary_permissions(tmp, umask)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
         raise
     old = None
     try:
@@ -78,10 +86,34 @@ def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         if old is not None and not out.exists():
             os.replace(old, out)  # put the previous content back
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+_HELD = (signal.SIGINT, signal.SIGTERM)
+
+
+def _hold_signals() -> set | None:
+    """Block SIGINT and SIGTERM in this thread; returns the mask to restore (None where the
+    platform has no ``pthread_sigmask``)."""
+    if not hasattr(signal, "pthread_sigmask"):
+        return None
+    return signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
+
+
+def _release_signals(mask: set | None) -> None:
+    if mask is not None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+def _remove(folder: Path) -> None:
+    """Remove a temporary folder; a second pass catches files a finishing writer added meanwhile."""
+    for _ in range(3):
+        shutil.rmtree(folder, ignore_errors=True)
+        if not folder.exists():
+            return
 
 
 @contextlib.contextmanager

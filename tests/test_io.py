@@ -50,6 +50,33 @@ def test_failure_leaves_the_old_folder_and_no_temporary(tmp_path):
     assert [p.name for p in out.iterdir()] == ["old.txt"]
 
 
+def test_sigterm_just_after_the_folder_is_made_leaves_nothing(tmp_path, monkeypatch):
+    """The CI failure: SIGTERM landed between mkdtemp and the cleanup's ``try``. A signal sent at
+    exactly that point now acts once the cleanup is armed: exit 143, no temporary folder."""
+    import signal
+    import tempfile
+
+    from mptool.cli import _terminated
+
+    real_mkdtemp = tempfile.mkdtemp
+
+    def mkdtemp_then_sigterm(*args, **kwargs):
+        made = real_mkdtemp(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return made
+
+    monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp_then_sigterm)
+    previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        with pytest.raises(SystemExit) as stop:
+            with atomic_dir(tmp_path / "out") as tmp:
+                (tmp / "never.txt").write_text("the body must not run")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert stop.value.code == 128 + signal.SIGTERM
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_kill_session_ends_the_child_and_its_workers(tmp_path):
     """An engine child that started a worker of its own (vLLM's tensor-parallel workers): both
     are gone after kill_session, not only the process we hold."""
