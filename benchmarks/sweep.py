@@ -106,9 +106,13 @@ def validate(cfg: BenchConfig) -> dict[str, Any]:
                         "fail to run); use --dtype float32 there, or --device cuda")
     if cfg.seed < 0:
         problems.append(f"seed {cfg.seed} must be 0 or more")
-    from mptool.io import output_problems
+    from mptool.io import json_with, output_problems, result_file_problems
 
-    problems += output_problems(cfg.out, overwrite=True, flag="--out", folder=False)
+    stem = Path(cfg.out)
+    problems += (output_problems(cfg.out, overwrite=True, flag="--out", folder=False)
+                 or result_file_problems([stem.with_name(stem.name + ext) for ext in (".json", ".md", ".png")],
+                                         lambda p: json_with(p, "schema"), "mptool bench",
+                                         inputs=tuple(m for m in (cfg.dense, cfg.pruned) if m)))
     cpus = _cpus()
     if cfg.threads is not None and not 1 <= cfg.threads <= len(cpus):
         problems.append(f"threads {cfg.threads} must be between 1 and the {len(cpus)} CPUs this process may use")

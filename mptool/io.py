@@ -9,7 +9,7 @@ import signal
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 
 def output_problems(out: str | os.PathLike, overwrite: bool, sources: tuple = (), flag: str = "--out",
@@ -90,6 +90,49 @@ def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def result_file_problems(files: list[Path], is_ours: Callable[[Path], bool], command: str,
+                         flag: str = "--out", inputs: tuple = ()) -> list[str]:
+    """What is wrong with overwriting result files (``files[0]`` a JSON, the rest its siblings).
+
+    A result file is replaced only when it is absent or an earlier result of the same command
+    (``is_ours`` on the JSON): never a corpus, a model's ``config.json`` or anything else.
+    ``inputs``: model folders the files must not be written into.
+    """
+    first = Path(files[0])
+    for src in inputs:
+        src = Path(src).expanduser().resolve()
+        if src.is_dir() and src in first.resolve().parents:
+            return [f"{flag} {first.with_suffix('')} is inside the input model folder {src}; "
+                    "give a path outside it"]
+    ours = first.is_file() and is_ours(first)
+    for path in files:
+        path = Path(path)
+        if path.is_dir():
+            return [f"{flag} {path} is a folder; give a file path"]
+        if path.exists() and not ours:
+            return [f"{flag} would overwrite {path}, which is not an earlier `{command}` result; "
+                    "give a new path (only its own results are replaced)"]
+    return []
+
+
+def json_with(path: Path, key: str, value: object = None) -> bool:
+    """Whether ``path`` holds a JSON object with ``key`` (equal to ``value`` when given): how a
+    command knows its own earlier result. Large or non-JSON files are not read through."""
+    import json
+
+    try:
+        if path.stat().st_size > 64 << 20:
+            return False
+        with open(path, encoding="utf-8") as handle:
+            if handle.read(1) != "{":
+                return False
+            handle.seek(0)
+            doc = json.load(handle)
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, dict) and key in doc and (value is None or doc[key] == value)
 
 
 _HELD = (signal.SIGINT, signal.SIGTERM)

@@ -69,7 +69,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     from mptool.compress import eval_text_for, measure_ppl, model_dims
     from mptool.data import eval_token_stream
     from mptool.evaluate import resolve_tasks, run_tasks
-    from mptool.io import output_problems
+    from mptool.io import json_with, output_problems, result_file_problems
     from mptool.models import load_model, looks_like_path, resolve_model
 
     problems = cfg.ppl.problems()
@@ -78,9 +78,8 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     if cfg.data is not None and looks_like_path(cfg.data) and not Path(cfg.data).exists():
         problems.append(f"data path {cfg.data} does not exist (give a .txt, .jsonl, a folder or a datasets folder)")
     if cfg.out:
-        problems += output_problems(cfg.out, overwrite=True, flag="--out", folder=False)
-        if Path(cfg.out).is_dir():
-            problems.append(f"--out {cfg.out} is a folder; give a JSON file path")
+        problems += (output_problems(cfg.out, overwrite=True, flag="--out", folder=False)
+                     or result_file_problems([Path(cfg.out)], lambda p: json_with(p, "perplexity"), "mptool eval"))
     if problems:
         raise MptoolError("; ".join(problems))
     resolved = resolve_tasks(cfg.tasks) if cfg.tasks else None  # unknown tasks fail before any work

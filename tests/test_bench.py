@@ -231,6 +231,19 @@ def test_bad_outputs_are_refused_before_any_measurement(pair, tmp_path):
     assert afile.read_text() == "x"
 
 
+def test_out_never_overwrites_a_model_file_or_a_foreign_file(pair, tmp_path):
+    dense, pruned = pair
+    config = dense / "config.json"
+    before = config.read_bytes()
+    res = run(dense, pruned, "--out", dense / "config")
+    assert res.exit_code == 2 and "is inside the input model folder" in " ".join(res.output.split()), res.output
+    notes = tmp_path / "notes.md"
+    notes.write_text("mine")
+    res = run(dense, pruned, "--out", tmp_path / "notes")
+    assert res.exit_code == 2 and "which is not an earlier `mptool bench` result" in " ".join(res.output.split())
+    assert config.read_bytes() == before and notes.read_text() == "mine"
+
+
 def test_every_problem_is_named_at_once(pair):
     res = run(*pair, "--engine", "tensorrt", "--batch-sizes", "0", "--repeats", "0")
     assert res.exit_code == 2

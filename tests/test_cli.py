@@ -318,6 +318,23 @@ def test_eval_writes_json(tiny_dir, text_file, tmp_path):
     assert p["tokens"] == 299 and p["protocol"]["stride"] == 64 and p["ppl"] > 1
 
 
+def test_eval_out_never_overwrites_an_input_or_a_foreign_file(tiny_dir, text_file, tmp_path):
+    """--out replaces only an earlier eval result: never the corpus it reads, a model's
+    config.json, or any other file."""
+    config = Path(tiny_dir) / "config.json"
+    before = {p: p.read_bytes() for p in (Path(text_file), config)}
+    for out in before:
+        res = run("eval", tiny_dir, "--data", text_file, "--eval-tokens", "300", "--window", "128", "--out", out)
+        assert res.exit_code == 2 and "is not an earlier `mptool eval` result" in " ".join(res.output.split())
+        assert len([ln for ln in res.output.splitlines() if ln.strip()]) == 1, res.output
+    assert {p: p.read_bytes() for p in before} == before
+    out = tmp_path / "again.json"
+    for _ in range(2):  # its own result is replaced
+        res = run("eval", tiny_dir, "--data", text_file, "--eval-tokens", "300", "--window", "128", "--out", out)
+        assert res.exit_code == 0, res.output
+    assert json.loads(out.read_text())["perplexity"]["tokens"] == 300 - 3  # 3 windows of 128
+
+
 def test_eval_stride_defaults_to_the_window_and_bad_protocols_fail_first(tiny_dir, text_file, tmp_path):
     out = tmp_path / "eval.json"
     res = run("eval", tiny_dir, "--data", text_file, "--eval-tokens", "300", "--window", "128", "--out", out)
@@ -326,7 +343,7 @@ def test_eval_stride_defaults_to_the_window_and_bad_protocols_fail_first(tiny_di
     assert p["protocol"]["stride"] == 128 and p["tokens"] == 300 - 3  # 3 windows, each first token unscored
     for args, needle in ((["--eval-tokens", "1"], "ppl.max_tokens (--eval-tokens) 1 must be >= 2"),
                          (["--stride", "0"], "ppl.stride (--stride) 0 must be in [1, window 1024]"),
-                         (["--out", tmp_path], "is a folder; give a JSON file path")):
+                         (["--out", tmp_path], "is a folder; give a file path")):
         res = run("eval", tiny_dir, "--data", text_file, *args)
         assert res.exit_code == 2 and needle in res.output, res.output
 
