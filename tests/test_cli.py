@@ -443,6 +443,19 @@ def test_folder_without_weights(tmp_path, text_file, tiny_dir):
     assert_clean_failure(res, out, "safetensors")
 
 
+def test_a_tokenizer_larger_than_the_embedding_is_refused(tmp_path, text_file, tokenizer_dir):
+    """A tokenizer from another model: its ids past the embedding table would crash mid-run."""
+    src = save_tiny("llama", tokenizer_dir, tmp_path / "small-vocab", vocab_size=200)
+    for cmd in (["compress", src, *small(text_file), "--out", tmp_path / "o"],
+                ["eval", src, "--data", text_file, "--eval-tokens", "300"],
+                ["export", src, "--target", "hf", "--out", tmp_path / "o"]):
+        res = run(*cmd)
+        errors = [ln for ln in res.output.splitlines() if ln.startswith("error:")]  # export also shows its progress
+        assert res.exit_code == 2 and len(errors) == 1, res.output
+        assert "its tokenizer has 320 tokens but the model's embedding has 200 rows" in errors[0]
+        assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.tmp-*"))
+
+
 def test_pickle_weights_are_refused(tmp_path, text_file, tiny_dir):
     pkl = tmp_path / "pkl"
     pkl.mkdir()
