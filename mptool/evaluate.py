@@ -97,8 +97,11 @@ def resolve_tasks(tasks: Sequence[str]) -> tuple[Any, list[str]]:
         raise MptoolError(f"--tasks needs lm-eval: pip install 'lm_eval[hf]==0.4.13' ({e})") from e
     import yaml
 
-    include, names = [], []
+    include, names, local = [], [], {}
     for task in tasks:
+        if not str(task).strip():
+            raise MptoolError(f"--tasks {','.join(map(str, tasks))!r} has an empty entry; give comma-separated "
+                              "task names or task YAML paths")
         path = Path(task)
         if path.suffix in (".yaml", ".yml") or path.is_dir():
             if not path.exists():
@@ -114,8 +117,10 @@ def resolve_tasks(tasks: Sequence[str]) -> tuple[Any, list[str]]:
                     continue
                 if isinstance(spec.get("group"), str) and isinstance(spec.get("task"), list):
                     names.append(spec["group"])  # a group file: run the group
+                    local[spec["group"]] = f
                 elif isinstance(spec.get("task"), str):
                     names.append(spec["task"])
+                    local[spec["task"]] = f
         else:
             names.append(task)
     if not names:
@@ -125,6 +130,14 @@ def resolve_tasks(tasks: Sequence[str]) -> tuple[Any, list[str]]:
     if unknown:
         raise MptoolError(f"lm-eval knows no task {', '.join(map(repr, unknown))}; give a registered task "
                           "name (lm-eval --tasks list) or a task YAML file")
+    for name in (n for n in names if n in local):  # offline and cheap: build it now, not after the perplexity run
+        try:
+            manager.load(name)
+        except Exception as e:  # noqa: BLE001 - lm-eval raises bare TypeErrors for an incomplete file
+            why = f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e).strip() else type(e).__name__
+            raise MptoolError(f"lm-eval cannot build task {name!r} from {local[name]} ({why}); a task YAML needs "
+                              "task, dataset_path, output_type, doc_to_text and doc_to_target "
+                              "(see tests/data/tasks/austen_mc.yaml)") from None
     return manager, names
 
 

@@ -48,5 +48,22 @@ def test_unknown_task_fails_before_any_work_and_function_tags_are_read(tmp_path,
         "tests/data/tasks/austen_mc.jsonl", str(TASKS / "austen_mc.jsonl"))
     task = tmp_path / "tagged.yaml"
     task.write_text(yaml_text + "process_docs: !function utils.process_docs\n")
+    (tmp_path / "utils.py").write_text("def process_docs(dataset):\n    return dataset\n")
     _, names = resolve_tasks([str(task)])
     assert names == ["austen_mc"]
+
+
+def test_incomplete_task_file_and_empty_entries_fail_before_the_model_loads(tmp_path):
+    """Found before the perplexity run, in one line: a task YAML lm-eval cannot build (it raises a
+    bare TypeError for a missing doc_to_target) and an empty --tasks entry (``a.yaml,``, which
+    would have meant every YAML in the working directory)."""
+    yaml_text = (TASKS / "austen_mc.yaml").read_text().replace(
+        "tests/data/tasks/austen_mc.jsonl", str(TASKS / "austen_mc.jsonl"))
+    task = tmp_path / "incomplete.yaml"
+    task.write_text("\n".join(ln for ln in yaml_text.splitlines() if not ln.startswith("doc_to_target")))
+    missing_model = tmp_path / "not-loaded"  # never reached: the tasks are checked first
+    for tasks, says in ((str(task), "lm-eval cannot build task 'austen_mc' from"),
+                        (f"{task},", "has an empty entry")):
+        res = CliRunner().invoke(app, ["eval", str(missing_model), "--tasks", tasks])
+        lines = [ln for ln in res.output.splitlines() if ln.strip()]
+        assert res.exit_code == 2 and len(lines) == 1 and says in lines[0], res.output
