@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mptool.benchmarks.config import ENGINES, BenchConfig
+from mptool.config import seed_problems
 from mptool.errors import MptoolError
 
 SCHEMA = "mptool.bench/1"
@@ -104,8 +105,7 @@ def validate(cfg: BenchConfig) -> dict[str, Any]:
     if on_cpu and "onnxruntime" in engines and cfg.dtype in ("float16", "bfloat16"):
         problems.append(f"dtype {cfg.dtype} is not run by onnxruntime-genai on the CPU (its fp16/bf16 CPU graphs "
                         "fail to run); use --dtype float32 there, or --device cuda")
-    if cfg.seed < 0:
-        problems.append(f"seed {cfg.seed} must be 0 or more")
+    problems += seed_problems(cfg.seed)
     from mptool.io import json_with, output_problems, result_file_problems
 
     stem = Path(cfg.out)

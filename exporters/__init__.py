@@ -60,6 +60,7 @@ def source_dtype(spec: Any) -> str | None:
 
 def validate(cfg: ExportConfig) -> list[str]:
     """Every problem found without loading weights (raised together by :func:`export`)."""
+    from mptool.config import seed_problems
     from mptool.errors import MptoolError
     from mptool.io import output_problems
     from mptool.models import resolve_model
@@ -85,6 +86,7 @@ def validate(cfg: ExportConfig) -> list[str]:
     p = cfg.parity
     if min(p.batch, p.seq_len, p.prompts, p.prompt_len, p.new_tokens) < 1:
         problems.append(f"parity sizes must be >= 1, got {p}")
+    problems += seed_problems(p.seed, "parity.seed (--seed)")
     out = cfg.resolved_out()
     try:
         spec = resolve_model(cfg.model)

@@ -18,7 +18,7 @@ import yaml
 
 from mptool import distributed as D
 from mptool.baselines import METHODS
-from mptool.config import WEIGHT_DTYPE_BYTES, CompressConfig, save_config, to_dict
+from mptool.config import WEIGHT_DTYPE_BYTES, CompressConfig, save_config, seed_problems, to_dict
 from mptool.data import DATA_ORDERS
 from mptool.errors import MptoolError
 from mptool.evaluate import PplProtocol, perplexity
@@ -85,7 +85,7 @@ def validate(cfg: CompressConfig, resuming: bool = False) -> None:
     for name, value in (*sizes, ("recovery.batch_size", rec.batch_size)):
         if value < 1 or value % world:
             problems.append(f"{name} {value} must be a positive multiple of the {world} processes")
-    problems += number_problems(cfg)
+    problems += number_problems(cfg) + seed_problems(cfg.seed)
     if mp.dual not in ("ascent", "exact"):
         problems.append(f"maskprune.dual {mp.dual!r} is not one of ascent, exact")
     if mp.forward not in ("binary", "scaled"):

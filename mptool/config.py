@@ -305,3 +305,13 @@ def load_config(cls: type[T], path: str | Path | None = None,
 
 def save_config(cfg: Any, path: Path) -> None:
     path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+SEED_MAX = 2**32 - 1  # numpy's bound; torch and random accept it too
+
+
+def seed_problems(seed: object, name: str = "--seed") -> list[str]:
+    """A seed every random generator the run seeds accepts (one line)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
+        return [f"{name} {seed!r} must be a whole number from 0 to {SEED_MAX}"]
+    return []

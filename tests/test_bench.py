@@ -191,7 +191,7 @@ def test_yaml_recipe_builds_the_same_config(tmp_path):
     (["--device", "tpu"], "device tpu is not supported; accepted: cpu, cuda"),
     (["--threads", "999"], "threads 999 must be between 1 and"),
     (["--prompt-lens", "300"], "exceeds the dense model's max_position_embeddings 256"),
-    (["--seed", "-1"], "seed -1 must be 0 or more"),
+    (["--seed", "-1"], "--seed -1 must be a whole number from 0 to 4294967295"),
     (["--engine", "onnxruntime", "--dtype", "float16", "--device", "cpu"],
      "dtype float16 is not run by onnxruntime-genai on the CPU"),
 ])

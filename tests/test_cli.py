@@ -494,6 +494,18 @@ def test_ratio_outside_unit_interval(tiny_dir, text_file, tmp_path, ratio):
     assert_clean_failure(res, out, "outside (0, 1)")
 
 
+@pytest.mark.parametrize("seed", ["-1", "99999999999999999999"])
+def test_seed_outside_what_the_generators_accept(tiny_dir, text_file, tmp_path, seed):
+    """An OverflowError traceback from torch.manual_seed before: now one line, nothing written."""
+    out = tmp_path / "o"
+    res = run("compress", tiny_dir, "--seed", seed, *small(text_file), "--out", out)
+    assert_clean_failure(res, out, f"--seed {seed} must be a whole number from 0 to 4294967295")
+    res = run("export", tiny_dir, "--target", "hf", "--seed", seed, "--out", out)
+    errors = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+    assert res.exit_code == 2 and len(errors) == 1 and "parity.seed (--seed)" in errors[0], res.output
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("flag,value,needle", [("--sharding", "zero3", "not one of ddp, fsdp"),
                                                 ("--device", "tpu", "not one of auto, cpu, cuda")])
 def test_unknown_sharding_or_device(tiny_dir, text_file, tmp_path, flag, value, needle):
