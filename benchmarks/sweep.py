@@ -60,6 +60,11 @@ def _load_dims(path: Path, trust_remote_code: bool) -> tuple[Any, Any]:
     return config, Dims.from_config(config)
 
 
+def cache_dir(cfg: BenchConfig) -> str:
+    """Where engine builds (onnxruntime-genai models) are cached."""
+    return cfg.cache_dir or str(Path(os.environ.get("MPTOOL_CACHE", "~/.cache/mptool")).expanduser() / "bench")
+
+
 def validate(cfg: BenchConfig) -> dict[str, Any]:
     """Check the whole request before any engine starts; raise every problem in one line.
 
@@ -106,8 +111,10 @@ def validate(cfg: BenchConfig) -> dict[str, Any]:
         problems.append(f"dtype {cfg.dtype} is not run by onnxruntime-genai on the CPU (its fp16/bf16 CPU graphs "
                         "fail to run); use --dtype float32 there, or --device cuda")
     problems += seed_problems(cfg.seed)
-    from mptool.io import json_with, output_problems, result_file_problems
+    from mptool.io import json_with, output_problems, result_file_problems, writable_folder_problems
 
+    if "onnxruntime" in engines:  # where its builds are cached
+        problems += writable_folder_problems(cache_dir(cfg), "--cache-dir")
     stem = Path(cfg.out)
     problems += (output_problems(cfg.out, overwrite=True, flag="--out", folder=False)
                  or result_file_problems([stem.with_name(stem.name + ext) for ext in (".json", ".md", ".png")],
@@ -251,7 +258,7 @@ def run_bench(cfg: BenchConfig, argv: list[str] | None = None) -> dict[str, Any]
     facts = validate(cfg)
     cells = [Cell(b, p) for p in cfg.prompt_lens for b in cfg.batch_sizes]
     (dense_path, _, dense_dims), (pruned_path, _, pruned_dims) = facts["dense"], facts["pruned"]
-    cache_dir = cfg.cache_dir or str(Path(os.environ.get("MPTOOL_CACHE", "~/.cache/mptool")).expanduser() / "bench")
+    builds = cache_dir(cfg)
     started, t0 = datetime.now(timezone.utc), time.perf_counter()
     host = host_info()
     doc: dict[str, Any] = {
@@ -276,7 +283,7 @@ def run_bench(cfg: BenchConfig, argv: list[str] | None = None) -> dict[str, Any]
             spec = EngineSpec(
                 engine=engine, dtype=dtype, device=facts["device"], threads=facts["threads"],
                 cpus=facts["cpus"], eager=cfg.vllm.eager, kv_cache_gib=cfg.vllm.kv_cache_gib,
-                gpu_memory_utilization=cfg.vllm.gpu_memory_utilization, cache_dir=cache_dir,
+                gpu_memory_utilization=cfg.vllm.gpu_memory_utilization, cache_dir=builds,
                 trust_remote_code=cfg.trust_remote_code, max_batch=max(cfg.batch_sizes),
                 max_len=max(cfg.prompt_lens) + cfg.new_tokens,
                 max_batched_tokens=max(c.batch_size * c.prompt_len for c in cells), timeout_s=cfg.vllm.timeout_s,

@@ -92,6 +92,21 @@ def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def writable_folder_problems(folder: str | os.PathLike, flag: str) -> list[str]:
+    """Whether ``folder`` is, or can be made as, a folder this process writes in (one line)."""
+    path = Path(folder).expanduser()
+    if path.exists() and not path.is_dir():
+        return [f"{flag} {folder} is a file; give a folder"]
+    ancestor = path
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        return [f"{flag} {folder}: {ancestor} is a file, not a folder"]
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        return [f"{flag} {folder}: cannot write in {ancestor}; give a writable folder"]
+    return []
+
+
 def result_file_problems(files: list[Path], is_ours: Callable[[Path], bool], command: str,
                          flag: str = "--out", inputs: tuple = ()) -> list[str]:
     """What is wrong with overwriting result files (``files[0]`` a JSON, the rest its siblings).

@@ -244,6 +244,16 @@ def test_out_never_overwrites_a_model_file_or_a_foreign_file(pair, tmp_path):
     assert config.read_bytes() == before and notes.read_text() == "mine"
 
 
+def test_an_unusable_cache_dir_is_refused_before_any_measurement(pair, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for cache, says in ((afile, "--cache-dir {} is a file; give a folder"),
+                        (afile / "sub", "--cache-dir {}: {} is a file, not a folder")):
+        res = run(*pair, "--engine", "onnxruntime", "--cache-dir", cache)
+        assert res.exit_code == 2 and says.format(cache, afile) in " ".join(res.output.split()), res.output
+    assert afile.read_text() == "x"
+
+
 def test_every_problem_is_named_at_once(pair):
     res = run(*pair, "--engine", "tensorrt", "--batch-sizes", "0", "--repeats", "0")
     assert res.exit_code == 2
