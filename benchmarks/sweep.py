@@ -49,14 +49,10 @@ def _has_tokenizer(folder: Path) -> bool:
 
 
 def _load_dims(path: Path, trust_remote_code: bool) -> tuple[Any, Any]:
-    from transformers import AutoConfig
-
+    from mptool.models import read_config
     from mptool.shapes import Dims
 
-    try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError) as exc:
-        raise MptoolError(f"cannot read the config of {path}: {str(exc).splitlines()[0]}") from None
+    config = read_config(path, trust_remote_code)
     return config, Dims.from_config(config)
 
 

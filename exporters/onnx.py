@@ -95,7 +95,7 @@ _REQUIRED = {"onnxruntime": "onnxruntime", "onnxruntime_genai": "onnxruntime-gen
 
 
 def validate(cfg: Any, spec: Any) -> list[str]:
-    from transformers import AutoConfig
+    from mptool.models import read_config
 
     problems = []
     if cfg.parity.seq_len <= DECODE_STEPS:
@@ -113,9 +113,9 @@ def validate(cfg: Any, spec: Any) -> list[str]:
         problems.append(f"the onnx target needs {', '.join(missing)}: pip install 'mptool[cpu]' "
                         "(or [gpu] on CUDA hosts)")
     try:
-        config = AutoConfig.from_pretrained(spec, trust_remote_code=cfg.trust_remote_code)
-    except (OSError, ValueError) as e:
-        problems.append(f"cannot read the config of {spec}: {str(e).splitlines()[0]}")
+        config = read_config(spec, cfg.trust_remote_code)
+    except MptoolError as e:
+        problems.append(str(e))
         return problems
     arch = (config.architectures or ["?"])[0]
     if arch not in ARCHITECTURES:

@@ -57,11 +57,10 @@ VLLM_HEADS_MESSAGE = ("Total number of attention heads ({heads}) must be divisib
 
 
 def _dims(spec: Any, trust_remote_code: bool = False):
-    from transformers import AutoConfig
-
+    from mptool.models import read_config
     from mptool.shapes import Dims
 
-    return Dims.from_config(AutoConfig.from_pretrained(spec, trust_remote_code=trust_remote_code))
+    return Dims.from_config(read_config(spec, trust_remote_code))
 
 
 def dense_dims(d: Any, report: dict[str, Any] | None) -> Any:

@@ -187,19 +187,10 @@ def model_dims(model: str | None, trust_remote_code: bool = False, config_only: 
 
     ``config_only``: a folder holding just ``config.json`` is accepted (planning before download).
     """
-    from transformers import AutoConfig
-
-    from mptool.models import resolve_model
+    from mptool.models import read_config, resolve_model
 
     path = resolve_model(model, config_only=config_only)
-    try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        from mptool.models import remote_code_hint
-
-        raise MptoolError(f"cannot read a model config from {path}: {str(e).splitlines()[0]}"
-                          f"{remote_code_hint(str(e))}") from None
-    return Dims.from_config(config)
+    return Dims.from_config(read_config(path, trust_remote_code))
 
 
 def context_check(cfg: CompressConfig, context: int | None) -> None:

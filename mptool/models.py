@@ -60,6 +60,29 @@ def remote_code_hint(message: str) -> str:
     return ""
 
 
+def read_config(path: str | os.PathLike, trust_remote_code: bool = False) -> Any:
+    """transformers' config of a model folder or hub id, or one line naming what is wrong with it."""
+    from transformers import AutoConfig
+
+    from mptool.shapes import sizes_problem
+
+    try:
+        from huggingface_hub.errors import StrictDataclassError  # typed configs: a field of the wrong type
+    except ImportError:  # pragma: no cover - older huggingface_hub
+        StrictDataclassError = ValueError  # noqa: N806
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        raise MptoolError(f"cannot read a model config from {path}: {_one_line(e)}") from None
+    except (ArithmeticError, TypeError, StrictDataclassError) as e:  # its checks divide by the sizes it reads
+        why = None
+        with contextlib.suppress(OSError, ValueError):
+            raw = json.loads((Path(path) / "config.json").read_text())
+            why = sizes_problem(raw) if isinstance(raw, dict) else None
+        raise MptoolError(f"cannot read a model config from {path}: "
+                          f"{f'config.json has {why}' if why else _one_line(e)}") from None
+
+
 def looks_like_path(spec: str) -> bool:
     """Whether ``spec`` is meant as a local path rather than a hub id.
 
@@ -399,14 +422,14 @@ def load_model(
             cannot load (message on one line).
     """
     from safetensors import SafetensorError
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from mptool.families import get_adapter
 
     path = resolve_model(spec)
     config = None
     try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        config = read_config(path, trust_remote_code)
         get_adapter(config)
         model, info = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, output_loading_info=True

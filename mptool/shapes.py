@@ -18,6 +18,24 @@ from mptool.errors import MptoolError
 from mptool.families import get_adapter
 
 
+def sizes_problem(sizes: dict[str, Any]) -> str | None:
+    """What makes a config's sizes describe no model (0 heads, 3 KV groups for 8 heads), in one
+    line; None when they are usable. ``sizes``: config.json's values by name."""
+    heads = sizes.get("num_attention_heads")
+    kv = sizes.get("num_key_value_heads")
+    kv = heads if kv is None else kv
+    values = {name: sizes.get(name) for name in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                                  "intermediate_size", "vocab_size")}
+    values["num_key_value_heads"] = kv
+    bad = [f"{k} {v!r}" for k, v in values.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1]
+    if bad:
+        return f"{', '.join(bad)}; each must be a whole number >= 1"
+    if heads % kv:
+        return (f"num_attention_heads {heads}, not a multiple of num_key_value_heads {kv}: every KV group "
+                "must serve the same number of query heads")
+    return None
+
+
 @dataclass(frozen=True)
 class Dims:
     """The shape facts of a model config that pruning and counting need."""
@@ -42,6 +60,11 @@ class Dims:
     def from_config(cls, config: Any) -> "Dims":
         adapter = get_adapter(config)
         heads = config.num_attention_heads
+        names = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                 "intermediate_size", "vocab_size")
+        if problem := sizes_problem({n: getattr(config, n, None) for n in names}):
+            where = getattr(config, "_name_or_path", "") or "the model"
+            raise MptoolError(f"config.json of {where} has {problem}")
         kv = getattr(config, "num_key_value_heads", None) or heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         attention_bias = bool(getattr(config, "attention_bias", False))

@@ -456,6 +456,21 @@ def test_a_tokenizer_larger_than_the_embedding_is_refused(tmp_path, text_file, t
         assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.tmp-*"))
 
 
+@pytest.mark.parametrize("change,says", [
+    ({"num_attention_heads": 0}, "num_attention_heads 0; each must be a whole number >= 1"),
+    ({"num_hidden_layers": 0}, "num_hidden_layers 0; each must be a whole number >= 1"),
+    ({"num_key_value_heads": 3}, "num_attention_heads 8, not a multiple of num_key_value_heads 3"),
+    ({"hidden_size": "128"}, "hidden_size '128'; each must be a whole number >= 1"),
+])
+def test_a_config_whose_sizes_describe_no_model(tiny_dir, text_file, tmp_path, change, says):
+    """0 heads or layers were a ZeroDivisionError; 3 KV groups for 8 heads gave a wrong dense row."""
+    config = json.loads((tiny_dir / "config.json").read_text())
+    (tiny_dir / "config.json").write_text(json.dumps({**config, **change}))
+    out = tmp_path / "o"
+    assert_clean_failure(run("shapes", tiny_dir, "--ratio", "0.5"), out, says)
+    assert_clean_failure(run("compress", tiny_dir, *small(text_file), "--out", out), out, says)
+
+
 def test_pickle_weights_are_refused(tmp_path, text_file, tiny_dir):
     pkl = tmp_path / "pkl"
     pkl.mkdir()
