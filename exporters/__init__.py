@@ -58,6 +58,30 @@ def source_dtype(spec: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+# Options only some targets read: set for another target, they are refused rather than ignored.
+TARGET_OPTIONS = {"tp": ("vllm",), "max_shard_size": ("hf", "vllm"), "onnx": ("onnx",), "vllm": ("vllm",)}
+_FLAGS = {"tp": "--tp", "max_shard_size": "--max-shard-size", "onnx.provider": "--onnx-provider",
+          "vllm.engine_check": "--engine-check/--no-engine-check"}
+
+
+def unused_option_problems(cfg: ExportConfig) -> list[str]:
+    """One line per option that ``cfg.target`` would silently ignore (``--tp 3`` for hf)."""
+    fresh, problems = ExportConfig(), []
+    for name, targets in TARGET_OPTIONS.items():
+        value, default = getattr(cfg, name), getattr(fresh, name)
+        if cfg.target in targets or value == default:
+            continue
+        if dataclasses.is_dataclass(value):
+            changed = [f"{name}.{f.name}" for f in dataclasses.fields(value)
+                       if getattr(value, f.name) != getattr(default, f.name)]
+        else:
+            changed = [name]
+        named = [f"{c} ({_FLAGS[c]})" if c in _FLAGS else c for c in changed]
+        problems.append(f"{', '.join(named)} applies to --target {' and '.join(targets)} only; "
+                        f"--target {cfg.target} would ignore it: drop it")
+    return problems
+
+
 def validate(cfg: ExportConfig) -> list[str]:
     """Every problem found without loading weights (raised together by :func:`export`)."""
     from mptool.config import seed_problems
@@ -72,8 +96,10 @@ def validate(cfg: ExportConfig) -> list[str]:
         return problems
     dtype = cfg.resolved_dtype()
     if dtype not in DTYPES[cfg.target]:
+        aliases = [a for a, d in DTYPE_ALIASES.items() if d in DTYPES[cfg.target]]
         problems.append(f"--dtype {cfg.dtype!r} is not available for --target {cfg.target}; "
-                        f"choose {', '.join(DTYPES[cfg.target])} (aliases {', '.join(DTYPE_ALIASES)})")
+                        f"choose {', '.join(DTYPES[cfg.target])} (aliases {', '.join(aliases)})")
+    problems += unused_option_problems(cfg)
     problems += option_problems(cfg.tp)
     problems += option_problems(cfg.vllm.engine_tp, tp_name="vllm.engine_tp", allow_no_tp=True)
     try:

@@ -270,6 +270,12 @@ def test_greedy_mismatch_names_the_first_differing_token():
     (["--target", "onnx", "--dtype", "float32", "--onnx-provider", "cuda"], "needs --dtype float16"),
     (["--target", "onnx", "--onnx-provider", "tpu"], "is not one of cpu, cuda"),
     (["--target", "vllm", "--tp", "0"], "must list positive"),
+    (["--target", "hf", "--tp", "3"], "tp (--tp) applies to --target vllm only; --target hf would ignore it"),
+    (["--target", "hf", "--no-engine-check"], "vllm.engine_check (--engine-check/--no-engine-check) applies to "
+                                               "--target vllm only"),
+    (["--target", "vllm", "--onnx-provider", "cuda"], "onnx.provider (--onnx-provider) applies to --target onnx"),
+    (["--target", "onnx", "--max-shard-size", "1GB"], "applies to --target hf and vllm only"),
+    (["--target", "onnx", "--dtype", "bf16"], "choose float32, float16 (aliases fp32, fp16, half, float)"),
 ])
 def test_bad_options_are_refused_before_any_work(args, needle, tokenizer_dir, tmp_path):
     src = save_tiny("llama", tokenizer_dir, tmp_path / "src")
