@@ -391,7 +391,7 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
     ckpt = Path(resume) if resume else checkpoint_dir(cfg)
     ckpt_parent = ckpt.parent / f".{ckpt.name}.work"
     ckpt_parent.mkdir(parents=True, exist_ok=True)  # every rank: harmless, and exists before use
-    with _work_folder(ckpt_parent, resumable=cfg.method == "maskprune"):
+    with _work_folder(ckpt_parent, ckpt, resumable=cfg.method == "maskprune"):
         metrics = ckpt_parent / "metrics.jsonl"
         history: list[dict] = []
         extra: dict[str, Any] = {}
@@ -549,17 +549,19 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
 
 
 @contextlib.contextmanager
-def _work_folder(path: Path, resumable: bool) -> Iterator[None]:
-    """On failure a run that cannot be resumed (a one-shot method) leaves no work folder behind;
-    a resumable one keeps its checkpoints and metrics but not a cached teacher (rebuilt on resume)."""
+def _work_folder(path: Path, ckpt: Path, resumable: bool) -> Iterator[None]:
+    """On failure a run that cannot be resumed (a one-shot method, or MaskPrune stopped before its
+    first checkpoint) leaves no work folder behind; a resumable one keeps its checkpoint and
+    metrics but not a cached teacher (rebuilt on resume), and on Ctrl-C or SIGTERM says how to
+    continue."""
     try:
         yield
-    except BaseException:
-        if resumable:
+    except BaseException as e:
+        if resumable and (ckpt / "compress-config.yaml").is_file():
             for cache in path.glob("teacher-topk*.safetensors"):
                 cache.unlink(missing_ok=True)
-            if path.is_dir() and not any(path.iterdir()):  # failed before anything worth keeping
-                path.rmdir()
+            if isinstance(e, (KeyboardInterrupt, SystemExit)) and D.is_main():
+                console.print(f"stopped; continue from the last checkpoint with: mptool compress --resume {ckpt}")
         else:
             shutil.rmtree(path, ignore_errors=True)
         raise

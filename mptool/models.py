@@ -446,9 +446,10 @@ def load_model(
             raise MptoolError(f"cannot load model {path}: its weights do not match its config.json "
                               f"({len(keys)} {kind.replace('_', ' ')}, e.g. {keys[0]})")
     rows = model.get_input_embeddings().num_embeddings
-    if len(tokenizer) > rows:  # ids past the table would index out of range mid-run
-        raise MptoolError(f"cannot load model {path}: its tokenizer has {len(tokenizer)} tokens but the model's "
-                          f"embedding has {rows} rows (vocab_size); give the tokenizer that belongs to this model")
+    if tokenizer.vocab_size > rows:  # ordinary text would index past the table mid-run
+        raise MptoolError(f"cannot load model {path}: its tokenizer has {tokenizer.vocab_size} tokens but the "
+                          f"model's embedding has {rows} rows (vocab_size); give the tokenizer that belongs to "
+                          "this model")
     get_adapter(model.config)
     model.eval()
     return model, tokenizer

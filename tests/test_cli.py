@@ -98,6 +98,19 @@ def test_compress_draws_its_blocks_in_the_asked_order(order, tiny_dir, text_file
     assert json.loads((out / "report.json").read_text())["config"]["data"]["order"] == (order or "shuffled")
 
 
+def test_a_stop_says_how_to_resume_and_a_stop_before_any_checkpoint_leaves_nothing(tiny_dir, text_file, tmp_path,
+                                                                                   monkeypatch):
+    args = maskprune_args(text_file, tmp_path)  # checkpoints every 2 steps
+    early, late = tmp_path / "early", tmp_path / "late"
+    res = killed_run(tiny_dir, args, early, monkeypatch, dies_at=1)
+    assert res.exit_code != 0 and "--resume" not in res.output
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith((".early", "early"))) == []
+    res = killed_run(tiny_dir, args, late, monkeypatch, dies_at=3)
+    ckpt = tmp_path / "late.ckpt"
+    assert res.exit_code != 0 and (ckpt / "trainer.json").is_file()
+    assert f"mptool compress --resume {ckpt}" in " ".join(res.output.split()), res.output
+
+
 def test_compress_with_ratio_and_yaml_recipe(tiny_dir, text_file, tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(f"method: flap\nratio: 0.5\nffn_multiple: 32\nrecovery:\n  steps: 0\ndata:\n  train: {text_file}\n"
