@@ -89,8 +89,10 @@ class PplConfig:
         out = []
         if self.window is not None and self.window < 2:
             out.append(f"ppl.window (--window) {self.window} must be >= 2")
-        elif self.stride is not None and not 1 <= self.stride <= self.window_for():
-            out.append(f"ppl.stride (--stride) {self.stride} must be in [1, window {self.window_for()}]")
+        elif self.stride is not None and self.stride < 1:
+            out.append(f"ppl.stride (--stride) {self.stride} must be >= 1 and at most the window")
+        elif self.stride is not None and self.window is not None and self.stride > self.window:
+            out.append(f"ppl.stride (--stride) {self.stride} must be in [1, window {self.window}]")
         if self.max_tokens < 2:
             out.append(f"ppl.max_tokens (--eval-tokens) {self.max_tokens} must be >= 2")
         return out
@@ -98,16 +100,15 @@ class PplConfig:
     def context_problems(self, context: int | None) -> list[str]:
         """An explicit window longer than the model's context: RoPE past the positions a model was
         built for gives a perplexity that measures extrapolation, not the model."""
-        if not context:
-            return []
-        if self.window is not None and self.window > context:
+        if context and self.window is not None and self.window > context:
             return [f"ppl.window (--window) {self.window} is longer than the model's context "
                     f"(max_position_embeddings {context}): give ppl.window {context} or less "
                     f"(--window on eval, the recipe's ppl.window on compress)"]
         window = self.window_for(context)
         if self.stride is not None and self.stride > window:
-            return [f"ppl.stride (--stride) {self.stride} is longer than the window, {window} tokens "
-                    f"on this model (its context): give ppl.stride {window} or less"]
+            why = " on this model (its context)" if self.window is None and window == context else ""
+            return [f"ppl.stride (--stride) {self.stride} is longer than the window, {window} tokens{why}: "
+                    f"give ppl.stride {window} or less"]
         return []
 
 
@@ -233,6 +234,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return value
         raise MptoolError(f"{where} must be true or false, got {value!r}")
     if tp in (int, float, str):
+        if isinstance(value, bool) or (tp is str and not isinstance(value, (str, int, float))):
+            raise MptoolError(f"{where} must be {'a number' if tp is not str else 'text'}"
+                              f"{' (an integer)' if tp is int else ''}, got {value!r}")  # true is not 1
         try:
             out = tp(value)
         except (TypeError, ValueError):

@@ -349,6 +349,8 @@ def load_texts(path_or_name: str | os.PathLike, role: str = "train") -> list[str
                     f"give {ACCEPTED_DATA}"
                 )
             texts = [_read_text(f) for f in files]
+    elif path.exists():  # a device, a pipe, a socket
+        raise MptoolError(f"data path {spec} is not a regular file or folder; give {ACCEPTED_DATA}")
     elif not isinstance(path_or_name, str) or looks_like_path(spec):
         raise MptoolError(f"data path {spec} does not exist; give {ACCEPTED_DATA}")
     else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -355,7 +356,8 @@ def test_eval_stride_defaults_to_the_window_and_bad_protocols_fail_first(tiny_di
     p = json.loads(out.read_text())["perplexity"]
     assert p["protocol"]["stride"] == 128 and p["tokens"] == 300 - 3  # 3 windows, each first token unscored
     for args, needle in ((["--eval-tokens", "1"], "ppl.max_tokens (--eval-tokens) 1 must be >= 2"),
-                         (["--stride", "0"], "ppl.stride (--stride) 0 must be in [1, window 1024]"),
+                         (["--stride", "0"], "ppl.stride (--stride) 0 must be >= 1 and at most the window"),
+                         (["--window", "64", "--stride", "65"], "ppl.stride (--stride) 65 must be in [1, window 64]"),
                          (["--out", tmp_path], "is a folder; give a file path")):
         res = run("eval", tiny_dir, "--data", text_file, *args)
         assert res.exit_code == 2 and needle in res.output, res.output
@@ -605,6 +607,21 @@ def test_an_empty_recipe_section_takes_flags():
     cfg = load_config(CompressConfig, f.name, {"recovery.steps": 5})
     assert cfg.recovery.steps == 5 and cfg.maskprune.steps == CompressConfig().maskprune.steps
     Path(f.name).unlink()
+
+
+@pytest.mark.parametrize("recipe, says", [
+    ("maskprune:\n  steps: true\n", "maskprune.steps must be a number (an integer), got True"),
+    ("maskprune:\n  lr_mask: false\n", "maskprune.lr_mask must be a number, got False"),
+    ("method: [flap]\n", "method must be text, got ['flap']"),
+])
+def test_recipe_values_of_the_wrong_kind_are_refused(tmp_path, recipe, says):
+    """YAML's true is Python's 1: it used to run 1 step; a list became the text "['flap']"."""
+    from mptool.config import CompressConfig, load_config
+    from mptool.errors import MptoolError
+
+    (tmp_path / "r.yaml").write_text(recipe)
+    with pytest.raises(MptoolError, match=re.escape(says)):
+        load_config(CompressConfig, tmp_path / "r.yaml")
 
 
 def test_out_naming_a_file_is_refused_and_the_file_kept(tiny_dir, text_file, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -119,6 +120,14 @@ def test_missing_path(name):
     with pytest.raises(MptoolError, match="does not exist; give a .txt file") as err:
         load_texts(name)
     assert "\n" not in str(err.value)
+
+
+def test_a_device_or_pipe_is_named_as_such(tmp_path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    for spec in ("/dev/null", str(fifo)):
+        with pytest.raises(MptoolError, match=f"data path {spec} is not a regular file or folder; give a .txt"):
+            load_texts(spec)
 
 
 def test_unsupported_file(tmp_path):
