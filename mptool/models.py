@@ -60,6 +60,10 @@ def remote_code_hint(message: str) -> str:
     return ""
 
 
+# A tokenizer's vocabulary is in one of these (fast, SentencePiece, BPE, WordPiece).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
 def read_config(path: str | os.PathLike, trust_remote_code: bool = False) -> Any:
     """transformers' config of a model folder or hub id, or one line naming what is wrong with it."""
     from transformers import AutoConfig
@@ -434,6 +438,9 @@ def load_model(
         model, info = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, output_loading_info=True
         )
+        if Path(path).is_dir() and not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
+            raise MptoolError(f"model folder {path} has no tokenizer (tokenizer.json, tokenizer.model or vocab.json); "
+                              "copy the tokenizer files of the model it was made from into it")
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
         why = None

@@ -486,6 +486,16 @@ def test_a_config_whose_sizes_describe_no_model(tiny_dir, text_file, tmp_path, c
     assert_clean_failure(run("compress", tiny_dir, *small(text_file), "--out", out), out, says)
 
 
+def test_a_model_folder_without_a_tokenizer(tmp_path, text_file, tiny_dir):
+    bare = tmp_path / "no-tokenizer"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (bare / name).write_bytes((tiny_dir / name).read_bytes())
+    out = tmp_path / "o"
+    assert_clean_failure(run("compress", bare, *small(text_file), "--out", out), out,
+                         "has no tokenizer (tokenizer.json, tokenizer.model or vocab.json)")
+
+
 def test_pickle_weights_are_refused(tmp_path, text_file, tiny_dir):
     pkl = tmp_path / "pkl"
     pkl.mkdir()
