@@ -298,6 +298,11 @@ def _read_saved_dataset(folder: Path, role: str) -> list[str]:
 def _read_hub_dataset(name: str, role: str) -> list[str]:
     import datasets
 
+    from mptool.models import hub_unreachable
+
+    if (why := hub_unreachable()) and why != "HF_HUB_OFFLINE is set":  # offline mode reads datasets' cache
+        raise MptoolError(f"data {name} is no local path, and {why} to load it as a hub dataset "
+                          f"(HF_HUB_OFFLINE=1 reads a cached copy); give {ACCEPTED_DATA}")
     try:
         data = datasets.load_dataset(name, split="train") if role == "train" else datasets.load_dataset(name)
     except Exception as exc:  # noqa: BLE001 - any hub/network failure is the user's to fix

@@ -361,7 +361,39 @@ def resolve_model(spec: str | os.PathLike | None, config_only: bool = False) -> 
         raise MptoolError(f"model path {text} is a file; give {ACCEPTED_MODELS}")
     if not isinstance(spec, str) or looks_like_path(text):
         raise MptoolError(f"model path {text} does not exist; give {ACCEPTED_MODELS}")
+    if (why := hub_unreachable()) and not _in_hub_cache(text):
+        raise MptoolError(f"model {text} is no local folder and not in the Hugging Face cache, and {why}; "
+                          f"give {ACCEPTED_MODELS} (online)")
     return text
+
+
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be asked for anything from here, or None when it may be.
+
+    Offline mode, or a hub host whose name does not resolve: said at once, instead of after
+    the half minute of retries a download makes before giving up."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return f"the hub ({host}) cannot be reached from here"
+    return None
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except ValueError:  # not a valid repo id
+        return False
 
 
 def weights_problem(path: Path, config: Any) -> str | None:

@@ -66,9 +66,38 @@ def test_missing_path_under_existing_parent(tmp_path, monkeypatch):
         resolve_model("runs/pruned")
 
 
-def test_hub_id_passes_through():
+def test_hub_id_passes_through_where_the_hub_is_reachable(monkeypatch):
+    from mptool import models
+
+    monkeypatch.setattr(models, "hub_unreachable", lambda: None)
     assert resolve_model("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
     assert resolve_model("gpt2") == "gpt2"
+
+
+def test_hub_id_offline_is_one_line_at_once_unless_cached(monkeypatch):
+    """Offline (this machine), a hub id used to cost half a minute of download retries before a
+    message that did not say no local folder of that name exists."""
+    import socket
+
+    from mptool import data, models
+
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # the tests run offline by choice
+    with pytest.raises(MptoolError, match="org/no-such-model is no local folder .* and HF_HUB_OFFLINE is set"):
+        resolve_model("org/no-such-model")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    with pytest.raises(MptoolError, match=r"model org/no-such-model is no local folder and not in the Hugging Face "
+                                          r"cache, and the hub \(huggingface.co\) cannot be reached from here"):
+        resolve_model("org/no-such-model")
+    with pytest.raises(MptoolError, match="data no-such-corpus is no local path, and the hub"):
+        data.load_texts("no-such-corpus")
+    monkeypatch.setattr(models, "_in_hub_cache", lambda repo_id: True)  # a cached copy loads offline
+    assert resolve_model("org/cached-model") == "org/cached-model"
 
 
 def test_load_model_tiny_llama(tmp_path, tokenizer_dir):
