@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import signal
@@ -30,8 +31,8 @@ def output_problems(out: str | os.PathLike, overwrite: bool, sources: tuple = ()
         ancestor = ancestor.parent
     if not ancestor.is_dir():
         return [f"{flag} {out}: {ancestor} is a file, not a folder"]
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        return [f"{flag} {out}: cannot write in {ancestor}"]
+    if not os.access(ancestor, os.W_OK | os.X_OK) or (why := _cannot_create_in(ancestor)):
+        return [f"{flag} {out}: cannot write in {ancestor}{f' ({why})' if why else ''}"]
     if not folder:
         return []
     problems = []
@@ -74,8 +75,13 @@ def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
         tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
         yield tmp
         _ordinary_permissions(tmp, umask)
-    except BaseException:
+    except BaseException as e:
         _remove(tmp)
+        if why := disk_error(e):
+            from mptool.errors import MptoolError
+
+            raise MptoolError(f"cannot write {out}: {why}; nothing was written (free space or give another "
+                              "--out)") from e
         raise
     old = None
     try:
@@ -90,6 +96,31 @@ def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _cannot_create_in(folder: Path) -> str | None:
+    """Why nothing can be created in ``folder`` (a read-only mount, /sys as root: places that
+    ``os.access`` calls writable), or None. Probes with an empty folder, removed at once."""
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".mptool-probe-", dir=folder))
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
+
+
+# The disk refusing a write, not a bug of mptool: full, read-only, over quota. (Permissions are
+# left out: a read of an input can fail with them too, and the output folder was probed before.)
+_DISK_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT}
+_DISK_MESSAGES = ("No space left on device", "Read-only file system", "Disk quota exceeded")
+
+
+def disk_error(exc: BaseException) -> str | None:
+    """The one-line reason when ``exc`` is the disk refusing a write (also when safetensors wraps
+    the OS error in its own exception), else None."""
+    if isinstance(exc, OSError) and exc.errno in _DISK_ERRNOS:
+        return exc.strerror or str(exc)
+    text = str(exc)
+    return next((m for m in _DISK_MESSAGES if m in text), None) if type(exc).__name__ == "SafetensorError" else None
 
 
 def writable_folder_problems(folder: str | os.PathLike, flag: str) -> list[str]:

@@ -77,6 +77,46 @@ def test_sigterm_just_after_the_folder_is_made_leaves_nothing(tmp_path, monkeypa
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path):
+    """ENOSPC mid-write (or safetensors' wrapped form of it): a user error naming the cause, the
+    temporary folder gone, an earlier output kept."""
+    import errno
+
+    from safetensors import SafetensorError
+
+    from mptool.errors import MptoolError
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    for failure in (OSError(errno.ENOSPC, "No space left on device"),
+                    SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                                    'message: "No space left on device" })')):
+        with pytest.raises(MptoolError, match=f"cannot write {out}: No space left on device; nothing was written"):
+            with atomic_dir(out) as tmp:
+                (tmp / "part.bin").write_bytes(b"x")
+                raise failure
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (out / "old.txt").read_text() == "old"
+    with pytest.raises(OSError):  # anything else keeps its traceback: it may be a bug
+        with atomic_dir(out):
+            raise OSError(errno.EIO, "Input/output error")
+
+
+def test_an_output_place_that_refuses_creation_is_found_up_front(tmp_path, monkeypatch):
+    """os.access says yes to root on /sys or a read-only mount; a probe folder says no."""
+    import errno
+    import tempfile
+
+    from mptool.io import output_problems
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", refuse)
+    assert output_problems(tmp_path / "x", overwrite=False) == [
+        f"--out {tmp_path / 'x'}: cannot write in {tmp_path} (Read-only file system)"]
+
+
 def test_kill_session_ends_the_child_and_its_workers(tmp_path):
     """An engine child that started a worker of its own (vLLM's tensor-parallel workers): both
     are gone after kill_session, not only the process we hold."""
