@@ -618,3 +618,8 @@ def print_report(report: dict[str, Any]) -> None:
     Console(width=120).print(table)
     console.print(f"removed {report['prunable_removed']:.1%} of prunable parameters; "
                   f"perplexity x{report['ppl_ratio']:.2f} on {report['pruned']['perplexity']['protocol']['text']}")
+    asked = (report.get("config") or {}).get("ratio")
+    if asked is not None and report["prunable_removed"] - asked > 0.02:  # the legal grid is coarse on small models
+        console.print(f"note: --ratio {asked:g} asked for {asked:.1%}; the largest legal uniform shape within it "
+                      f"removes {report['prunable_removed']:.1%} (`mptool shapes MODEL --ratio {asked:g}` lists the "
+                      "shapes; a smaller --ffn-multiple gives finer FFN steps)")

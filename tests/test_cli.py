@@ -527,6 +527,18 @@ def test_illegal_target_names_nearest(tiny_dir, text_file, tmp_path):
     assert_clean_failure(res, out, "not a multiple of 64", "Nearest legal")
 
 
+def test_a_ratio_far_below_the_nearest_legal_shape_is_pointed_out(tiny_dir, text_file, tmp_path):
+    """--ratio 0.01 on the tiny model: the smallest legal cut is one FFN step of 64 (16.7%);
+    the run says so instead of quietly removing 17 times what was asked."""
+    out = tmp_path / "o"
+    res = run("compress", tiny_dir, "--method", "flap", "--ratio", "0.01", *small(text_file), "--out", out)
+    assert res.exit_code == 0, res.output
+    removed = json.loads((out / "report.json").read_text())["prunable_removed"]
+    text = " ".join(res.output.split())
+    assert removed > 0.1 and f"note: --ratio 0.01 asked for 1.0%; the largest legal uniform shape within it " \
+                             f"removes {removed:.1%}" in text, text
+
+
 @pytest.mark.parametrize("ratio", ["0", "1", "1.5", "-0.2"])
 def test_ratio_outside_unit_interval(tiny_dir, text_file, tmp_path, ratio):
     out = tmp_path / "o"
