@@ -384,6 +384,14 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
     cut = token_blocks(tokenizer, texts, cfg.data.seq_len, max(train_blocks, calib_blocks) * cfg.data.seq_len,
                        order=cfg.data.order)
     calib, blocks = cut[:calib_blocks], cut[:train_blocks]
+    data_used = {"seq_len": cfg.data.seq_len, "calib_blocks": len(calib), "calib_blocks_asked": calib_blocks,
+                 "train_blocks": train_blocks, "distinct_train_blocks": len(blocks)}
+    short = ([f"calibration uses {len(calib)} of the {calib_blocks} asked (--calib-tokens)"]
+             if len(calib) < calib_blocks else [])
+    if len(blocks) < train_blocks:
+        short.append(f"training passes over {len(blocks)} distinct blocks {train_blocks / len(blocks):.1f} times")
+    if main and short:  # the report's data_used records the same
+        console.print(f"note: the training text holds {len(cut)} blocks of {cfg.data.seq_len} tokens: {'; '.join(short)}")
     dense_ppl = measure_ppl(model, eval_ids, protocol, "dense", dev) if main else {}
     if sharded and main:
         model.cpu()
@@ -522,7 +530,7 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
         timings["peak_rss_mb"] = round(peak_rss_mb(), 1)
 
         report = build_report(cfg, d, target, dense_count, pruned, dense_ppl, pruned_ppl, timings)
-        report.update(extra)
+        report.update(extra, data_used=data_used)
         if overlap:
             report["held_out_warning"] = overlap
         with atomic_dir(cfg.out) as tmp:

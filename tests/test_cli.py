@@ -539,6 +539,24 @@ def test_a_ratio_far_below_the_nearest_legal_shape_is_pointed_out(tiny_dir, text
                              f"removes {removed:.1%}" in text, text
 
 
+def test_a_short_training_text_is_said_and_recorded(tiny_dir, tmp_path, text_file):
+    """Fewer tokens than --calib-tokens and the training steps need: the run goes on (the blocks
+    are reused) but says so, and report.json records what was used, not what was asked."""
+    short = tmp_path / "short.txt"
+    short.write_text(text_file.read_text()[:1500])
+    out = tmp_path / "o"
+    res = run("compress", tiny_dir, "--method", "flap", "--ratio", "0.5", "--data", short, "--eval-data", text_file,
+              "--calib-tokens", "2048", "--seq-len", "64", "--eval-tokens", "256", "--recovery-steps", "4",
+              "--out", out)
+    assert res.exit_code == 0, res.output
+    used = json.loads((out / "report.json").read_text())["data_used"]
+    assert used["calib_blocks_asked"] == 32 and 0 < used["calib_blocks"] == used["distinct_train_blocks"] < 16
+    assert used["train_blocks"] == 16  # 4 recovery steps x the default batch of 4
+    text = " ".join(res.output.split())
+    assert (f"calibration uses {used['calib_blocks']} of the 32 asked (--calib-tokens); training passes over "
+            f"{used['distinct_train_blocks']} distinct blocks") in text, text
+
+
 @pytest.mark.parametrize("ratio", ["0", "1", "1.5", "-0.2"])
 def test_ratio_outside_unit_interval(tiny_dir, text_file, tmp_path, ratio):
     out = tmp_path / "o"
