@@ -225,9 +225,10 @@ def eval_text_for(path: str | None) -> tuple[str, str]:
     return "\n\n".join(load_texts(path, role="eval")), path
 
 
-def held_out_overlap(cfg_data: Any) -> str | None:
+def held_out_overlap(cfg_data: Any, texts: list[str] | None = None, eval_text: str | None = None) -> str | None:
     """Why the evaluation text is (partly) training text, if it visibly is: the same path for
-    both, or a training folder holding the default held-out book."""
+    both, a training folder holding the default held-out book, or passages of the evaluation
+    text found verbatim in the training text (a copy under another name)."""
     from mptool.data import EVAL_BOOK
 
     if cfg_data.train is None or not Path(cfg_data.train).expanduser().exists():
@@ -237,11 +238,20 @@ def held_out_overlap(cfg_data: Any) -> str | None:
         held = Path(cfg_data.eval).expanduser()
         if held.exists() and held.resolve() == train:
             return f"--data and --eval-data are the same ({cfg_data.train})"
-        return None
-    book = f"{EVAL_BOOK}.txt"
-    if train.name == book or (train.is_dir() and (train / book).is_file()):
-        return f"--data {cfg_data.train} holds {book}, the default held-out text"
+    else:
+        book = f"{EVAL_BOOK}.txt"
+        if train.name == book or (train.is_dir() and (train / book).is_file()):
+            return f"--data {cfg_data.train} holds {book}, the default held-out text"
+    if texts and eval_text and len(eval_text) >= 4 * _PROBE_CHARS:
+        probes = [eval_text[int(f * (len(eval_text) - _PROBE_CHARS)):][:_PROBE_CHARS] for f in (0.1, 0.5, 0.9)]
+        found = sum(any(p in t for t in texts) for p in probes)
+        if found >= 2:
+            return (f"{found} of 3 passages of the evaluation text ({cfg_data.eval or EVAL_BOOK}) appear word for "
+                    f"word in --data {cfg_data.train}")
     return None
+
+
+_PROBE_CHARS = 200  # long enough that a verbatim match is a copy, not a shared phrase
 
 
 def load_texts_for(cfg_data: Any) -> tuple[list[str], str, str]:
@@ -356,7 +366,7 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
     timings: dict[str, float] = {}
     started = time.perf_counter()
     texts, eval_text, eval_name = load_texts_for(cfg.data)
-    overlap = held_out_overlap(cfg.data)
+    overlap = held_out_overlap(cfg.data, texts, eval_text)
     dims = model_dims(cfg.model, cfg.trust_remote_code)
     context_check(cfg, dims.context)
     fixed, budget = plan_target(cfg, dims)

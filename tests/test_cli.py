@@ -65,6 +65,23 @@ def test_compress_writes_a_plain_uniform_checkpoint(method, tiny_dir, text_file,
     assert "not on held-out text" in " ".join(res.output.split())
 
 
+def test_a_copy_of_the_training_text_as_eval_data_is_flagged(tmp_path, text_file):
+    """Same text under another name: found by verbatim passages, not only by the same path; a
+    different text is not flagged."""
+    from types import SimpleNamespace
+
+    from conftest import SAMPLE_TEXT
+    from mptool.compress import held_out_overlap
+
+    copy = tmp_path / "held-out.txt"
+    copy.write_text(text_file.read_text())
+    cfg = SimpleNamespace(train=str(text_file), eval=str(copy))
+    why = held_out_overlap(cfg, [text_file.read_text()], copy.read_text())
+    assert why == f"3 of 3 passages of the evaluation text ({copy}) appear word for word in --data {text_file}"
+    other = " ".join(reversed(SAMPLE_TEXT.split())) * 40
+    assert held_out_overlap(cfg, [text_file.read_text()], other) is None
+
+
 @pytest.mark.parametrize("order", [None, "sequential"])
 def test_compress_draws_its_blocks_in_the_asked_order(order, tiny_dir, text_file, tmp_path, monkeypatch):
     """One cut of the training text in ``data.order`` (default shuffled: the whole text's blocks in
