@@ -127,6 +127,7 @@ def validate(cfg: BenchConfig) -> dict[str, Any]:
         problems.append(f"vllm.gpu_memory_utilization {cfg.vllm.gpu_memory_utilization} must be in (0, 1]")
 
     from mptool.models import resolve_model
+    from mptool.shapes import total_params
 
     models: dict[str, Any] = {}
     for role, spec in (("dense", cfg.dense), ("pruned", cfg.pruned)):
@@ -168,6 +169,11 @@ def validate(cfg: BenchConfig) -> dict[str, Any]:
         if d.hidden_size != p.hidden_size or d.num_layers != p.num_layers:
             problems.append(f"models differ in hidden size or depth (dense {d.hidden_size} x {d.num_layers}, "
                             f"pruned {p.hidden_size} x {p.num_layers}); is the pruned one made from this dense one?")
+        elif models["dense"][0] == models["pruned"][0]:
+            problems.append(f"DENSE and PRUNED are the same folder ({models['dense'][0]}); give the pruned model second")
+        elif total_params(p) > total_params(d):
+            problems.append(f"the pruned model ({models['pruned'][0]}, {total_params(p):,} parameters) is larger "
+                            f"than the dense one ({total_params(d):,}): swapped? the order is DENSE PRUNED")
     if problems:
         raise MptoolError("; ".join(problems))
     if device is None:

@@ -205,7 +205,7 @@ def test_cli_rejects_bad_arguments(pair, tmp_path, args, says):
 
 
 def test_cli_rejects_missing_folder_and_other_family(pair, tmp_path, tokenizer_dir):
-    dense, _ = pair
+    dense, pruned = pair
     res = run(dense, tmp_path / "nowhere")
     assert res.exit_code == 2 and "pruned model folder" in res.output and "does not exist" in res.output
     res = run()
@@ -214,6 +214,12 @@ def test_cli_rejects_missing_folder_and_other_family(pair, tmp_path, tokenizer_d
     other_vocab = save(tokenizer_dir, tmp_path / "vocab", vocab_size=300)
     res = run(dense, other_vocab)
     assert res.exit_code == 2 and "different vocabularies (dense 320, pruned 300" in res.output
+
+    res = run(dense, dense)
+    assert res.exit_code == 2 and "DENSE and PRUNED are the same folder" in res.output
+    res = run(pruned, dense)
+    assert res.exit_code == 2 and "is larger than the dense one" in " ".join(res.output.split()), res.output
+    assert "swapped? the order is DENSE PRUNED" in " ".join(res.output.split())
 
     qwen = save(tokenizer_dir, tmp_path / "qwen", family="qwen2", hidden_size=128)
     res = run(dense, qwen)
