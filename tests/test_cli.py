@@ -399,6 +399,17 @@ def test_windows_and_blocks_longer_than_the_context_are_refused(tiny_dir, text_f
     assert_clean_failure(res, comp, "(--seq-len) 512 is longer than the model's context", "256 or less")
 
 
+def test_shapes_says_when_no_ratio_can_help(tokenizer_dir, tmp_path):
+    """One query head cannot be split over 2 ranks: "try a smaller --ratio" would send the user
+    round in circles; the message names the tp sizes instead."""
+    one = save_tiny("llama", tokenizer_dir, tmp_path / "one-head", num_attention_heads=1, num_key_value_heads=1,
+                    head_dim=128)
+    res = run("shapes", one, "--ratio", "0.3", "--tp", "2")
+    assert_clean_failure(res, tmp_path / "o", "(1 query heads, 1 KV heads) loads with tp 2 at any ratio")
+    res = run("shapes", one, "--ratio", "0.99")  # the dense row is shown, then why nothing fits
+    assert res.exit_code == 2 and "try a smaller --ratio" in res.output.strip().splitlines()[-1], res.output
+
+
 def test_plan_and_shapes_name_their_own_bad_flags(tiny_dir, tmp_path):
     res = run("plan", tiny_dir, "--gpus", "1,x")
     assert res.exit_code == 2 and "--gpus '1,x' must be comma-separated integers" in res.output, res.output
