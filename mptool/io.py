@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -184,17 +185,28 @@ def json_with(path: Path, key: str, value: object = None) -> bool:
 _HELD = (signal.SIGINT, signal.SIGTERM)
 
 
-def _hold_signals() -> set | None:
-    """Block SIGINT and SIGTERM in this thread; returns the mask to restore (None where the
-    platform has no ``pthread_sigmask``)."""
-    if not hasattr(signal, "pthread_sigmask"):
+def _hold_signals() -> tuple[dict, list] | None:
+    """Hold Ctrl-C and SIGTERM: until :func:`_release_signals`, they are noted, not acted on.
+
+    Done with Python handlers rather than a thread signal mask: the kernel may deliver a signal
+    to any thread (torch's workers), and Python then runs the handler in the main thread at once.
+    Only the main thread sets handlers; elsewhere nothing is held (None)."""
+    if threading.current_thread() is not threading.main_thread():
         return None
-    return signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
+    pending: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: pending.append(signum)) for s in _HELD}
+    return previous, pending
 
 
-def _release_signals(mask: set | None) -> None:
-    if mask is not None:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+def _release_signals(held: tuple[dict, list] | None) -> None:
+    """Restore the handlers and deliver what was held: its handler runs in the caller's frame."""
+    if held is None:
+        return
+    previous, pending = held
+    for s, handler in previous.items():
+        signal.signal(s, handler)
+    for s in dict.fromkeys(pending):
+        signal.raise_signal(s)
 
 
 def _remove(folder: Path) -> None:

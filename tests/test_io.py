@@ -50,30 +50,44 @@ def test_failure_leaves_the_old_folder_and_no_temporary(tmp_path):
     assert [p.name for p in out.iterdir()] == ["old.txt"]
 
 
-def test_sigterm_just_after_the_folder_is_made_leaves_nothing(tmp_path, monkeypatch):
+@pytest.mark.parametrize("delivered_to", ["main thread", "another thread"])
+def test_sigterm_just_after_the_folder_is_made_leaves_nothing(tmp_path, monkeypatch, delivered_to):
     """The CI failure: SIGTERM landed between mkdtemp and the cleanup's ``try``. A signal sent at
-    exactly that point now acts once the cleanup is armed: exit 143, no temporary folder."""
+    exactly that point now acts once the cleanup is armed: exit 143, no temporary folder. The
+    kernel may hand a process signal to any thread (torch's workers); Python still runs the
+    handler in the main thread, so both deliveries are tried."""
     import signal
     import tempfile
+    import threading
 
     from mptool.cli import _terminated
 
     real_mkdtemp = tempfile.mkdtemp
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait, daemon=True)
+    other.start()  # created before the main thread blocks SIGTERM: it can receive it
 
     def mkdtemp_then_sigterm(*args, **kwargs):
         made = real_mkdtemp(*args, **kwargs)
-        os.kill(os.getpid(), signal.SIGTERM)
+        if delivered_to == "another thread":
+            mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # the other thread takes it; Python flags it for the main thread
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        else:
+            os.kill(os.getpid(), signal.SIGTERM)
         return made
 
     monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp_then_sigterm)
     previous = signal.signal(signal.SIGTERM, _terminated)
     try:
-        with pytest.raises(SystemExit) as stop:
+        with pytest.raises(SystemExit) as stopped:
             with atomic_dir(tmp_path / "out") as tmp:
                 (tmp / "never.txt").write_text("the body must not run")
     finally:
         signal.signal(signal.SIGTERM, previous)
-    assert stop.value.code == 128 + signal.SIGTERM
+        stop.set()
+    assert stopped.value.code == 128 + signal.SIGTERM
     assert list(tmp_path.iterdir()) == []
 
 
