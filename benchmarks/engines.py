@@ -40,7 +40,7 @@ import numpy as np
 
 from mptool import package_version
 from mptool.errors import MptoolError
-from mptool.io import kill_session
+from mptool.io import cache_lock, kill_session
 
 
 DEFAULT_DTYPE = {"torch": "float32", "onnxruntime": "float32", "vllm": "bfloat16"}
@@ -225,8 +225,14 @@ def build_onnx(model_dir: str, spec: EngineSpec, log: Callable[[str], None] | No
     out = Path(spec.cache_dir).expanduser() / "onnxruntime" / f"{src.name}-{precision}-{ep}-{key}"
     if (out / "genai_config.json").is_file():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
+    with cache_lock(out):  # one build per entry; a killed build's leftovers are removed here
+        if (out / "genai_config.json").is_file():  # another bench built it while we waited
+            return out
+        return _build_onnx(src, out, precision, ep, log)
+
+
+def _build_onnx(src: Path, out: Path, precision: str, ep: str, log: Callable[[str], None] | None) -> Path:
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(src), "-o", str(tmp / "model"),
            "-p", precision, "-e", ep, "-c", str(tmp / "hf-cache"), "--extra_options", "prune_lm_head=true"]
     if log:

@@ -128,6 +128,10 @@ def test_result_schema_torch_and_onnxruntime(pair, tmp_path):
     assert res.exit_code == 0, res.output
     for ext in (".json", ".md", ".png"):
         assert out.with_name("bench" + ext).stat().st_size > 0
+    if "onnxruntime" in engines:  # one built entry per model, no build folder left over
+        built = tmp_path / "cache" / "onnxruntime"
+        assert len([p for p in built.iterdir() if (p / "genai_config.json").is_file()]) == 2
+        assert not list(built.glob(".*.tmp-*"))
     doc = json.loads(out.with_name("bench.json").read_text())
     assert doc["schema"] == "mptool.bench/1"
     assert doc["command"].startswith("mptool bench ") and "--engine " + ",".join(engines) in doc["command"]
