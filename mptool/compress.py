@@ -27,8 +27,8 @@ from mptool.maskprune import INITS
 from mptool.models import looks_like_path
 from mptool.recover import LR_SCHEDULES
 from mptool.progress import console, step
-from mptool.shapes import (Dims, Target, balanced_target, check_ratio, describe, option_problems,
-                           prunable_params, validate_target)
+from mptool.shapes import (Dims, Target, balanced_target, candidates, check_ratio, describe, no_target_message,
+                           option_problems, prunable_params, validate_target)
 from mptool.surgery import LayerKeep, materialize, save_keeps
 
 ONE_SHOT = METHODS
@@ -315,7 +315,10 @@ def plan_target(cfg: CompressConfig, d: Dims) -> tuple[Target | None, float | No
     """(fixed target, None) or, for MaskPrune or ``--split kd`` with a ratio, (None, parameter
     budget) to choose the target under."""
     if (cfg.method == "maskprune" or cfg.split == "kd") and not cfg.target.is_set():
-        return None, (1.0 - cfg.ratio_or_default) * prunable_params(d, d.dense_target())
+        budget = (1.0 - cfg.ratio_or_default) * prunable_params(d, d.dense_target())
+        if not candidates(d, cfg.ratio_or_default, cfg.tp, cfg.ffn_multiple):  # before any work, not at the snap
+            raise MptoolError(no_target_message(d, budget, cfg.tp, cfg.ffn_multiple))
+        return None, budget
     return resolve_target(cfg, d), None
 
 
@@ -501,7 +504,6 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
             scores = one_shot_scores(model, (cfg.method,), calib)[0][cfg.method]
             if fixed is None:  # --split kd
                 from mptool.baselines import kd_split
-                from mptool.shapes import candidates
 
                 cands = candidates(d, cfg.ratio_or_default, cfg.tp, cfg.ffn_multiple)
                 with console.status(f"scoring {len(cands)} legal targets by KD on a probe batch"):

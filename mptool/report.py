@@ -12,7 +12,8 @@ from mptool.progress import console
 
 
 def shapes_rows(cfg: ShapesConfig) -> dict[str, Any]:
-    from mptool.shapes import RULES, all_legal, candidates, check_ratio, describe, option_problems
+    from mptool.shapes import (RULES, all_legal, candidates, check_ratio, describe, no_target_message,
+                               option_problems)
 
     from mptool.compress import model_dims
 
@@ -23,9 +24,7 @@ def shapes_rows(cfg: ShapesConfig) -> dict[str, Any]:
     d = model_dims(cfg.model, config_only=True)
     rows = [describe(d, t) for t in candidates(d, cfg.ratio, cfg.tp, cfg.ffn_multiple)]
     if not rows and not all_legal(d, cfg.tp, cfg.ffn_multiple):  # no --ratio helps: say what does
-        raise MptoolError(f"no uniform shape of this model ({d.num_heads} query heads, {d.num_kv_heads} KV heads) "
-                          f"loads with tp {','.join(map(str, cfg.tp))} at any ratio; drop the tp sizes that do "
-                          "not divide its head counts")
+        raise MptoolError(no_target_message(d, 0.0, cfg.tp, cfg.ffn_multiple))
     return {
         "model": cfg.model or "embedded:SmolLM2-135M-Instruct",
         "dense": describe(d, d.dense_target()),

@@ -11,6 +11,7 @@ targets closest in parameter count, :func:`candidates` the legal targets near a 
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable
 
@@ -381,6 +382,21 @@ def candidates(d: Dims, ratio: float, tp: Iterable[int] = (1,), ffn_multiple: in
     return sorted(best.values(), key=lambda t: -prunable_params(d, t))
 
 
+def no_target_message(d: Dims, budget: float, tp: Iterable[int] = (1,), ffn_multiple: int = 64) -> str:
+    """Why no legal target fits ``budget`` prunable parameters, and what would (one line)."""
+    tp = tuple(tp)
+    sizes = ",".join(map(str, tp))
+    legal = all_legal(d, tp, ffn_multiple)
+    if not legal:
+        return (f"no uniform shape of this model ({d.num_heads} query heads, {d.num_kv_heads} KV heads) loads with "
+                f"tp {sizes} at any ratio; drop the tp sizes that do not divide its head counts")
+    dense = prunable_params(d, d.dense_target())
+    smallest = min(prunable_params(d, t) for t in legal)
+    return (f"no legal target keeps at most {budget / dense:.1%} of prunable parameters with tp {sizes} and FFN "
+            f"multiple {ffn_multiple}: the smallest legal one keeps {smallest / dense:.1%}, so give --ratio "
+            f"{math.floor((1 - smallest / dense) * 1000) / 1000:g} or less")
+
+
 def balanced_target(d: Dims, ratio: float, tp: Iterable[int] = (1,), ffn_multiple: int = 64) -> Target:
     """The fixed-rule split one-shot baselines use for ``--ratio``.
 
@@ -389,9 +405,9 @@ def balanced_target(d: Dims, ratio: float, tp: Iterable[int] = (1,), ffn_multipl
     groups: the classic "same fraction of every unit type" rule, snapped to legal shapes.
     """
     cands = candidates(d, ratio, tp, ffn_multiple)
-    if not cands:
-        raise MptoolError(f"no legal target keeps at most {1 - ratio:.0%} of prunable parameters")
     budget = (1.0 - ratio) * prunable_params(d, d.dense_target())
+    if not cands:
+        raise MptoolError(no_target_message(d, budget, tp, ffn_multiple))
     full = [c for c in cands if prunable_params(d, c) >= 0.95 * budget] or cands
     dense_attn = attention_params(d, d.num_kv_heads, d.num_heads)
 
@@ -429,7 +445,7 @@ def snap(d: Dims, kv_heads: float, heads_per_group: float, ffn: float, budget: f
     """
     legal = [t for t in all_legal(d, tp, ffn_multiple) if prunable_params(d, t) <= budget]
     if not legal:
-        raise MptoolError(f"no legal target keeps at most {budget:,.0f} prunable parameters")
+        raise MptoolError(no_target_message(d, budget, tp, ffn_multiple))
 
     def distance(t: Target) -> tuple[float, float]:
         return (((t.kv_heads - kv_heads) / d.num_kv_heads) ** 2

@@ -408,6 +408,21 @@ def test_shapes_says_when_no_ratio_can_help(tokenizer_dir, tmp_path):
     assert_clean_failure(res, tmp_path / "o", "(1 query heads, 1 KV heads) loads with tp 2 at any ratio")
     res = run("shapes", one, "--ratio", "0.99")  # the dense row is shown, then why nothing fits
     assert res.exit_code == 2 and "try a smaller --ratio" in res.output.strip().splitlines()[-1], res.output
+    for method in ("flap", "maskprune"):  # compress: the same, before any work
+        res = run("compress", one, "--method", method, "--ratio", "0.3", "--tp", "2", "--out", tmp_path / "o")
+        assert_clean_failure(res, tmp_path / "o", "loads with tp 2 at any ratio; drop the tp sizes")
+
+
+@pytest.mark.parametrize("method", ["flap", "maskprune"])
+def test_a_ratio_beyond_every_legal_shape_names_the_largest_that_fits(tiny_dir, tmp_path, method):
+    """The message names tp, the FFN multiple and the largest --ratio that has a legal shape; that
+    ratio then works."""
+    res = run("compress", tiny_dir, "--method", method, "--ratio", "0.95", "--tp", "2", "--out", tmp_path / "o")
+    assert_clean_failure(res, tmp_path / "o", "no legal target keeps at most 5.0% of prunable parameters with tp 2 "
+                                              "and FFN multiple 64: the smallest legal one keeps")
+    largest = res.output.split("give --ratio ")[1].split()[0]
+    res = run("shapes", tiny_dir, "--ratio", largest, "--tp", "2", "--json")
+    assert res.exit_code == 0 and json.loads(res.stdout)["targets"], res.output
 
 
 def test_plan_and_shapes_name_their_own_bad_flags(tiny_dir, tmp_path):
