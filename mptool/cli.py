@@ -63,6 +63,19 @@ def _tp(value: Optional[str], flag: str = "--tp", what: str = "tensor-parallel s
     return sizes
 
 
+def _keep_recipe(config: Optional[str], out: Any, overwrite: bool, own: str) -> None:
+    """A recipe inside the output folder that --overwrite replaces would be deleted with it;
+    the folder's own resolved config (``own``, written anew) is the one exception."""
+    from pathlib import Path
+
+    if not (config and out and overwrite):
+        return
+    recipe, folder = Path(config).expanduser().resolve(), Path(out).expanduser().resolve()
+    if folder in recipe.parents and recipe != folder / own:
+        raise MptoolError(f"--config {config} lies inside --out {out}, which --overwrite replaces whole (the recipe "
+                          "would be deleted); move the recipe out of it first")
+
+
 @app.command(epilog="Example: mptool compress --ratio 0.5 --max-steps 60 --out runs/smol-50")
 @user_errors
 def compress(
@@ -142,6 +155,7 @@ def compress(
         "device": device, "sharding": sharding, "dtype": dtype, "maskprune.grad_checkpointing": grad_checkpointing,
         "recovery.grad_checkpointing": grad_checkpointing,
     })
+    _keep_recipe(config, cfg.out, cfg.overwrite, "mptool-config.yaml")
     from mptool.compress import compress as run
 
     run(cfg)
@@ -222,6 +236,7 @@ def export_(
         "vllm.engine_check": engine_check, "parity.seed": seed, "overwrite": overwrite,
         "trust_remote_code": trust_remote_code,
     })
+    _keep_recipe(config, cfg.resolved_out(), cfg.overwrite, "export-config.yaml")
     from mptool.exporters import export as run, print_summary
 
     print_summary(run(cfg))

@@ -582,6 +582,22 @@ def test_a_ratio_far_below_the_nearest_legal_shape_is_pointed_out(tiny_dir, text
                              f"removes {removed:.1%}" in text, text
 
 
+def test_overwrite_never_deletes_the_recipe_it_runs(tiny_dir, text_file, tmp_path):
+    """A hand-written recipe kept in the output folder would go with the folder; the folder's own
+    mptool-config.yaml (written anew) may be rerun into it."""
+    out = tmp_path / "o"
+    res = run("compress", tiny_dir, "--method", "flap", "--ratio", "0.5", *small(text_file), "--out", out)
+    assert res.exit_code == 0, res.output
+    mine = out / "my-recipe.yaml"
+    mine.write_text("method: magnitude\n")
+    res = run("compress", tiny_dir, *small(text_file), "--config", mine, "--out", out, "--overwrite")
+    assert_clean_failure(res, tmp_path / "never", f"--config {mine} lies inside --out {out}")
+    assert mine.read_text() == "method: magnitude\n"
+    res = run("compress", "--config", out / "mptool-config.yaml", "--out", out, "--overwrite")
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "report.json").read_text())["method"] == "flap"
+
+
 def test_a_short_training_text_is_said_and_recorded(tiny_dir, tmp_path, text_file):
     """Fewer tokens than --calib-tokens and the training steps need: the run goes on (the blocks
     are reused) but says so, and report.json records what was used, not what was asked."""
