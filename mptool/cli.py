@@ -63,7 +63,7 @@ def _tp(value: Optional[str], flag: str = "--tp", what: str = "tensor-parallel s
     return sizes
 
 
-def _keep_recipe(config: Optional[str], out: Any, overwrite: bool, own: str) -> None:
+def _keep_recipe(config: Optional[str], out: object, overwrite: bool, own: str) -> None:
     """A recipe inside the output folder that --overwrite replaces would be deleted with it;
     the folder's own resolved config (``own``, written anew) is the one exception."""
     from pathlib import Path
