@@ -29,7 +29,7 @@ from mptool.recover import LR_SCHEDULES
 from mptool.progress import console, step
 from mptool.shapes import (Dims, Target, balanced_target, candidates, check_ratio, describe, no_target_message,
                            option_problems, prunable_params, validate_target)
-from mptool.surgery import LayerKeep, materialize, save_keeps
+from mptool.surgery import materialize, save_keeps
 
 ONE_SHOT = METHODS
 METHODS = ("maskprune", *ONE_SHOT)

@@ -37,7 +37,7 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -465,7 +465,7 @@ class MaskPrune:
         return self.blocks[idx]
 
     def step(self) -> dict[str, float]:
-        cfg, st, d = self.cfg, self.state, self.d
+        cfg, st = self.cfg, self.state
         if st.frozen_at is not None:
             return self._recovery_step()
         if self._snap_due():  # snap_frac 0: the shape is fixed before the first step

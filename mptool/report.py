@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mptool.config import EvalConfig, ShapesConfig, save_config, to_dict
+from mptool.config import EvalConfig, ShapesConfig, to_dict
 from mptool.errors import MptoolError
 from mptool.progress import console
 

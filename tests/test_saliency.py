@@ -9,7 +9,6 @@ gradient at the teacher (so at the dense point KD + 0.5 LM gives half the LM gra
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
