@@ -91,6 +91,10 @@ def test_hub_id_offline_is_one_line_at_once_unless_cached(monkeypatch):
         resolve_model("org/no-such-model")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")  # a proxy resolves names itself: not judged here
+    assert resolve_model("org/behind-a-proxy") == "org/behind-a-proxy"
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
     with pytest.raises(MptoolError, match=r"model org/no-such-model is no local folder and not in the Hugging Face "
                                           r"cache, and the hub \(huggingface.co\) cannot be reached from here"):
         resolve_model("org/no-such-model")
