@@ -11,6 +11,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from mptool.errors import MptoolError
+from mptool.io import disk_error
+
 # (figure key in a model's figures, speed-up key, column title, scale, format)
 COLUMNS = (
     ("ttft_s", "ttft", "TTFT ms", 1e3, "{:.1f}"),
@@ -174,9 +177,12 @@ def write_all(doc: dict[str, Any], out: Path) -> list[Path]:
         tmps[0].write_text(json.dumps(doc, indent=2) + "\n")
         tmps[1].write_text(markdown(doc))
         plot(doc, tmps[2])
-    except BaseException:
+    except BaseException as e:
         for t in tmps:
             t.unlink(missing_ok=True)
+        if why := disk_error(e):
+            raise MptoolError(f"cannot write {out}: {why}; nothing was written (free space or give another "
+                              "--out)") from e
         raise
     for t, p in zip(tmps, paths):
         os.replace(t, p)

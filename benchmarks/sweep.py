@@ -111,7 +111,7 @@ def validate(cfg: BenchConfig) -> dict[str, Any]:
 
     if "onnxruntime" in engines:  # where its builds are cached
         problems += writable_folder_problems(cache_dir(cfg), "--cache-dir")
-    stem = Path(cfg.out)
+    stem = Path(cfg.out).expanduser()
     problems += (output_problems(cfg.out, overwrite=True, flag="--out", folder=False)
                  or result_file_problems([stem.with_name(stem.name + ext) for ext in (".json", ".md", ".png")],
                                          lambda p: json_with(p, "schema"), "mptool bench",
@@ -313,7 +313,7 @@ def run_bench(cfg: BenchConfig, argv: list[str] | None = None) -> dict[str, Any]
                 })
     host["load_avg_1m_end"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
     doc["wall_s"] = round(time.perf_counter() - t0, 1)
-    paths = report.write_all(doc, Path(cfg.out))
+    paths = report.write_all(doc, Path(cfg.out).expanduser())
     report.print_table(doc)
     console.print("wrote " + ", ".join(str(p) for p in paths))
     return doc

@@ -103,6 +103,6 @@ class ExportConfig:
 
     def resolved_out(self) -> Path:
         if self.out is not None:
-            return Path(self.out)
+            return Path(self.out).expanduser()
         name = Path(self.model).name if self.model else "smollm2-135m-instruct"
         return Path("runs") / f"{name}-{self.target}"

@@ -323,7 +323,7 @@ def plan_target(cfg: CompressConfig, d: Dims) -> tuple[Target | None, float | No
 
 
 def checkpoint_dir(cfg: CompressConfig) -> Path:
-    out = Path(cfg.out)
+    out = Path(cfg.out).expanduser()
     return out.parent / f"{out.name}.ckpt"
 
 

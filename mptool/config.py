@@ -8,6 +8,7 @@ refused with the list of accepted ones; the resolved config is saved beside ever
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -304,7 +305,10 @@ def load_config(cls: type[T], path: str | Path | None = None,
                                   f"the command line cannot set {dotted} in it")
             node = node[part]
         node[leaf] = value
-    return from_dict(cls, data)
+    cfg = from_dict(cls, data)
+    if isinstance(getattr(cfg, "out", None), str):  # "~/runs/x" from a recipe is the user's home, as in a shell
+        cfg.out = os.path.expanduser(cfg.out)
+    return cfg
 
 
 def save_config(cfg: Any, path: Path) -> None:

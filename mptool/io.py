@@ -59,7 +59,7 @@ def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
     An existing ``out`` is replaced only after the new content is complete; on any exception
     the temporary folder is removed and ``out`` is left as it was.
     """
-    out = Path(out).resolve()
+    out = Path(out).expanduser().resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     # A SIGTERM or Ctrl-C that lands after the folder exists but before the ``try`` below would
     # leave it behind (seen in CI): hold both until the cleanup is armed; they act right after.

@@ -82,14 +82,18 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         problems.append(f"data path {cfg.data} does not exist (give a .txt, .jsonl, a folder or a datasets folder)")
     if cfg.out:
         problems += (output_problems(cfg.out, overwrite=True, flag="--out", folder=False)
-                     or result_file_problems([Path(cfg.out)], lambda p: json_with(p, "perplexity"), "mptool eval"))
+                     or result_file_problems([Path(cfg.out).expanduser()], lambda p: json_with(p, "perplexity"), "mptool eval"))
     if problems:
         raise MptoolError("; ".join(problems))
     resolved = resolve_tasks(cfg.tasks) if cfg.tasks else None  # unknown tasks fail before any work
     path = resolve_model(cfg.model)
-    out = Path(cfg.out) if cfg.out else (Path(path) / "eval.json" if Path(path).is_dir() else None)
+    out = Path(cfg.out).expanduser() if cfg.out else (Path(path) / "eval.json" if Path(path).is_dir() else None)
     if not cfg.out and out is not None and not os.access(out.parent, os.W_OK):
         console.print(f"{out.parent} is not writable: the result is printed only (--out FILE to keep it)")
+        out = None
+    elif not cfg.out and out is not None and out.exists() and not json_with(out, "perplexity"):
+        console.print(f"{out} is not an earlier `mptool eval` result and is kept: the result is printed only "
+                      "(--out FILE to keep it)")
         out = None
     text, name = eval_text_for(cfg.data)
     context = model_dims(cfg.model, cfg.trust_remote_code).context  # from config.json: before the weights load
@@ -106,9 +110,18 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     result["config"] = to_dict(cfg)
     text = json.dumps(result, indent=2)
     if out is not None:
+        from mptool.io import disk_error
+
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-        tmp.write_text(text)
-        tmp.replace(out)
+        try:
+            tmp.write_text(text)
+            tmp.replace(out)
+        except BaseException as e:
+            tmp.unlink(missing_ok=True)
+            if why := disk_error(e):
+                raise MptoolError(f"cannot write {out}: {why}; nothing was written (free space or give another "
+                                  "--out)") from e
+            raise
     print(text)
     return result

@@ -366,6 +366,54 @@ def test_eval_out_never_overwrites_an_input_or_a_foreign_file(tiny_dir, text_fil
     assert json.loads(out.read_text())["perplexity"]["tokens"] == 300 - 3  # 3 windows of 128
 
 
+def test_tilde_in_out_is_the_home_folder_everywhere(tiny_dir, text_file, tmp_path, monkeypatch):
+    """A recipe's `out: ~/runs/x` was checked under $HOME but written to ./~/runs/x, so a second
+    run replaced it without --overwrite; now both are the home folder."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "r.yaml").write_text("out: ~/runs/x\n")
+    res = run("compress", tiny_dir, "--method", "flap", "--ratio", "0.5", *small(text_file), "--config",
+              tmp_path / "r.yaml")
+    assert res.exit_code == 0, res.output
+    assert (home / "runs" / "x" / "report.json").is_file() and not (tmp_path / "~").exists()
+    (home / "runs" / "x" / "notes.txt").write_text("mine")
+    res = run("compress", tiny_dir, "--method", "flap", "--ratio", "0.5", *small(text_file), "--config",
+              tmp_path / "r.yaml")
+    assert res.exit_code == 2 and "exists and is not empty" in res.output
+    assert (home / "runs" / "x" / "notes.txt").read_text() == "mine"
+    res = run("eval", tiny_dir, "--data", text_file, "--eval-tokens", "300", "--out", "~/e.json")
+    assert res.exit_code == 0 and (home / "e.json").is_file() and not (tmp_path / "~").exists()
+
+
+def test_eval_keeps_a_foreign_eval_json_in_the_model_folder(tiny_dir, text_file):
+    """The default result file MODEL/eval.json replaces only an earlier eval result."""
+    mine = tiny_dir / "eval.json"
+    mine.write_text('{"my": "notes"}')
+    res = run("eval", tiny_dir, "--data", text_file, "--eval-tokens", "300")
+    assert res.exit_code == 0 and "is not an earlier `mptool eval` result and is kept" in " ".join(res.output.split())
+    assert mine.read_text() == '{"my": "notes"}'
+    mine.unlink()
+    for _ in range(2):  # its own result is written, then replaced
+        assert run("eval", tiny_dir, "--data", text_file, "--eval-tokens", "300").exit_code == 0
+    assert json.loads(mine.read_text())["perplexity"]["tokens"] > 0
+
+
+def test_eval_on_a_full_disk_is_one_line_and_leaves_nothing(tiny_dir, text_file, tmp_path, monkeypatch):
+    import errno
+    import pathlib
+
+    def full(self, target):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pathlib.Path, "replace", full)
+    out = tmp_path / "e.json"
+    res = run("eval", tiny_dir, "--data", text_file, "--eval-tokens", "300", "--out", out)
+    assert res.exit_code == 2 and f"cannot write {out}: No space left on device" in " ".join(res.output.split())
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith((".e.json", "e.json"))) == []
+
+
 def test_eval_stride_defaults_to_the_window_and_bad_protocols_fail_first(tiny_dir, text_file, tmp_path):
     out = tmp_path / "eval.json"
     res = run("eval", tiny_dir, "--data", text_file, "--eval-tokens", "300", "--window", "128", "--out", out)
