@@ -123,6 +123,10 @@ def validate(cfg: CompressConfig, resuming: bool = False) -> None:
     problems += output_problems(cfg.out, cfg.overwrite, sources=inputs,  # --resume refuses --out:
                                 remedy="pass --overwrite to replace it (the resumed run writes where its checkpoint "
                                        "says)" if resuming else None)
+    ckpt = checkpoint_dir(cfg)
+    if not resuming and not cfg.overwrite and (ckpt / "compress-config.yaml").is_file():
+        problems.append(f"{ckpt} holds the checkpoint of an interrupted run that a fresh run would discard; continue "
+                        f"it with mptool compress --resume {ckpt}, or pass --overwrite to start afresh")
     if problems:
         raise MptoolError("; ".join(problems))
 

@@ -127,6 +127,10 @@ def test_a_stop_says_how_to_resume_and_a_stop_before_any_checkpoint_leaves_nothi
     ckpt = tmp_path / "late.ckpt"
     assert res.exit_code != 0 and (ckpt / "trainer.json").is_file()
     assert f"mptool compress --resume {ckpt}" in " ".join(res.output.split()), res.output
+    res = run("compress", tiny_dir, *args, "--out", late)  # the same command again, not --resume
+    assert_clean_failure(res, late, f"{ckpt} holds the checkpoint of an interrupted run",
+                         f"--resume {ckpt}, or pass --overwrite")
+    assert (ckpt / "trainer.json").is_file()
 
 
 def test_compress_with_ratio_and_yaml_recipe(tiny_dir, text_file, tmp_path):
