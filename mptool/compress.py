@@ -24,7 +24,7 @@ from mptool.errors import MptoolError
 from mptool.evaluate import PplProtocol, perplexity
 from mptool.io import atomic_dir, output_problems
 from mptool.maskprune import INITS
-from mptool.models import looks_like_path
+from mptool.models import check_token_ids, looks_like_path
 from mptool.recover import LR_SCHEDULES
 from mptool.progress import console, step
 from mptool.shapes import (Dims, Target, balanced_target, candidates, check_ratio, describe, no_target_message,
@@ -387,6 +387,7 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
                   f"{'learned' if cfg.method == 'maskprune' else 'KD-chosen'} target within "
                   f"{budget:,.0f} prunable parameters"))
     eval_ids = eval_token_stream(tokenizer, eval_text, cfg.ppl.max_tokens)
+    check_token_ids(eval_ids, model, tokenizer, "evaluation text")
     protocol = cfg.ppl.protocol(eval_name, d.context)
     # one cut of the training text: calibration is its first blocks (in either order the first k
     # blocks of a shorter cut are those of a longer one), training the first ``train_blocks``
@@ -401,6 +402,7 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
     cut = token_blocks(tokenizer, texts, cfg.data.seq_len, max(train_blocks, calib_blocks) * cfg.data.seq_len,
                        order=cfg.data.order)
     calib, blocks = cut[:calib_blocks], cut[:train_blocks]
+    check_token_ids(cut, model, tokenizer, "training text")
     data_used = {"seq_len": cfg.data.seq_len, "calib_blocks": len(calib), "calib_blocks_asked": calib_blocks,
                  "train_blocks": train_blocks, "distinct_train_blocks": len(blocks)}
     short = ([f"calibration uses {len(calib)} of the {calib_blocks} asked (--calib-tokens)"]

@@ -64,6 +64,17 @@ def remote_code_hint(message: str) -> str:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 
 
+def check_token_ids(ids: torch.Tensor, model: Any, tokenizer: Any, what: str) -> None:
+    """Every id the text became must have a row in the model's embedding: a tokenizer with added
+    tokens past the table (a chat template's markers) would otherwise stop a run mid-way."""
+    rows = model.get_input_embeddings().num_embeddings
+    if ids.numel() and int(ids.max()) >= rows:
+        bad = int(ids.max())
+        raise MptoolError(f"the {what} holds token {tokenizer.convert_ids_to_tokens(bad)!r} (id {bad}) but the model's "
+                          f"embedding has {rows} rows; give the tokenizer that belongs to this model, or text without "
+                          "that token")
+
+
 def read_config(path: str | os.PathLike, trust_remote_code: bool = False) -> Any:
     """transformers' config of a model folder or hub id, or one line naming what is wrong with it."""
     from transformers import AutoConfig

@@ -73,7 +73,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     from mptool.data import eval_token_stream
     from mptool.evaluate import resolve_tasks, run_tasks
     from mptool.io import json_with, output_problems, result_file_problems
-    from mptool.models import load_model, looks_like_path, resolve_model
+    from mptool.models import check_token_ids, load_model, looks_like_path, resolve_model
 
     problems = cfg.ppl.problems()
     if cfg.limit is not None and cfg.limit < 1:
@@ -102,6 +102,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     with console.status("loading model"):
         model, tokenizer = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
     ids = eval_token_stream(tokenizer, text, cfg.ppl.max_tokens)
+    check_token_ids(ids, model, tokenizer, "evaluation text")
     result: dict[str, Any] = {"model": str(path),
                               "perplexity": measure_ppl(model, ids, cfg.ppl.protocol(name, context), "eval")}
     if cfg.tasks:

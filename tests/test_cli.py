@@ -581,6 +581,29 @@ def test_a_config_whose_sizes_describe_no_model(tiny_dir, text_file, tmp_path, c
     assert_clean_failure(run("compress", tiny_dir, *small(text_file), "--out", out), out, says)
 
 
+def test_text_holding_an_added_token_past_the_embedding_is_refused(tmp_path, tokenizer_dir):
+    """Chat markers added to the tokenizer (ids 320, 321) but not to the 320-row embedding: the
+    text that holds one is refused by name before the run, not an IndexError inside it."""
+    from transformers import AutoTokenizer
+
+    src = save_tiny("llama", tokenizer_dir, tmp_path / "chat")
+    tok = AutoTokenizer.from_pretrained(src)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.save_pretrained(src)
+    chat = tmp_path / "chat.txt"
+    chat.write_text(("<|im_start|>user It is a truth universally acknowledged.<|im_end|> " * 60))
+    out = tmp_path / "o"
+    for cmd in (["eval", src, "--data", chat, "--eval-tokens", "256"],
+                ["compress", src, "--method", "flap", "--ratio", "0.5", "--data", chat, "--eval-data", chat,
+                 "--calib-tokens", "512", "--seq-len", "64", "--eval-tokens", "256", "--recovery-steps", "0",
+                 "--out", out]):
+        res = run(*cmd)
+        errors = [ln for ln in res.output.splitlines() if ln.startswith("error:")]  # compress shows its target first
+        assert res.exit_code == 2 and len(errors) == 1, res.output
+        assert "holds token '<|im_" in errors[0] and "but the model's embedding has 320 rows" in errors[0]
+        assert not out.exists() and not list(tmp_path.glob(".o*"))
+
+
 def test_a_model_folder_without_a_tokenizer(tmp_path, text_file, tiny_dir):
     bare = tmp_path / "no-tokenizer"
     bare.mkdir()
