@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import operator
 import platform
 import time
 from dataclasses import dataclass
@@ -59,16 +60,39 @@ def source_dtype(spec: Any) -> str | None:
 
 
 # Options only some targets read: set for another target, they are refused rather than ignored.
-TARGET_OPTIONS = {"tp": ("vllm",), "max_shard_size": ("hf", "vllm"), "onnx": ("onnx",), "vllm": ("vllm",)}
+TARGET_OPTIONS = {"tp": ("vllm",), "max_shard_size": ("hf", "vllm"), "onnx": ("onnx",), "vllm": ("vllm",),
+                  "parity.prompts": ("onnx", "vllm"), "parity.prompt_len": ("onnx", "vllm"),
+                  "parity.new_tokens": ("onnx", "vllm")}  # hf checks logits only
 _FLAGS = {"tp": "--tp", "max_shard_size": "--max-shard-size", "onnx.provider": "--onnx-provider",
           "vllm.engine_check": "--engine-check/--no-engine-check"}
+
+
+def parity_length_problems(cfg: ExportConfig, context: int | None) -> list[str]:
+    """The checks' sequences must fit the model's context and, for vLLM, the check engine's
+    max_model_len: past them a check fails in a way that reads as a broken export."""
+    p, problems = cfg.parity, []
+    greedy = p.prompt_len + p.new_tokens  # the onnx and vllm greedy checks
+    if context is not None and p.seq_len > context:
+        problems.append(f"parity.seq_len {p.seq_len} is longer than the model's context (max_position_embeddings "
+                        f"{context}); give {context} or less")
+    if cfg.target != "hf" and context is not None and greedy > context:
+        problems.append(f"parity.prompt_len + parity.new_tokens = {greedy} is longer than the model's context "
+                        f"({context}); shorten them")
+    if cfg.target == "vllm":
+        if context is not None and cfg.vllm.max_model_len > context:
+            problems.append(f"vllm.max_model_len {cfg.vllm.max_model_len} is longer than the model's context "
+                            f"({context}); give {context} or less")
+        elif greedy > cfg.vllm.max_model_len:
+            problems.append(f"parity.prompt_len + parity.new_tokens = {greedy} is longer than vllm.max_model_len "
+                            f"{cfg.vllm.max_model_len}, the check engine's context; raise it or shorten them")
+    return problems
 
 
 def unused_option_problems(cfg: ExportConfig) -> list[str]:
     """One line per option that ``cfg.target`` would silently ignore (``--tp 3`` for hf)."""
     fresh, problems = ExportConfig(), []
     for name, targets in TARGET_OPTIONS.items():
-        value, default = getattr(cfg, name), getattr(fresh, name)
+        value, default = operator.attrgetter(name)(cfg), operator.attrgetter(name)(fresh)
         if cfg.target in targets or value == default:
             continue
         if dataclasses.is_dataclass(value):
@@ -122,9 +146,12 @@ def validate(cfg: ExportConfig) -> list[str]:
     problems += output_problems(out, cfg.overwrite, sources=(spec,) if isinstance(spec, Path) else ())
     if isinstance(spec, Path):
         try:
-            json.loads((spec / "config.json").read_text())
+            config = json.loads((spec / "config.json").read_text())
         except (OSError, ValueError) as e:
             problems.append(f"{spec / 'config.json'} is not a readable JSON model config ({str(e).splitlines()[0]})")
+        else:
+            context = config.get("max_position_embeddings") if isinstance(config, dict) else None
+            problems += parity_length_problems(cfg, context if isinstance(context, int) else None)
     if not problems:
         problems += _module(cfg.target).validate(cfg, spec)
     return problems

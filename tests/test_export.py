@@ -286,6 +286,16 @@ def test_bad_options_are_refused_before_any_work(args, needle, tokenizer_dir, tm
 
 
 @pytest.mark.parametrize("recipe, needle", [
+    ("parity:\n  new_tokens: 40\n", "parity.new_tokens applies to --target onnx and vllm only"),
+    ("target: onnx\nparity:\n  seq_len: 400\n", "parity.seq_len 400 is longer than the model's context "
+                                                 "(max_position_embeddings 256)"),
+    ("target: onnx\nparity:\n  prompt_len: 250\n  new_tokens: 10\n", "parity.prompt_len + parity.new_tokens = 260 "
+                                                                      "is longer than the model's context (256)"),
+    ("target: vllm\nvllm:\n  max_model_len: 512\n", "vllm.max_model_len 512 is longer than the model's context"),
+    ("target: vllm\nparity:\n  prompt_len: 250\n  new_tokens: 10\nvllm:\n  max_model_len: 200\n",
+     "= 260 is longer than the model's context (256)"),
+    ("target: vllm\nparity:\n  prompt_len: 190\n  new_tokens: 20\nvllm:\n  max_model_len: 200\n",
+     "= 210 is longer than vllm.max_model_len 200, the check engine's context"),
     ("max_shard_size: 2G\n", "max_shard_size '2G' must be a size such as 500MB or 2GB"),
     ("target: vllm\nvllm:\n  engine_tp: [0]\n", "vllm.engine_tp [0] must list positive"),
     ("target: onnx\nparity:\n  seq_len: 1\n", "parity.seq_len 1 must exceed the 4 decode steps"),
