@@ -549,6 +549,10 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
 
         report = build_report(cfg, d, target, dense_count, pruned, dense_ppl, pruned_ppl, timings)
         report.update(extra, data_used=data_used)
+        if not cfg.target.is_set():  # what --ratio (or its default) asked, against what the grid allows
+            largest = candidates(d, cfg.ratio_or_default, cfg.tp, cfg.ffn_multiple)[0]
+            report["ratio"] = {"asked": cfg.ratio_or_default, "largest_legal_removes": round(
+                1 - prunable_params(d, largest) / prunable_params(d, d.dense_target()), 6)}
         if overlap:
             report["held_out_warning"] = overlap
         with atomic_dir(cfg.out) as tmp:
@@ -644,8 +648,15 @@ def print_report(report: dict[str, Any]) -> None:
     Console(width=120).print(table)
     console.print(f"removed {report['prunable_removed']:.1%} of prunable parameters; "
                   f"perplexity x{report['ppl_ratio']:.2f} on {report['pruned']['perplexity']['protocol']['text']}")
-    asked = (report.get("config") or {}).get("ratio")
-    if asked is not None and report["prunable_removed"] - asked > 0.02:  # the legal grid is coarse on small models
-        console.print(f"note: --ratio {asked:g} asked for {asked:.1%}; the largest legal uniform shape within it "
-                      f"removes {report['prunable_removed']:.1%} (`mptool shapes MODEL --ratio {asked:g}` lists the "
-                      "shapes; a smaller --ffn-multiple gives finer FFN steps)")
+    ratio = report.get("ratio")
+    removed = report["prunable_removed"]
+    if ratio and removed - ratio["asked"] > 0.02:  # the legal grid is coarse on small models, or the method chose
+        asked, nearest = ratio["asked"], ratio["largest_legal_removes"]
+        rule = ("its KD shape rule" if report["method"] == "maskprune" or report["config"]["split"] == "kd"
+                else "the balanced split (--split kd scores the shapes instead)")
+        why = (f"the largest legal uniform shape within it removes {nearest:.1%}" if removed - nearest < 1e-6 else
+               f"the largest legal uniform shape within it removes {nearest:.1%}, but {report['method']} chose a "
+               f"smaller one by {rule}; --kv-heads/--heads-per-group/--ffn fix the shape")
+        console.print(f"note: --ratio {asked:g} asked for {asked:.1%} and {removed:.1%} was removed: {why}; "
+                      f"`mptool shapes MODEL --ratio {asked:g}` lists the shapes, a smaller --ffn-multiple gives "
+                      "finer FFN steps")

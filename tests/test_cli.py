@@ -651,10 +651,31 @@ def test_a_ratio_far_below_the_nearest_legal_shape_is_pointed_out(tiny_dir, text
     out = tmp_path / "o"
     res = run("compress", tiny_dir, "--method", "flap", "--ratio", "0.01", *small(text_file), "--out", out)
     assert res.exit_code == 0, res.output
-    removed = json.loads((out / "report.json").read_text())["prunable_removed"]
+    report = json.loads((out / "report.json").read_text())
+    removed = report["prunable_removed"]
+    # the grid's smallest cut is one 64-channel FFN step of the 256 (8.3%); flap's balanced split,
+    # which keeps attention and FFN at about the same fraction, takes two (16.7%)
+    assert report["ratio"] == {"asked": 0.01, "largest_legal_removes": pytest.approx(1 / 12, abs=1e-6)}
+    assert removed == pytest.approx(1 / 6, abs=1e-3)
     text = " ".join(res.output.split())
-    assert removed > 0.1 and f"note: --ratio 0.01 asked for 1.0%; the largest legal uniform shape within it " \
-                             f"removes {removed:.1%}" in text, text
+    assert (f"note: --ratio 0.01 asked for 1.0% and 16.7% was removed: the largest legal uniform shape within it "
+            f"removes 8.3%, but flap chose a smaller one by the balanced split") in text, text
+
+
+def test_maskprune_at_the_default_ratio_says_when_its_shape_rule_cut_more(tiny_dir, text_file, tmp_path):
+    """No --ratio: the default 0.2 is what the note and report.json compare against; where the KD
+    shape rule picks a smaller shape than the largest legal one, the note says the method chose it."""
+    out = tmp_path / "o"
+    res = run("compress", tiny_dir, *small(text_file), "--max-steps", "2", "--out", out)
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["ratio"]["asked"] == 0.2 and report["ratio"]["largest_legal_removes"] == pytest.approx(2 / 9)
+    text = " ".join(res.output.split())
+    chose = "but maskprune chose a smaller one by its KD shape rule"
+    if report["prunable_removed"] > 0.2 + 0.02 + 1e-6 and report["prunable_removed"] > 2 / 9 + 1e-6:
+        assert chose in text, text
+    else:
+        assert chose not in text
 
 
 def test_overwrite_never_deletes_the_recipe_it_runs(tiny_dir, text_file, tmp_path):
