@@ -275,6 +275,7 @@ def plan(
 
     counts = _tp(gpus, "--gpus", "GPU counts") or [1, 2, 4, 8]
     base = PlanInput(batch_size=8, seq_len=2048, lora_r=16, dtype_bytes=2, checkpointing=grad_checkpointing)
+    shape: dict = {}
     if config is not None:
         from mptool.config import WEIGHT_DTYPE_BYTES, CompressConfig, load_config
 
@@ -286,6 +287,9 @@ def plan(
                          dtype_bytes=WEIGHT_DTYPE_BYTES.get(cfg.dtype, 4),
                          checkpointing=grad_checkpointing or mp.grad_checkpointing or cfg.recovery.grad_checkpointing,
                          kd_chunk=mp.kd_chunk, recovery_teacher=cfg.recovery.teacher)
+        shape = {"tp": tuple(cfg.tp), "ffn_multiple": cfg.ffn_multiple}  # the student compress would train
+        if ratio is None and cfg.target.is_set():
+            shape["target"] = (cfg.target.kv_heads, cfg.target.heads_per_group, cfg.target.ffn)
     given = {"batch_size": batch_size, "seq_len": seq_len, "lora_r": lora_r, "dtype_bytes": dtype_bytes}
     base = dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
     import math
@@ -298,7 +302,7 @@ def plan(
         raise MptoolError(f"a global batch of {base.batch_size} sequences cannot be split evenly over "
                           f"{', '.join(map(str, uneven))} GPUs (compress refuses it too); give --batch-size a "
                           f"multiple of every GPU count, e.g. {step * math.ceil(base.batch_size / step)}")
-    print_plan(model, counts, gpu_mem, base, as_json=json_out, ratio=ratio)
+    print_plan(model, counts, gpu_mem, base, as_json=json_out, ratio=ratio, **shape)
 
 
 def _register_bench() -> None:

@@ -111,11 +111,15 @@ def plan_table(d: Dims, gpu_counts: list[int], gpu_mem_gib: float, base: PlanInp
 
 
 def print_plan(model: str | None, gpus: list[int], gpu_mem_gib: float, base: PlanInput,
-               as_json: bool = False, ratio: float | None = None) -> list[dict[str, Any]]:
+               as_json: bool = False, ratio: float | None = None, tp: tuple[int, ...] = (1,),
+               ffn_multiple: int = 64, target: tuple[int | None, int | None, int | None] | None = None,
+               ) -> list[dict[str, Any]]:
     """`mptool plan`: per-GPU memory of mask learning and recovery for each GPU count.
 
-    Recovery trains the pruned student: with ``ratio`` it is sized on the balanced legal target
-    at that ratio, otherwise on the dense shape (an upper bound).
+    Recovery trains the pruned student: an explicit ``target`` (kv_heads, heads_per_group, ffn;
+    None keeps the dense size) as given; with ``ratio`` the balanced legal target at that ratio
+    for the tensor-parallel sizes ``tp`` and FFN step ``ffn_multiple`` (a recipe's); otherwise
+    the dense shape (an upper bound).
     """
     import json
 
@@ -123,13 +127,17 @@ def print_plan(model: str | None, gpus: list[int], gpu_mem_gib: float, base: Pla
     from rich.table import Table
 
     from mptool.compress import model_dims
-    from mptool.shapes import balanced_target, check_ratio
+    from mptool.shapes import Target, balanced_target, check_ratio, validate_target
 
     d = model_dims(model, config_only=True)
     student = None
-    if ratio is not None:
+    if target is not None and any(v is not None for v in target):
+        kv, hpg, ffn = target
+        student = Target(kv or d.num_kv_heads, hpg or d.heads_per_group, ffn or d.intermediate_size)
+        validate_target(d, student, tp, ffn_multiple)
+    elif ratio is not None:
         check_ratio(ratio)
-        student = balanced_target(d, ratio)
+        student = balanced_target(d, ratio, tp, ffn_multiple)
     rows = plan_table(d, gpus, gpu_mem_gib, base, student)
     shape = str(student) if student else "dense shape (upper bound)"
     if as_json:

@@ -171,6 +171,13 @@ def test_plan_reads_a_compress_recipe_and_flags_override_it(tmp_path, tokenizer_
     assert json.loads(res.stdout)["input"]["dtype_bytes"] == 4
     res = CliRunner().invoke(app, ["plan", str(model), "--gpus", "1", "--json"])
     assert json.loads(res.stdout)["input"]["dtype_bytes"] == 2  # no recipe: a GPU host's bf16
+    # the recipe's tp and FFN step shape the student, as compress would (tiny llama: 8 heads, 4 KV, FFN 256)
+    for extra, student in (("tp: [1, 2, 4]\nffn_multiple: 128\n", "kv_heads=2 heads_per_group=2 ffn=128"),
+                           ("ratio: null\ntarget:\n  ffn: 128\n", "kv_heads=4 heads_per_group=2 ffn=128")):
+        shaped = tmp_path / "shaped.yaml"
+        shaped.write_text(recipe.read_text() + extra)
+        res = CliRunner().invoke(app, ["plan", "-c", str(shaped), "--gpus", "1", "--json"])
+        assert res.exit_code == 0 and json.loads(res.stdout)["recovery_student"] == student, res.output
     bad = tmp_path / "bad.yaml"
     bad.write_text("maskprune:\n  batch_sizee: 3\n")
     res = CliRunner().invoke(app, ["plan", "-c", str(bad)])
