@@ -25,14 +25,16 @@ def shapes_rows(cfg: ShapesConfig) -> dict[str, Any]:
     rows = [describe(d, t) for t in candidates(d, cfg.ratio, cfg.tp, cfg.ffn_multiple)]
     if not rows and not all_legal(d, cfg.tp, cfg.ffn_multiple):  # no --ratio helps: say what does
         raise MptoolError(no_target_message(d, 0.0, cfg.tp, cfg.ffn_multiple))
+    budget = (1 - cfg.ratio) * describe(d, d.dense_target())["prunable_params"]
     return {
         "model": cfg.model or "embedded:SmolLM2-135M-Instruct",
         "dense": describe(d, d.dense_target()),
         "ratio": cfg.ratio,
         "tp": cfg.tp,
         "ffn_multiple": cfg.ffn_multiple,
-        "budget_prunable_params": int((1 - cfg.ratio) * describe(d, d.dense_target())["prunable_params"]),
+        "budget_prunable_params": int(budget),
         "targets": rows,
+        **({} if rows else {"none": no_target_message(d, budget, cfg.tp, cfg.ffn_multiple)}),
         "rules": [{"name": r.name, "engine": r.engine, "rule": r.doc} for r in RULES],
     }
 
@@ -42,8 +44,7 @@ def shapes_table(cfg: ShapesConfig, as_json: bool = False) -> dict[str, Any]:
     from rich.table import Table
 
     result = shapes_rows(cfg)
-    none = (f"no legal target removes ~{cfg.ratio:.0%} of prunable parameters with tp "
-            f"{','.join(map(str, cfg.tp))}; try a smaller --ratio or fewer --tp sizes")
+    none = result.get("none", "")
     if as_json:
         print(json.dumps(result, indent=2))
         if not result["targets"]:
