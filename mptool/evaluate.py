@@ -135,9 +135,11 @@ def resolve_tasks(tasks: Sequence[str]) -> tuple[Any, list[str]]:
             manager.load(name)
         except Exception as e:  # noqa: BLE001 - lm-eval raises bare TypeErrors for an incomplete file
             why = f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e).strip() else type(e).__name__
-            raise MptoolError(f"lm-eval cannot build task {name!r} from {local[name]} ({why}); a task YAML needs "
-                              "task, dataset_path, output_type, doc_to_text and doc_to_target "
-                              "(see tests/data/tasks/austen_mc.yaml)") from None
+            hint = (f"paths in a task YAML (dataset_kwargs.data_files) are read from the working directory, "
+                    f"{Path.cwd()}" if isinstance(e, FileNotFoundError) else
+                    "a task YAML needs task, dataset_path, output_type, doc_to_text and doc_to_target "
+                    "(see tests/data/tasks/austen_mc.yaml)")
+            raise MptoolError(f"lm-eval cannot build task {name!r} from {local[name]} ({why}); {hint}") from None
     return manager, names
 
 

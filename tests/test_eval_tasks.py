@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from mptool.cli import app
@@ -67,3 +68,15 @@ def test_incomplete_task_file_and_empty_entries_fail_before_the_model_loads(tmp_
         res = CliRunner().invoke(app, ["eval", str(missing_model), "--tasks", tasks])
         lines = [ln for ln in res.output.splitlines() if ln.strip()]
         assert res.exit_code == 2 and len(lines) == 1 and says in lines[0], res.output
+
+
+def test_a_task_whose_data_file_is_not_found_says_where_paths_are_read_from(tmp_path, monkeypatch):
+    """The shipped YAML names its JSONL relative to the repository root: run from elsewhere, the
+    message says where relative paths are resolved, not that the YAML is incomplete."""
+    from mptool.errors import MptoolError
+    from mptool.evaluate import resolve_tasks
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(MptoolError, match="paths in a task YAML .* are read from the working directory") as err:
+        resolve_tasks([str(TASKS / "austen_mc.yaml")])
+    assert "needs task, dataset_path" not in str(err.value)
