@@ -86,7 +86,7 @@ def read_config(path: str | os.PathLike, trust_remote_code: bool = False) -> Any
     except ImportError:  # pragma: no cover - older huggingface_hub
         StrictDataclassError = ValueError  # noqa: N806
     try:
-        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as e:
         raise MptoolError(f"cannot read a model config from {path}: {_one_line(e)}") from None
     except (ArithmeticError, TypeError, StrictDataclassError) as e:  # its checks divide by the sizes it reads
@@ -96,6 +96,23 @@ def read_config(path: str | os.PathLike, trust_remote_code: bool = False) -> Any
             why = sizes_problem(raw) if isinstance(raw, dict) else None
         raise MptoolError(f"cannot read a model config from {path}: "
                           f"{f'config.json has {why}' if why else _one_line(e)}") from None
+    from mptool.families import get_adapter
+
+    get_adapter(config)  # an unsupported family is named as such before its sizes are judged
+    raw_file = Path(path) / "config.json"
+    if raw_file.is_file():  # transformers fills a missing size with its class default (Llama-7B's 32 layers)
+        with contextlib.suppress(OSError, ValueError):
+            raw = json.loads(raw_file.read_text())
+            missing = [k for k in REQUIRED_SIZES if isinstance(raw, dict) and k not in raw]
+            if missing:
+                raise MptoolError(f"config.json of {path} lacks {', '.join(missing)}; transformers would fill in "
+                                  f"its defaults ({', '.join(f'{k}={getattr(config, k, None)}' for k in missing)}), "
+                                  "not this model's: add the model's own values")
+    return config
+
+
+# Sizes a Llama-family config.json must state: anything absent would silently take a default.
+REQUIRED_SIZES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
 
 
 def looks_like_path(spec: str) -> bool:

@@ -28,6 +28,8 @@ def sizes_problem(sizes: dict[str, Any]) -> str | None:
     values = {name: sizes.get(name) for name in ("hidden_size", "num_hidden_layers", "num_attention_heads",
                                                   "intermediate_size", "vocab_size")}
     values["num_key_value_heads"] = kv
+    if sizes.get("head_dim") is not None:  # absent or null: hidden_size / heads
+        values["head_dim"] = sizes["head_dim"]
     bad = [f"{k} {v!r}" for k, v in values.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1]
     if bad:
         return f"{', '.join(bad)}; each must be a whole number >= 1"
@@ -62,7 +64,7 @@ class Dims:
         adapter = get_adapter(config)
         heads = config.num_attention_heads
         names = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                 "intermediate_size", "vocab_size")
+                 "intermediate_size", "vocab_size", "head_dim")
         if problem := sizes_problem({n: getattr(config, n, None) for n in names}):
             where = getattr(config, "_name_or_path", "") or "the model"
             raise MptoolError(f"config.json of {where} has {problem}")

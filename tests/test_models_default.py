@@ -23,8 +23,23 @@ SMOLLM2_PARAMS = 134_515_008
 
 def _config_only(folder):
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 1,
+                                                    "num_attention_heads": 4, "intermediate_size": 128,
+                                                    "vocab_size": 320}))
     return folder
+
+
+def test_a_config_missing_a_size_is_refused_not_defaulted(tmp_path):
+    """transformers would give an absent num_hidden_layers Llama-7B's 32: refused by name instead."""
+    from mptool.models import read_config
+
+    folder = _config_only(tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    del config["num_hidden_layers"]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(MptoolError, match=r"config.json of .* lacks num_hidden_layers; transformers would fill in its "
+                                          r"defaults \(num_hidden_layers=32\)"):
+        read_config(folder)
 
 
 def test_refuses_pickle_only_folder(tmp_path):
