@@ -240,6 +240,21 @@ def command_line(cfg: BenchConfig) -> str:
     return shlex.join(args)
 
 
+def normalized(cfg: BenchConfig) -> BenchConfig:
+    """The config as it runs and is recorded: each batch size and prompt length once, in the order
+    given; a dtype alias (bf16) as its name; ``--out x.json`` as the stem ``x`` it stands for."""
+    import dataclasses
+
+    from mptool.exporters.config import DTYPE_ALIASES
+
+    out = cfg.out
+    if out and Path(out).suffix in (".json", ".md", ".png"):
+        out = str(Path(out).with_suffix(""))
+    return dataclasses.replace(cfg, batch_sizes=list(dict.fromkeys(cfg.batch_sizes)),
+                               prompt_lens=list(dict.fromkeys(cfg.prompt_lens)),
+                               dtype=DTYPE_ALIASES.get(cfg.dtype, cfg.dtype) if cfg.dtype else cfg.dtype, out=out)
+
+
 def run_bench(cfg: BenchConfig, argv: list[str] | None = None) -> dict[str, Any]:
     """Validate, measure every engine on both models, compare with the ideal, write the outputs.
 
@@ -257,6 +272,7 @@ def run_bench(cfg: BenchConfig, argv: list[str] | None = None) -> dict[str, Any]
     from mptool.progress import console, step
     from mptool.shapes import total_params
 
+    cfg = normalized(cfg)
     facts = validate(cfg)
     cells = [Cell(b, p) for p in cfg.prompt_lens for b in cfg.batch_sizes]
     (dense_path, _, dense_dims), (pruned_path, _, pruned_dims) = facts["dense"], facts["pruned"]

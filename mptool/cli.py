@@ -273,7 +273,7 @@ def plan(
 
     from mptool.plan import PlanInput, print_plan
 
-    counts = _tp(gpus, "--gpus", "GPU counts") or [1, 2, 4, 8]
+    counts = list(dict.fromkeys(_tp(gpus, "--gpus", "GPU counts") or [1, 2, 4, 8]))
     base = PlanInput(batch_size=8, seq_len=2048, lora_r=16, dtype_bytes=2, checkpointing=grad_checkpointing)
     shape: dict = {}
     if config is not None:
@@ -297,12 +297,16 @@ def plan(
     if min(base.batch_size, base.seq_len, base.lora_r, base.dtype_bytes) < 1 or not (math.isfinite(gpu_mem) and gpu_mem > 0):
         raise MptoolError("--batch-size, --seq-len, --lora-r, --dtype-bytes and --gpu-mem must be positive "
                           "(and --gpu-mem a finite number of GiB)")
+    if base.dtype_bytes not in (1, 2, 4):
+        raise MptoolError(f"--dtype-bytes {base.dtype_bytes} is not a weight size; give 4 (float32), 2 (bf16/fp16) "
+                          "or 1 (8-bit)")
     if uneven := [n for n in counts if base.batch_size % n]:
         step = math.lcm(*counts)
         raise MptoolError(f"a global batch of {base.batch_size} sequences cannot be split evenly over "
                           f"{', '.join(map(str, uneven))} GPUs (compress refuses it too); give --batch-size a "
                           f"multiple of every GPU count, e.g. {step * math.ceil(base.batch_size / step)}")
-    print_plan(model, counts, gpu_mem, base, as_json=json_out, ratio=ratio, **shape)
+    print_plan(model, counts, gpu_mem, base, as_json=json_out, ratio=ratio,
+               seq_len_given=seq_len is not None or config is not None, **shape)
 
 
 def _register_bench() -> None:

@@ -27,6 +27,8 @@ def output_problems(out: str | os.PathLike, overwrite: bool, sources: tuple = ()
     resolved = path.resolve()
     if not str(out).strip() or not resolved.name:
         return [f"{flag} {str(out)!r} names no {'folder' if folder else 'file'}; give a path such as runs/x"]
+    if not folder and str(out).endswith(("/", os.sep)):
+        return [f"{flag} {out} ends with a slash, as a folder does; give a file path such as runs/x"]
     ancestor = resolved.parent
     while not ancestor.exists():
         ancestor = ancestor.parent

@@ -264,6 +264,20 @@ def test_an_unusable_cache_dir_is_refused_before_any_measurement(pair, tmp_path)
     assert afile.read_text() == "x"
 
 
+def test_repeated_sizes_a_dtype_alias_and_a_json_out_are_read_as_meant(pair, tmp_path):
+    """--batch-sizes 1,1 measures once; --dtype fp32 is float32; --out x.json is the stem x (not
+    x.json.json); --out ending in a slash is refused."""
+    out = tmp_path / "x.json"
+    res = run(*pair, "--engine", "torch", "--batch-sizes", "1,1", "--prompt-lens", "8,8", "--new-tokens", "2",
+              "--warmup", "0", "--repeats", "1", "--dtype", "fp32", "--out", out)
+    assert res.exit_code == 0, res.output
+    doc = json.loads(out.read_text())
+    assert len(doc["results"]) == 1 and doc["config"]["batch_sizes"] == [1] and doc["config"]["dtype"] == "float32"
+    assert not (tmp_path / "x.json.json").exists() and (tmp_path / "x.md").is_file()
+    res = run(*pair, "--out", f"{tmp_path}/dir/")
+    assert res.exit_code == 2 and "ends with a slash, as a folder does" in res.output
+
+
 def test_every_problem_is_named_at_once(pair):
     res = run(*pair, "--engine", "tensorrt", "--batch-sizes", "0", "--repeats", "0")
     assert res.exit_code == 2

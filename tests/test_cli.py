@@ -427,6 +427,7 @@ def test_eval_stride_defaults_to_the_window_and_bad_protocols_fail_first(tiny_di
     for args, needle in ((["--eval-tokens", "1"], "ppl.max_tokens (--eval-tokens) 1 must be >= 2"),
                          (["--stride", "0"], "ppl.stride (--stride) 0 must be >= 1 and at most the window"),
                          (["--window", "64", "--stride", "65"], "ppl.stride (--stride) 65 must be in [1, window 64]"),
+                         (["--out", f"{tmp_path}/newdir/"], "ends with a slash, as a folder does"),
                          (["--out", tmp_path], "is a folder; give a file path")):
         res = run("eval", tiny_dir, "--data", text_file, *args)
         assert res.exit_code == 2 and needle in res.output, res.output
@@ -480,6 +481,13 @@ def test_a_ratio_beyond_every_legal_shape_names_the_largest_that_fits(tiny_dir, 
 def test_plan_and_shapes_name_their_own_bad_flags(tiny_dir, tmp_path):
     res = run("plan", tiny_dir, "--gpus", "1,x")
     assert res.exit_code == 2 and "--gpus '1,x' must be comma-separated integers" in res.output, res.output
+    res = run("plan", tiny_dir, "--dtype-bytes", "3")
+    assert res.exit_code == 2 and "--dtype-bytes 3 is not a weight size" in res.output, res.output
+    res = run("plan", tiny_dir, "--seq-len", "512", "--batch-size", "8")
+    assert res.exit_code == 2 and "--seq-len 512 is longer than the model's context" in res.output, res.output
+    res = run("plan", tiny_dir, "--gpus", "1,1", "--seq-len", "128", "--json")
+    assert res.exit_code == 0 and {r["gpus"] for r in json.loads(res.stdout)["rows"]} == {1}, res.output
+    assert len(json.loads(res.stdout)["rows"]) == len({(r["sharding"], r["phase"]) for r in json.loads(res.stdout)["rows"]})
     res = run("shapes", tiny_dir, "--ffn-multiple", "0")
     assert res.exit_code == 2 and "--ffn-multiple 0 must be >= 1" in res.output, res.output
     (tmp_path / "s.yaml").write_text("tp: [0]\n")
