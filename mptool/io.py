@@ -163,7 +163,14 @@ def result_file_problems(files: list[Path], is_ours: Callable[[Path], bool], com
         if path.exists() and not ours:
             return [f"{flag} would overwrite {path}, which is not an earlier `{command}` result; "
                     "give a new path (only its own results are replaced)"]
+        # a sibling written with the result is renamed within seconds of it; one changed later is the user's
+        if path.exists() and path != first and path.stat().st_mtime - first.stat().st_mtime > _SIBLING_SECONDS:
+            return [f"{flag} would overwrite {path}, changed after the `{command}` result beside it was written; "
+                    "give a new path (only its own results are replaced)"]
     return []
+
+
+_SIBLING_SECONDS = 120
 
 
 def json_with(path: Path, key: str, value: object = None) -> bool:

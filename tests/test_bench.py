@@ -7,6 +7,7 @@ the refusals do.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -276,6 +277,12 @@ def test_repeated_sizes_a_dtype_alias_and_a_json_out_are_read_as_meant(pair, tmp
     assert not (tmp_path / "x.json.json").exists() and (tmp_path / "x.md").is_file()
     res = run(*pair, "--out", f"{tmp_path}/dir/")
     assert res.exit_code == 2 and "ends with a slash, as a folder does" in res.output
+    notes = tmp_path / "x.md"  # the table, edited by its user an hour after the run
+    notes.write_text("my notes")
+    os.utime(notes, (out.stat().st_mtime + 3600, out.stat().st_mtime + 3600))
+    res = run(*pair, "--engine", "torch", "--batch-sizes", "1", "--prompt-lens", "8", "--out", tmp_path / "x")
+    assert res.exit_code == 2 and "changed after the `mptool bench` result beside it" in " ".join(res.output.split())
+    assert notes.read_text() == "my notes"
 
 
 def test_every_problem_is_named_at_once(pair):
