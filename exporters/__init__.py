@@ -75,16 +75,16 @@ def parity_length_problems(cfg: ExportConfig, context: int | None) -> list[str]:
     if context is not None and p.seq_len > context:
         problems.append(f"parity.seq_len {p.seq_len} is longer than the model's context (max_position_embeddings "
                         f"{context}); give {context} or less")
-    if cfg.target != "hf" and context is not None and greedy > context:
+    if cfg.target == "onnx" and context is not None and greedy > context:
         problems.append(f"parity.prompt_len + parity.new_tokens = {greedy} is longer than the model's context "
                         f"({context}); shorten them")
-    if cfg.target == "vllm":
-        if context is not None and cfg.vllm.max_model_len > context:
-            problems.append(f"vllm.max_model_len {cfg.vllm.max_model_len} is longer than the model's context "
-                            f"({context}); give {context} or less")
-        elif greedy > cfg.vllm.max_model_len:
-            problems.append(f"parity.prompt_len + parity.new_tokens = {greedy} is longer than vllm.max_model_len "
-                            f"{cfg.vllm.max_model_len}, the check engine's context; raise it or shorten them")
+    if cfg.target == "vllm" and cfg.vllm.engine_check:  # the greedy check runs in an engine of this length
+        limit = cfg.vllm_check_len(context)
+        if greedy > limit:
+            capped = f", capped at the model's context" if limit < cfg.vllm.max_model_len else ""
+            problems.append(f"parity.prompt_len + parity.new_tokens = {greedy} is longer than the vLLM check's "
+                            f"context, {limit} tokens (vllm.max_model_len {cfg.vllm.max_model_len}{capped}); "
+                            "shorten them")
     return problems
 
 

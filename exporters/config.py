@@ -61,7 +61,8 @@ class VllmConfig:
     engine_tp: list[int] | None = None
     """Tensor-parallel sizes to load for real; None: every size in --tp this host can run."""
     max_model_len: int = 256
-    """Context length of the check's engine (small: the CPU KV cache stays small)."""
+    """Context length of the check's engine (small: the CPU KV cache stays small); capped at the
+    model's own context."""
     kv_cache_gib: int = 1
     """VLLM_CPU_KVCACHE_SPACE for the CPU check."""
     timeout_s: int = 900
@@ -100,6 +101,10 @@ class ExportConfig:
         if self.target == "hf" and source_dtype in DTYPES["hf"]:
             return source_dtype
         return DTYPES[self.target][0]
+
+    def vllm_check_len(self, context: int | None) -> int:
+        """The context of the vLLM check engine: vllm.max_model_len, at most the model's own."""
+        return min(self.vllm.max_model_len, context) if context else self.vllm.max_model_len
 
     def resolved_out(self) -> Path:
         if self.out is not None:

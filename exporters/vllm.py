@@ -298,7 +298,7 @@ def export(src: Any, tmp: Path, dtype: str, cfg: Any, advance: Callable[..., Non
                 engine.append({"tp": tp, "skipped": f"this host runs at most {capacity} ranks"})
                 continue
             advance(0, info=f"{PHASES[2]} (tensor parallel {tp})")
-            run = engine_generate(tmp, prompts, p.new_tokens, tp=tp, max_model_len=cfg.vllm.max_model_len,
+            run = engine_generate(tmp, prompts, p.new_tokens, tp=tp, max_model_len=cfg.vllm_check_len(src.dims.context),
                                   kv_cache_gib=cfg.vllm.kv_cache_gib, timeout_s=cfg.vllm.timeout_s,
                                   seed=p.seed)
             greedy = compare_tokens(run["tokens"], reference, ENGINE_TOLERANCE.bound(src.ref_logits),

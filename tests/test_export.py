@@ -23,7 +23,7 @@ from mptool.cli import app
 from mptool.config import load_config
 from mptool.errors import MptoolError, ParityError
 from mptool.exporters import ExportConfig, export
-from mptool.exporters.config import OnnxConfig, VllmConfig
+from mptool.exporters.config import OnnxConfig, ParityConfig, VllmConfig
 from test_cli import save_tiny
 
 runner = CliRunner()
@@ -285,17 +285,31 @@ def test_bad_options_are_refused_before_any_work(args, needle, tokenizer_dir, tm
     assert_nothing_left(out)
 
 
+def test_vllm_check_lengths_fit_a_short_context_model(tokenizer_dir, tmp_path):
+    """The check engine's default 256 positions are capped at a 128-position model's own (it was
+    refused); with the engine check off, the greedy sizes it would use are not judged."""
+    from mptool.exporters import validate
+
+    src = save_tiny("llama", tokenizer_dir, tmp_path / "short", max_position_embeddings=128)
+    cfg = ExportConfig(model=str(src), target="vllm", out=str(tmp_path / "o"))
+    assert cfg.vllm_check_len(128) == 128 and validate(cfg) == []
+    long = ExportConfig(model=str(src), target="vllm", out=str(tmp_path / "o"),
+                        parity=ParityConfig(prompt_len=120, new_tokens=16))
+    assert any("= 136 is longer than the vLLM check's context, 128 tokens" in p for p in validate(long))
+    long.vllm.engine_check = False
+    assert validate(long) == []
+
+
 @pytest.mark.parametrize("recipe, needle", [
     ("parity:\n  new_tokens: 40\n", "parity.new_tokens applies to --target onnx and vllm only"),
     ("target: onnx\nparity:\n  seq_len: 400\n", "parity.seq_len 400 is longer than the model's context "
                                                  "(max_position_embeddings 256)"),
     ("target: onnx\nparity:\n  prompt_len: 250\n  new_tokens: 10\n", "parity.prompt_len + parity.new_tokens = 260 "
                                                                       "is longer than the model's context (256)"),
-    ("target: vllm\nvllm:\n  max_model_len: 512\n", "vllm.max_model_len 512 is longer than the model's context"),
-    ("target: vllm\nparity:\n  prompt_len: 250\n  new_tokens: 10\nvllm:\n  max_model_len: 200\n",
-     "= 260 is longer than the model's context (256)"),
+    ("target: vllm\nparity:\n  prompt_len: 250\n  new_tokens: 10\nvllm:\n  max_model_len: 512\n",
+     "= 260 is longer than the vLLM check's context, 256 tokens (vllm.max_model_len 512, capped at the model's"),
     ("target: vllm\nparity:\n  prompt_len: 190\n  new_tokens: 20\nvllm:\n  max_model_len: 200\n",
-     "= 210 is longer than vllm.max_model_len 200, the check engine's context"),
+     "= 210 is longer than the vLLM check's context, 200 tokens (vllm.max_model_len 200); shorten them"),
     ("max_shard_size: 2G\n", "max_shard_size '2G' must be a size such as 500MB or 2GB"),
     ("target: vllm\nvllm:\n  engine_tp: [0]\n", "vllm.engine_tp [0] must list positive"),
     ("target: onnx\nparity:\n  seq_len: 1\n", "parity.seq_len 1 must exceed the 4 decode steps"),
