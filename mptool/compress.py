@@ -417,6 +417,11 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
 
     ckpt = Path(resume) if resume else checkpoint_dir(cfg)
     ckpt_parent = ckpt.parent / f".{ckpt.name}.work"
+    if not resume:  # a fresh run (validate refused one over a checkpoint without --overwrite) starts clean:
+        if main:  # an earlier run's checkpoint and metrics must not mix with this one's
+            shutil.rmtree(ckpt, ignore_errors=True)
+            shutil.rmtree(ckpt_parent, ignore_errors=True)
+        D.barrier()
     ckpt_parent.mkdir(parents=True, exist_ok=True)  # every rank: harmless, and exists before use
     with _work_folder(ckpt_parent, ckpt, resumable=cfg.method == "maskprune"):
         metrics = ckpt_parent / "metrics.jsonl"

@@ -131,6 +131,10 @@ def test_a_stop_says_how_to_resume_and_a_stop_before_any_checkpoint_leaves_nothi
     assert_clean_failure(res, late, f"{ckpt} holds the checkpoint of an interrupted run",
                          f"--resume {ckpt}, or pass --overwrite")
     assert (ckpt / "trainer.json").is_file()
+    # --overwrite starts afresh: stopped before its own first checkpoint, nothing of either run is left
+    res = killed_run(tiny_dir, [*args, "--overwrite"], late, monkeypatch, dies_at=1)
+    assert res.exit_code != 0 and "--resume" not in res.output
+    assert not ckpt.exists() and not (tmp_path / ".late.ckpt.work").exists()
 
 
 def test_compress_with_ratio_and_yaml_recipe(tiny_dir, text_file, tmp_path):
