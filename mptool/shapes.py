@@ -394,9 +394,13 @@ def no_target_message(d: Dims, budget: float, tp: Iterable[int] = (1,), ffn_mult
                 f"tp {sizes} at any ratio; drop the tp sizes that do not divide its head counts")
     dense = prunable_params(d, d.dense_target())
     smallest = min(prunable_params(d, t) for t in legal)
+    largest_ratio = math.floor((1 - smallest / dense) * 1000) / 1000
+    if largest_ratio <= 0:  # only (about) the dense shape is legal: --ratio must be > 0, so it cannot help
+        return (f"no legal target smaller than the dense shape with tp {sizes} and FFN multiple {ffn_multiple}, at "
+                "any ratio; give a smaller --ffn-multiple or other tp sizes")
     return (f"no legal target keeps at most {budget / dense:.1%} of prunable parameters with tp {sizes} and FFN "
             f"multiple {ffn_multiple}: the smallest legal one keeps {smallest / dense:.1%}, so give --ratio "
-            f"{math.floor((1 - smallest / dense) * 1000) / 1000:g} or less")
+            f"{largest_ratio:g} or less")
 
 
 def balanced_target(d: Dims, ratio: float, tp: Iterable[int] = (1,), ffn_multiple: int = 64) -> Target:

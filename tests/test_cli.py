@@ -470,6 +470,15 @@ def test_shapes_says_when_no_ratio_can_help(tokenizer_dir, tmp_path):
         assert_clean_failure(res, tmp_path / "o", "loads with tp 2 at any ratio; drop the tp sizes")
 
 
+def test_only_the_dense_shape_legal_is_not_answered_with_ratio_0(tiny_dir):
+    """tp 8 keeps all 8 heads and an FFN step of 256 keeps the whole FFN: no --ratio in (0, 1)
+    helps, so the message names the options that do."""
+    res = run("shapes", tiny_dir, "--ratio", "0.5", "--ffn-multiple", "256", "--tp", "8")
+    assert res.exit_code == 2 and "give --ratio" not in res.output
+    assert ("no legal target smaller than the dense shape with tp 8 and FFN multiple 256, at any ratio; give a "
+            "smaller --ffn-multiple or other tp sizes") in " ".join(res.output.split()), res.output
+
+
 @pytest.mark.parametrize("method", ["flap", "maskprune"])
 def test_a_ratio_beyond_every_legal_shape_names_the_largest_that_fits(tiny_dir, tmp_path, method):
     """The message names tp, the FFN multiple and the largest --ratio that has a legal shape; that
