@@ -288,7 +288,9 @@ def plan(
                          checkpointing=grad_checkpointing or mp.grad_checkpointing or cfg.recovery.grad_checkpointing,
                          kd_chunk=mp.kd_chunk, recovery_teacher=cfg.recovery.teacher)
         shape = {"tp": tuple(cfg.tp), "ffn_multiple": cfg.ffn_multiple}  # the student compress would train
-        if ratio is None and cfg.target.is_set():
+        if cfg.target.is_set():
+            if ratio is not None:  # as compress refuses it
+                raise MptoolError("give either --ratio or an explicit target (the recipe's target), not both")
             shape["target"] = (cfg.target.kv_heads, cfg.target.heads_per_group, cfg.target.ffn)
     given = {"batch_size": batch_size, "seq_len": seq_len, "lora_r": lora_r, "dtype_bytes": dtype_bytes}
     base = dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
@@ -306,7 +308,8 @@ def plan(
                           f"{', '.join(map(str, uneven))} GPUs (compress refuses it too); give --batch-size a "
                           f"multiple of every GPU count, e.g. {step * math.ceil(base.batch_size / step)}")
     print_plan(model, counts, gpu_mem, base, as_json=json_out, ratio=ratio,
-               seq_len_given=seq_len is not None or config is not None, **shape)
+               seq_len_flag=("--seq-len" if seq_len is not None else "data.seq_len (the recipe's)" if config
+                             else None), **shape)
 
 
 def _register_bench() -> None:

@@ -114,7 +114,7 @@ def plan_table(d: Dims, gpu_counts: list[int], gpu_mem_gib: float, base: PlanInp
 def print_plan(model: str | None, gpus: list[int], gpu_mem_gib: float, base: PlanInput,
                as_json: bool = False, ratio: float | None = None, tp: tuple[int, ...] = (1,),
                ffn_multiple: int = 64, target: tuple[int | None, int | None, int | None] | None = None,
-               seq_len_given: bool = True) -> list[dict[str, Any]]:
+               seq_len_flag: str | None = "--seq-len") -> list[dict[str, Any]]:
     """`mptool plan`: per-GPU memory of mask learning and recovery for each GPU count.
 
     Recovery trains the pruned student: an explicit ``target`` (kv_heads, heads_per_group, ffn;
@@ -132,11 +132,11 @@ def print_plan(model: str | None, gpus: list[int], gpu_mem_gib: float, base: Pla
 
     d = model_dims(model, config_only=True)
     if d.context and base.seq_len > d.context:
-        if not seq_len_given:  # the default, 2048, is for large models: a short-context one plans at its context
+        if seq_len_flag is None:  # the default, 2048, is for large models: a short-context one plans at its context
             base = replace(base, seq_len=d.context)
         else:  # compress refuses it too
-            raise MptoolError(f"--seq-len {base.seq_len} is longer than the model's context (max_position_embeddings "
-                              f"{d.context}); give {d.context} or less")
+            raise MptoolError(f"{seq_len_flag} {base.seq_len} is longer than the model's context "
+                              f"(max_position_embeddings {d.context}); give {d.context} or less")
     student = None
     if target is not None and any(v is not None for v in target):
         kv, hpg, ffn = target

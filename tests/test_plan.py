@@ -178,6 +178,13 @@ def test_plan_reads_a_compress_recipe_and_flags_override_it(tmp_path, tokenizer_
         shaped.write_text(recipe.read_text() + extra)
         res = CliRunner().invoke(app, ["plan", "-c", str(shaped), "--gpus", "1", "--json"])
         assert res.exit_code == 0 and json.loads(res.stdout)["recovery_student"] == student, res.output
+    res = CliRunner().invoke(app, ["plan", "-c", str(shaped), "--gpus", "1", "--ratio", "0.5"])  # target + ratio
+    assert res.exit_code == 2 and "give either --ratio or an explicit target" in res.output, res.output
+    long = tmp_path / "long.yaml"
+    long.write_text(recipe.read_text().replace("seq_len: 128", "seq_len: 512"))
+    res = CliRunner().invoke(app, ["plan", "-c", str(long), "--gpus", "1"])
+    assert res.exit_code == 2 and "data.seq_len (the recipe's) 512 is longer than the model's context" in \
+        " ".join(res.output.split()), res.output
     bad = tmp_path / "bad.yaml"
     bad.write_text("maskprune:\n  batch_sizee: 3\n")
     res = CliRunner().invoke(app, ["plan", "-c", str(bad)])
