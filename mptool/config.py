@@ -278,7 +278,7 @@ def load_config(cls: type[T], path: str | Path | None = None,
     """Defaults, then a YAML recipe, then non-None dotted overrides (CLI flags)."""
     data: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
+        p = Path(path).expanduser()
         if p.is_dir():
             raise MptoolError(f"config file {path} is a folder; give a YAML recipe file")
         if not p.is_file():

@@ -94,8 +94,12 @@ def read_config(path: str | os.PathLike, trust_remote_code: bool = False) -> Any
         with contextlib.suppress(OSError, ValueError):
             raw = json.loads((Path(path) / "config.json").read_text())
             why = sizes_problem(raw) if isinstance(raw, dict) else None
-        raise MptoolError(f"cannot read a model config from {path}: "
-                          f"{f'config.json has {why}' if why else _one_line(e)}") from None
+        if not why:  # typed configs put the field on the first line and the reason on the next
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()][:2]
+            why = f"{type(e).__name__}: {' '.join(lines)}" if lines else _one_line(e)
+        else:
+            why = f"config.json has {why}"
+        raise MptoolError(f"cannot read a model config from {path}: {why}") from None
     from mptool.families import get_adapter
 
     get_adapter(config)  # an unsupported family is named as such before its sizes are judged

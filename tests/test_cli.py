@@ -395,6 +395,25 @@ def test_tilde_in_out_is_the_home_folder_everywhere(tiny_dir, text_file, tmp_pat
     assert res.exit_code == 0 and (home / "e.json").is_file() and not (tmp_path / "~").exists()
 
 
+def test_tilde_in_config_is_the_home_folder(tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "s.yaml").write_text("ratio: 0.5\nffn_multiple: 32\n")
+    res = run("shapes", tiny_dir, "--config", "~/s.yaml", "--json")
+    assert res.exit_code == 0 and json.loads(res.stdout)["ffn_multiple"] == 32, res.output
+
+
+def test_a_typed_config_error_names_the_field_and_the_reason(tmp_path):
+    """Qwen3's config is a typed dataclass: `head_dim: null` fails with the field on one line and
+    the reason on the next; both reach the user."""
+    config = tiny_model("qwen3").config.to_dict()
+    config["head_dim"] = None
+    (tmp_path / "q3").mkdir()
+    (tmp_path / "q3" / "config.json").write_text(json.dumps(config))
+    res = run("shapes", tmp_path / "q3")
+    assert_clean_failure(res, tmp_path / "o", "Validation error for field 'head_dim':",
+                         "Field 'head_dim' expected int, got NoneType")
+
+
 def test_eval_keeps_a_foreign_eval_json_in_the_model_folder(tiny_dir, text_file):
     """The default result file MODEL/eval.json replaces only an earlier eval result."""
     mine = tiny_dir / "eval.json"
