@@ -81,7 +81,7 @@ def parity_length_problems(cfg: ExportConfig, context: int | None) -> list[str]:
     if cfg.target == "vllm" and cfg.vllm.engine_check:  # the greedy check runs in an engine of this length
         limit = cfg.vllm_check_len(context)
         if greedy > limit:
-            capped = f", capped at the model's context" if limit < cfg.vllm.max_model_len else ""
+            capped = ", capped at the model's context" if limit < cfg.vllm.max_model_len else ""
             problems.append(f"parity.prompt_len + parity.new_tokens = {greedy} is longer than the vLLM check's "
                             f"context, {limit} tokens (vllm.max_model_len {cfg.vllm.max_model_len}{capped}); "
                             "shorten them")

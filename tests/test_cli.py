@@ -698,8 +698,8 @@ def test_a_ratio_far_below_the_nearest_legal_shape_is_pointed_out(tiny_dir, text
     assert report["ratio"] == {"asked": 0.01, "largest_legal_removes": pytest.approx(1 / 12, abs=1e-6)}
     assert removed == pytest.approx(1 / 6, abs=1e-3)
     text = " ".join(res.output.split())
-    assert (f"note: --ratio 0.01 asked for 1.0% and 16.7% was removed: the largest legal uniform shape within it "
-            f"removes 8.3%, but flap chose a smaller one by the balanced split") in text, text
+    assert ("note: --ratio 0.01 asked for 1.0% and 16.7% was removed: the largest legal uniform shape within it "
+            "removes 8.3%, but flap chose a smaller one by the balanced split") in text, text
 
 
 def test_maskprune_at_the_default_ratio_says_when_its_shape_rule_cut_more(tiny_dir, text_file, tmp_path):
