@@ -7,12 +7,10 @@ measures anything.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-from mptool.errors import MptoolError
-from mptool.io import disk_error
+from mptool.io import atomic_files
 
 # (figure key in a model's figures, speed-up key, column title, scale, format)
 COLUMNS = (
@@ -169,21 +167,10 @@ def plot(doc: dict[str, Any], path: Path) -> None:
 
 def write_all(doc: dict[str, Any], out: Path) -> list[Path]:
     """Write ``<out>.json``, ``<out>.md`` and ``<out>.png``; returns their paths."""
-    out.parent.mkdir(parents=True, exist_ok=True)
     paths = [out.with_name(out.name + ext) for ext in (".json", ".md", ".png")]
     doc["outputs"] = [str(p) for p in paths]
-    tmps = [p.with_name(f".{p.name}.tmp-{os.getpid()}") for p in paths]
-    try:  # all three or none: each written to a temporary name, renamed once all exist
+    with atomic_files(paths) as tmps:  # all three or none
         tmps[0].write_text(json.dumps(doc, indent=2) + "\n")
         tmps[1].write_text(markdown(doc))
         plot(doc, tmps[2])
-    except BaseException as e:
-        for t in tmps:
-            t.unlink(missing_ok=True)
-        if why := disk_error(e):
-            raise MptoolError(f"cannot write {out}: {why}; nothing was written (free space or give another "
-                              "--out)") from e
-        raise
-    for t, p in zip(tmps, paths):
-        os.replace(t, p)
     return paths

@@ -105,8 +105,8 @@ def _engine_sizes(cfg: Any) -> list[int]:
 def validate(cfg: Any, spec: Any) -> list[str]:
     try:
         d = _dims(spec, cfg.trust_remote_code)
-    except (OSError, ValueError) as e:
-        return [f"cannot read the config of {spec}: {str(e).splitlines()[0]}"]
+    except MptoolError as e:
+        return [str(e)]
     report = read_report(spec if isinstance(spec, Path) else None)
     return legality(d, sorted(set(cfg.tp) | set(_engine_sizes(cfg))), report)
 

@@ -210,14 +210,19 @@ def context_check(cfg: CompressConfig, context: int | None) -> None:
 def resolve_target(cfg: CompressConfig, d: Dims) -> Target:
     """The uniform target: explicit (validated against the engine rules) or from the ratio."""
     if cfg.target.is_set():
-        t = Target(
-            cfg.target.kv_heads or d.num_kv_heads,
-            cfg.target.heads_per_group or d.heads_per_group,
-            cfg.target.ffn or d.intermediate_size,
-        )
-        validate_target(d, t, cfg.tp, cfg.ffn_multiple)
-        return t
+        return explicit_target(d, (cfg.target.kv_heads, cfg.target.heads_per_group, cfg.target.ffn), cfg.tp,
+                               cfg.ffn_multiple)
     return balanced_target(d, cfg.ratio_or_default, cfg.tp, cfg.ffn_multiple)
+
+
+def explicit_target(d: Dims, sizes: tuple[int | None, int | None, int | None], tp: Any = (1,),
+                    ffn_multiple: int = 64) -> Target:
+    """``(kv_heads, heads_per_group, ffn)`` as a target (None keeps the dense size), checked
+    against the engine rules (an illegal one names the nearest legal ones)."""
+    kv, hpg, ffn = sizes
+    t = Target(kv or d.num_kv_heads, hpg or d.heads_per_group, ffn or d.intermediate_size)
+    validate_target(d, t, tp, ffn_multiple)
+    return t
 
 
 def eval_text_for(path: str | None) -> tuple[str, str]:

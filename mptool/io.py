@@ -29,13 +29,8 @@ def output_problems(out: str | os.PathLike, overwrite: bool, sources: tuple = ()
         return [f"{flag} {str(out)!r} names no {'folder' if folder else 'file'}; give a path such as runs/x"]
     if not folder and str(out).endswith(("/", os.sep)):
         return [f"{flag} {out} ends with a slash, as a folder does; give a file path such as runs/x"]
-    ancestor = resolved.parent
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        return [f"{flag} {out}: {ancestor} is a file, not a folder"]
-    if not os.access(ancestor, os.W_OK | os.X_OK) or (why := _cannot_create_in(ancestor)):
-        return [f"{flag} {out}: cannot write in {ancestor}{f' ({why})' if why else ''}"]
+    if problem := _place_problem(resolved.parent, f"{flag} {out}"):
+        return [problem]
     if not folder:
         return []
     problems = []
@@ -80,11 +75,7 @@ def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
         _ordinary_permissions(tmp, umask)
     except BaseException as e:
         _remove(tmp)
-        if why := disk_error(e):
-            from mptool.errors import MptoolError
-
-            raise MptoolError(f"cannot write {out}: {why}; nothing was written (free space or give another "
-                              "--out)") from e
+        _raise_if_disk_refused(e, out)
         raise
     old = None
     try:
@@ -126,19 +117,52 @@ def disk_error(exc: BaseException) -> str | None:
     return next((m for m in _DISK_MESSAGES if m in text), None) if type(exc).__name__ == "SafetensorError" else None
 
 
+def _raise_if_disk_refused(exc: BaseException, out: Path) -> None:
+    """Turn the disk refusing the write of ``out`` (full, read-only, quota) into a user error."""
+    if why := disk_error(exc):
+        from mptool.errors import MptoolError
+
+        raise MptoolError(f"cannot write {out}: {why}; nothing was written (free space or give another --out)") from exc
+
+
+@contextlib.contextmanager
+def atomic_files(paths: list[Path]) -> Iterator[list[Path]]:
+    """Yield temporary siblings of ``paths``; all of them replace ``paths`` only if the block
+    succeeds, and on any failure none is left (a refusing disk becomes a one-line error)."""
+    paths[0].parent.mkdir(parents=True, exist_ok=True)
+    tmps = [p.with_name(f".{p.name}.tmp-{os.getpid()}") for p in paths]
+    try:
+        yield tmps
+        for t, p in zip(tmps, paths):
+            t.replace(p)
+    except BaseException as e:
+        for t in tmps:
+            t.unlink(missing_ok=True)
+        _raise_if_disk_refused(e, paths[0])
+        raise
+
+
 def writable_folder_problems(folder: str | os.PathLike, flag: str) -> list[str]:
     """Whether ``folder`` is, or can be made as, a folder this process writes in (one line)."""
     path = Path(folder).expanduser()
     if path.exists() and not path.is_dir():
         return [f"{flag} {folder} is a file; give a folder"]
-    ancestor = path
+    problem = _place_problem(path, f"{flag} {folder}")
+    return [problem] if problem else []
+
+
+def _place_problem(folder: Path, what: str) -> str | None:
+    """Why nothing can be written at ``folder`` (made with its parents if absent), named after
+    ``what`` (the flag and its value), or None: its nearest existing ancestor must be a folder
+    this process can create entries in."""
+    ancestor = folder
     while not ancestor.exists():
         ancestor = ancestor.parent
     if not ancestor.is_dir():
-        return [f"{flag} {folder}: {ancestor} is a file, not a folder"]
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        return [f"{flag} {folder}: cannot write in {ancestor}; give a writable folder"]
-    return []
+        return f"{what}: {ancestor} is a file, not a folder"
+    if not os.access(ancestor, os.W_OK | os.X_OK) or (why := _cannot_create_in(ancestor)):
+        return f"{what}: cannot write in {ancestor}{f' ({why})' if why else ''}"
+    return None
 
 
 def result_file_problems(files: list[Path], is_ours: Callable[[Path], bool], command: str,

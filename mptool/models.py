@@ -85,33 +85,30 @@ def read_config(path: str | os.PathLike, trust_remote_code: bool = False) -> Any
         from huggingface_hub.errors import StrictDataclassError  # typed configs: a field of the wrong type
     except ImportError:  # pragma: no cover - older huggingface_hub
         StrictDataclassError = ValueError  # noqa: N806
+    raw: dict | None = None  # a local folder's config.json as written, to judge what transformers fills in
+    with contextlib.suppress(OSError, ValueError):
+        loaded = json.loads((Path(path) / "config.json").read_text())
+        raw = loaded if isinstance(loaded, dict) else None
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as e:
         raise MptoolError(f"cannot read a model config from {path}: {_one_line(e)}") from None
     except (ArithmeticError, TypeError, StrictDataclassError) as e:  # its checks divide by the sizes it reads
-        why = None
-        with contextlib.suppress(OSError, ValueError):
-            raw = json.loads((Path(path) / "config.json").read_text())
-            why = sizes_problem(raw) if isinstance(raw, dict) else None
-        if not why:  # typed configs put the field on the first line and the reason on the next
+        why = sizes_problem(raw) if raw is not None else None
+        if why:
+            why = f"config.json has {why}"
+        else:  # typed configs put the field on the first line and the reason on the next
             lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()][:2]
             why = f"{type(e).__name__}: {' '.join(lines)}" if lines else _one_line(e)
-        else:
-            why = f"config.json has {why}"
         raise MptoolError(f"cannot read a model config from {path}: {why}") from None
     from mptool.families import get_adapter
 
     get_adapter(config)  # an unsupported family is named as such before its sizes are judged
-    raw_file = Path(path) / "config.json"
-    if raw_file.is_file():  # transformers fills a missing size with its class default (Llama-7B's 32 layers)
-        with contextlib.suppress(OSError, ValueError):
-            raw = json.loads(raw_file.read_text())
-            missing = [k for k in REQUIRED_SIZES if isinstance(raw, dict) and k not in raw]
-            if missing:
-                raise MptoolError(f"config.json of {path} lacks {', '.join(missing)}; transformers would fill in "
-                                  f"its defaults ({', '.join(f'{k}={getattr(config, k, None)}' for k in missing)}), "
-                                  "not this model's: add the model's own values")
+    # transformers fills a missing size with its class default (Llama-7B's 32 layers)
+    if missing := [k for k in REQUIRED_SIZES if raw is not None and k not in raw]:
+        raise MptoolError(f"config.json of {path} lacks {', '.join(missing)}; transformers would fill in "
+                          f"its defaults ({', '.join(f'{k}={getattr(config, k, None)}' for k in missing)}), "
+                          "not this model's: add the model's own values")
     return config
 
 
@@ -499,8 +496,7 @@ def load_model(
     path = resolve_model(spec)
     config = None
     try:
-        config = read_config(path, trust_remote_code)
-        get_adapter(config)
+        config = read_config(path, trust_remote_code)  # refuses an unsupported family
         model, info = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, output_loading_info=True
         )

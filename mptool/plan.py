@@ -127,8 +127,8 @@ def print_plan(model: str | None, gpus: list[int], gpu_mem_gib: float, base: Pla
     from rich.console import Console
     from rich.table import Table
 
-    from mptool.compress import model_dims
-    from mptool.shapes import Target, balanced_target, check_ratio, validate_target
+    from mptool.compress import explicit_target, model_dims
+    from mptool.shapes import balanced_target, check_ratio
 
     d = model_dims(model, config_only=True)
     if d.context and base.seq_len > d.context:
@@ -139,9 +139,7 @@ def print_plan(model: str | None, gpus: list[int], gpu_mem_gib: float, base: Pla
                               f"(max_position_embeddings {d.context}); give {d.context} or less")
     student = None
     if target is not None and any(v is not None for v in target):
-        kv, hpg, ffn = target
-        student = Target(kv or d.num_kv_heads, hpg or d.heads_per_group, ffn or d.intermediate_size)
-        validate_target(d, student, tp, ffn_multiple)
+        student = explicit_target(d, target, tp, ffn_multiple)
     elif ratio is not None:
         check_ratio(ratio)
         student = balanced_target(d, ratio, tp, ffn_multiple)

@@ -25,10 +25,11 @@ def shapes_rows(cfg: ShapesConfig) -> dict[str, Any]:
     rows = [describe(d, t) for t in candidates(d, cfg.ratio, cfg.tp, cfg.ffn_multiple)]
     if not rows and not all_legal(d, cfg.tp, cfg.ffn_multiple):  # no --ratio helps: say what does
         raise MptoolError(no_target_message(d, 0.0, cfg.tp, cfg.ffn_multiple))
-    budget = (1 - cfg.ratio) * describe(d, d.dense_target())["prunable_params"]
+    dense = describe(d, d.dense_target())
+    budget = (1 - cfg.ratio) * dense["prunable_params"]
     return {
         "model": cfg.model or "embedded:SmolLM2-135M-Instruct",
-        "dense": describe(d, d.dense_target()),
+        "dense": dense,
         "ratio": cfg.ratio,
         "tp": cfg.tp,
         "ffn_multiple": cfg.ffn_multiple,
@@ -73,7 +74,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     from mptool.compress import eval_text_for, measure_ppl, model_dims
     from mptool.data import eval_token_stream
     from mptool.evaluate import resolve_tasks, run_tasks
-    from mptool.io import json_with, output_problems, result_file_problems
+    from mptool.io import atomic_files, json_with, output_problems, result_file_problems
     from mptool.models import check_token_ids, load_model, looks_like_path, resolve_model
 
     problems = cfg.ppl.problems()
@@ -112,18 +113,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     result["config"] = to_dict(cfg)
     text = json.dumps(result, indent=2)
     if out is not None:
-        from mptool.io import disk_error
-
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-        try:
+        with atomic_files([out]) as (tmp,):
             tmp.write_text(text)
-            tmp.replace(out)
-        except BaseException as e:
-            tmp.unlink(missing_ok=True)
-            if why := disk_error(e):
-                raise MptoolError(f"cannot write {out}: {why}; nothing was written (free space or give another "
-                                  "--out)") from e
-            raise
     print(text)
     return result
