@@ -72,9 +72,10 @@ class Bench:
                                    order=args.data_order)
         self.calib = self.blocks[: args.calib_tokens // args.seq_len]
         with step("calibrate", total=len(self.calib)) as adv:
-            o, dd = calibrate(self.model, self.calib, progress=adv)
+            o, dd = calibrate(self.model, self.calib, progress=adv, gram=True)
         self.scores = {m: score(self.model, m, o, dd) for m in METHODS}
         self.d_stats = dd
+        self.grams = ([s.gram for s in o], [s.gram for s in dd])  # for compensation (mptool.compensate)
         self.rows: list[dict[str, Any]] = []
         self.dense_ppl = self.ppl(self.model, "dense")
         self.add("dense", 0.0, self.d.dense_target(), self.dense_ppl, tokens=0, seconds=0.0)
@@ -146,7 +147,7 @@ class Bench:
         budget = (1 - ratio) * prunable_params(self.d, self.d.dense_target())
         protected = massive_channels(self.model, self.d_stats, cfg.protect)  # as compress does
         trainer = MaskPrune(model, self.blocks, cfg, budget=budget, init_scores=self.scores.get(scores or cfg.init),
-                            device=self.dev, seed=seed, protected=protected)
+                            device=self.dev, seed=seed, protected=protected, grams=self.grams)
         continued = rec is not None and rec.adapter == "continue"
         if continued:
             trainer.continue_with(rec)
@@ -172,6 +173,20 @@ class Bench:
         if rec is not None:
             info["recovery_adapter"] = "continued" if continued else "fresh"
         return pruned, keeps[0].target(), info
+
+    def cut(self, method: str, target: Target, compensated: bool = False) -> Any:
+        """The dense model cut to ``target`` by ``method``'s ranking (``compensated``: the kept
+        columns absorb the dropped units, :mod:`mptool.compensate`)."""
+        import copy
+
+        from mptool.compensate import compensate
+
+        keeps = select(self.scores[method], target)
+        if not compensated:
+            return materialize(self.model, keeps)
+        model = copy.deepcopy(self.model)
+        compensate(model, keeps, *self.grams)
+        return materialize(model, keeps)
 
     def run_ratio(self, ratio: float) -> None:
         T, half = self.args.tokens, self.half()
@@ -205,6 +220,15 @@ class Bench:
                     self.add(f"{method} + recovery", ratio, learned, self.ppl(rec, f"{method} @ learned + rec"),
                              T, time.perf_counter() - t0, split="MaskPrune's learned target",
                              recovery_config=rec_changed)
+                    # the same cut with the compensation MaskPrune runs with (mptool.compensate)
+                    comp = self.cut(method, learned, compensated=True)
+                    self.add(f"{method} + compensation", ratio, learned, self.ppl(comp, f"{method} @ learned, comp"),
+                             0, 0.0, split="MaskPrune's learned target")
+                    t0 = time.perf_counter()
+                    rec = self.recovered(comp, T, self.model)
+                    self.add(f"{method} + compensation + recovery", ratio, learned,
+                             self.ppl(rec, f"{method} @ learned, comp + rec"), T, time.perf_counter() - t0,
+                             split="MaskPrune's learned target", recovery_config=rec_changed)
 
     def ablations(self, ratio: float) -> None:
         T, half = self.args.tokens, self.half()

@@ -12,7 +12,8 @@ adapter after the cut, the behaviour before), ``recovery`` (``RecoveryConfig`` o
 and ``seed`` (LoRA initialisation of mask learning and recovery, default 0: repeat a variant with
 other seeds to see the spread). ``{"name": ..., "oneshot": "flap", "shape": [3, 3, 512]}`` is a
 one-shot row instead: that method's units at that shape, then all of ``--tokens`` on recovery
-(the baseline a MaskPrune variant at the same shape has to beat); with ``"phases": [[16384, 8],
+(the baseline a MaskPrune variant at the same shape has to beat; ``"compensate": true`` adds
+the least-squares compensation MaskPrune runs with, :mod:`mptool.compensate`); with ``"phases": [[16384, 8],
 [16384, 16]]`` its recovery runs in phases of (tokens, LoRA rank), each a fresh adapter merged
 before the next, on consecutive text: MaskPrune's two-phase structure without the mask learning.
 Same data, calibration, seed and held-out text as ``mptool.benchmarks.quality``, so a variant
@@ -31,14 +32,12 @@ from typing import Any
 import torch
 
 from mptool import distributed as D
-from mptool.baselines import select
 from mptool.benchmarks.quality import RESULTS, Bench, add_data_order, budget_problem
 from mptool.maskprune import MaskPruneConfig
 from mptool.progress import console
 from mptool.shapes import Target, describe
-from mptool.surgery import materialize
 
-OWN_KEYS = ("name", "init", "mask_tokens", "seed", "oneshot", "shape", "phases", "adapter", "recovery")
+OWN_KEYS = ("name", "init", "mask_tokens", "seed", "oneshot", "shape", "phases", "adapter", "recovery", "compensate")
 
 
 
@@ -61,7 +60,7 @@ def run_oneshot(bench: Bench, ratio: float, variant: dict[str, Any]) -> dict[str
         raise ValueError(f'"phases" must be [[tokens, lora_r], ...], tokens multiples of {step_tokens} '
                          f'(batch x seq_len) summing to {bench.args.tokens}') from None
     t0 = time.perf_counter()
-    pruned = materialize(bench.model, select(bench.scores[method], target))
+    pruned = bench.cut(method, target, compensated=bool(variant.get("compensate", False)))
     before = bench.ppl(pruned, f"{variant['name']} one-shot")
     offset, between = 0, []
     for i, (tokens, r) in enumerate(phases):  # each phase: a fresh adapter of rank r (alpha 2r), merged
@@ -71,6 +70,7 @@ def run_oneshot(bench: Bench, ratio: float, variant: dict[str, Any]) -> dict[str
                                  **variant.get("recovery", {}))
         offset += bench.steps(tokens) * bench.args.batch_size
     return {"name": variant["name"], "ratio": ratio, "oneshot": method, "seed": seed, "init": method,
+            "compensated": bool(variant.get("compensate", False)),
             "mask_tokens": 0, "recovery_tokens": bench.args.tokens, "phases": phases,
             "recovery": variant.get("recovery", {}), "ppl_between_phases": between,
             **describe(bench.d, target), "ppl_before_recovery": before, "ppl": bench.ppl(pruned, variant["name"]),

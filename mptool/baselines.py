@@ -59,9 +59,11 @@ def _layer_weights(model: Any):
 
 @torch.no_grad()
 def calibrate(model: Any, blocks: torch.Tensor, batch_size: int = 4,
-              progress: Callable[[int], None] | None = None) -> tuple[list[InputStats], list[InputStats]]:
-    """Run calibration blocks through the model; return input stats of o_proj and down_proj."""
-    hooks, o_stats, d_stats = collect_stats(model)
+              progress: Callable[[int], None] | None = None,
+              gram: bool = False) -> tuple[list[InputStats], list[InputStats]]:
+    """Run calibration blocks through the model; return input stats of o_proj and down_proj
+    (with their Gram matrices if ``gram``, for :mod:`mptool.compensate`)."""
+    hooks, o_stats, d_stats = collect_stats(model, gram)
     dev = next(model.parameters()).device
     with hooks:
         for start in range(0, len(blocks), batch_size):
@@ -147,14 +149,16 @@ def select(scores: Scores, t: Target) -> list[LayerKeep]:
 
 @torch.no_grad()
 def kd_split(model: Any, scores: Scores, cands: list[Target], probe: torch.Tensor, temperature: float = 1.0,
-             chunk: int | None = 2048, bf16: bool = True) -> tuple[Target, dict[str, float]]:
+             chunk: int | None = 2048, bf16: bool = True,
+             grams: tuple[Any, Any] | None = None) -> tuple[Target, dict[str, float]]:
     """The candidate target whose units (by ``scores``) distil best from the dense model.
 
     Each legal candidate is scored by the KD loss, on the ``probe`` batch, of the dense model with
     only that candidate's units kept (mask hooks, no copy); the lowest wins. No training: the
     shape rule of MaskPrune (``snap_frac: 0``) applied to a one-shot score, so one-shot methods
-    can use a learned split of the budget instead of the fixed "same fraction" rule.
-    Returns (best target, {target: KD loss}, best first).
+    can use a learned split of the budget instead of the fixed "same fraction" rule. With
+    ``grams`` each candidate runs with its compensation (:mod:`mptool.compensate`), as MaskPrune's
+    candidates do. Returns (best target, {target: KD loss}, best first).
     """
     from mptool.hooks import apply_masks, keeps_to_masks
     from mptool.maskprune import autocast, score_shapes
@@ -166,12 +170,22 @@ def kd_split(model: Any, scores: Scores, cands: list[Target], probe: torch.Tenso
     probe = probe.to(dev)
     masks: dict[str, list[torch.Tensor]] = {}
 
+    comp = None
+
     def keep(t: Target) -> None:
         masks["heads"], masks["ffn"] = keeps_to_masks(d, select(scores, t))
+        if comp is not None:
+            comp.set(torch.stack(masks["heads"]), torch.stack(masks["ffn"]))
 
     with autocast(bf16, dev):
         teacher = model(probe).logits
-        with apply_masks(model, lambda i: masks["heads"][i], lambda i: masks["ffn"][i]):
+        with apply_masks(model, lambda i: masks["heads"][i], lambda i: masks["ffn"][i]) as hooks:
+            if grams is not None:
+                from mptool.compensate import Compensator
+                from mptool.hooks import _projections
+
+                comp = Compensator(_projections(model), grams, d.head_dim)
+                hooks.handles.extend(comp.handles)
             result = score_shapes(cands, keep, lambda: model(probe).logits, teacher, temperature, chunk)
     best = min(result, key=result.get)
     return best, {str(t): round(v, 4) for t, v in sorted(result.items(), key=lambda kv: kv[1])}

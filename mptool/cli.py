@@ -88,6 +88,9 @@ def compress(
     kv_heads: Optional[int] = typer.Option(None, help="Explicit target: KV groups kept per layer."),
     heads_per_group: Optional[int] = typer.Option(None, help="Explicit target: query heads per kept group."),
     ffn: Optional[int] = typer.Option(None, help="Explicit target: FFN channels per layer."),
+    compensate: Optional[bool] = typer.Option(None, "--compensate/--no-compensate",
+                                              help="Kept columns absorb the dropped units by least squares on the "
+                                                   "calibration text (default on; every method)."),
     tp: Optional[str] = typer.Option(None, help="Tensor-parallel sizes the result must support, e.g. 1,2,4."),
     ffn_multiple: Optional[int] = typer.Option(None, help="FFN widths are multiples of this (default 64)."),
     data: Optional[str] = typer.Option(None, help="Training/calibration text (.txt, .jsonl, folder, datasets folder, hub name)."),
@@ -139,6 +142,8 @@ def compress(
         before_protect = "protect" not in (recorded.get("maskprune") or {})
         if before_protect:
             overrides["maskprune.protect"] = 0.0  # nothing was protected
+        if "compensate" not in recorded:
+            overrides["compensate"] = False  # a checkpoint from before compensation trained without it
         cfg = load_config(CompressConfig, saved, overrides)
         if before_protect and cfg.ppl.window == 1024:  # that era's default window, written out; today's
             cfg.ppl.window = None  # is the same, capped at a shorter context (which 1024 would now exceed)
@@ -146,7 +151,7 @@ def compress(
         return
     cfg = load_config(CompressConfig, config, {
         "model": model, "method": method, "ratio": ratio, "split": split, "target.kv_heads": kv_heads,
-        "target.heads_per_group": heads_per_group, "target.ffn": ffn, "tp": _tp(tp), "ffn_multiple": ffn_multiple, "data.seq_len": seq_len,
+        "target.heads_per_group": heads_per_group, "target.ffn": ffn, "compensate": compensate, "tp": _tp(tp), "ffn_multiple": ffn_multiple, "data.seq_len": seq_len,
         "data.train": data, "data.eval": eval_data, "data.calib_tokens": calib_tokens,
         "data.order": data_order,
         "ppl.max_tokens": eval_tokens, "out": out, "overwrite": overwrite, "seed": seed,
@@ -286,7 +291,8 @@ def plan(
         base = PlanInput(batch_size=mp.batch_size, seq_len=cfg.data.seq_len, lora_r=mp.lora_r,
                          dtype_bytes=WEIGHT_DTYPE_BYTES.get(cfg.dtype, 4),
                          checkpointing=grad_checkpointing or mp.grad_checkpointing or cfg.recovery.grad_checkpointing,
-                         kd_chunk=mp.kd_chunk, recovery_teacher=cfg.recovery.teacher)
+                         kd_chunk=mp.kd_chunk, recovery_teacher=cfg.recovery.teacher,
+                         compensate=cfg.compensate is not False)
         shape = {"tp": tuple(cfg.tp), "ffn_multiple": cfg.ffn_multiple}  # the student compress would train
         if cfg.target.is_set():
             if ratio is not None:  # as compress refuses it

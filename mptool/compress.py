@@ -18,6 +18,7 @@ import yaml
 
 from mptool import distributed as D
 from mptool.baselines import METHODS
+from mptool.compensate import compensate
 from mptool.config import WEIGHT_DTYPE_BYTES, CompressConfig, save_config, seed_problems, to_dict
 from mptool.data import DATA_ORDERS
 from mptool.errors import MptoolError
@@ -283,19 +284,22 @@ def measure_ppl(model: Any, ids: torch.Tensor, protocol: PplProtocol, label: str
         return perplexity(model, ids, protocol, progress=advance)
 
 
-def one_shot_scores(model: Any, methods: tuple[str, ...], blocks: torch.Tensor,
-                    protect: float = 0.0) -> tuple[dict[str, Any], torch.Tensor]:
+def one_shot_scores(model: Any, methods: tuple[str, ...], blocks: torch.Tensor, protect: float = 0.0,
+                    gram: bool = False) -> tuple[dict[str, Any], torch.Tensor, tuple[list, list] | None]:
     """Unit scores of one-shot methods, from one calibration pass where the model's weights are
-    (none when only magnitude is asked for and nothing is protected), and the FFN channels that
-    ``protect`` keeps (:func:`mptool.baselines.massive_channels`; none with ``protect`` 0)."""
+    (none when only magnitude is asked for and nothing is protected or reconstructed), the FFN
+    channels that ``protect`` keeps (:func:`mptool.baselines.massive_channels`; none with
+    ``protect`` 0), and with ``gram`` the input Gram matrices of every o_proj and down_proj
+    (for :mod:`mptool.compensate`; else None)."""
     from mptool.baselines import calibrate, massive_channels, score
 
     o_stats = d_stats = None
-    if protect > 0 or any(m != "magnitude" for m in methods):
+    if gram or protect > 0 or any(m != "magnitude" for m in methods):
         with step(f"calibrate ({len(blocks)} x {blocks.shape[1]} tokens)", total=len(blocks)) as advance:
-            o_stats, d_stats = calibrate(model, blocks, progress=advance)
+            o_stats, d_stats = calibrate(model, blocks, progress=advance, gram=gram)
+    grams = ([s.gram for s in o_stats], [s.gram for s in d_stats]) if gram else None
     return {m: score(model, m, o_stats, d_stats) for m in dict.fromkeys(methods)}, \
-        massive_channels(model, d_stats, protect)
+        massive_channels(model, d_stats, protect), grams
 
 
 def check_protected(protected: torch.Tensor, factor: float) -> None:
@@ -381,6 +385,13 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
     overlap = held_out_overlap(cfg.data, texts, eval_text)
     dims = model_dims(cfg.model, cfg.trust_remote_code)
     context_check(cfg, dims.context)
+    if cfg.compensate is None:  # auto: on where the Gram matrices fit the host (recorded as decided)
+        from mptool.compensate import fits, gram_bytes
+
+        cfg = dataclasses.replace(cfg, compensate=fits(dims, D.world_size()))
+        if not cfg.compensate and main:
+            console.print(f"compensation off: its Gram matrices need {D.world_size() * gram_bytes(dims) / 2**30:.1f} "
+                          "GiB of host memory, more than half of what is available (--compensate forces it)")
     fixed, budget = plan_target(cfg, dims)
     with console.status("loading model"):
         model, tokenizer = load_model(cfg.model, dtype=weights_dtype, trust_remote_code=cfg.trust_remote_code)
@@ -442,13 +453,14 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
             from mptool.maskprune import MaskPrune
 
             # the dense model's scores for the initialisation and a one-shot selection, one calibration
-            scored, protected = one_shot_scores(model, tuple(m for m in (mask_cfg.init, mask_cfg.select)
-                                                              if m in ONE_SHOT), calib, mask_cfg.protect)
+            scored, protected, grams = one_shot_scores(model, tuple(m for m in (mask_cfg.init, mask_cfg.select)
+                                                                     if m in ONE_SHOT), calib, mask_cfg.protect,
+                                                       gram=cfg.compensate)
             protected = D.union(protected)  # every rank keeps the same channels
             check_protected(protected, mask_cfg.protect)
             trainer = MaskPrune(model, blocks, mask_cfg, target=fixed, budget=budget, tp=tuple(cfg.tp),
                                 ffn_multiple=cfg.ffn_multiple, init_scores=scored.get(mask_cfg.init), seed=cfg.seed,
-                                sharding=cfg.sharding, device=dev, protected=protected)
+                                sharding=cfg.sharding, device=dev, protected=protected, grams=grams)
             if continued:
                 trainer.continue_with(rec_cfg)
             trainer.extra_files = {"compress-config.yaml": yaml.safe_dump(to_dict(cfg), sort_keys=False)}
@@ -492,6 +504,8 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
                 model = load_dense()  # the trainer's model carries LoRA; this one is also recovery's teacher
                 keeps = select(protect(scored[mask_cfg.select], protected), shape)
                 pruned = materialize(model.cpu(), keeps)
+                if grams is not None:
+                    compensate(model, keeps, *grams, into=pruned)
             else:
                 pruned, keeps = trainer.finish(reload=load_dense)
                 model = None  # LoRA was merged into these weights: recovery reloads the dense teacher
@@ -517,16 +531,20 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
         else:
             from mptool.baselines import select
 
-            scores = one_shot_scores(model, (cfg.method,), calib)[0][cfg.method]
+            scored, _, grams = one_shot_scores(model, (cfg.method,), calib, gram=cfg.compensate)
+            scores = scored[cfg.method]
             if fixed is None:  # --split kd
                 from mptool.baselines import kd_split
 
                 cands = candidates(d, cfg.ratio_or_default, cfg.tp, cfg.ffn_multiple)
                 with console.status(f"scoring {len(cands)} legal targets by KD on a probe batch"):
                     fixed, extra["candidate_kd"] = kd_split(model, scores, cands, blocks[: mask_cfg.batch_size],
-                                                            rec_cfg.temperature, rec_cfg.kd_chunk, rec_cfg.bf16)
+                                                            rec_cfg.temperature, rec_cfg.kd_chunk, rec_cfg.bf16,
+                                                            grams=grams)
             keeps = select(scores, fixed)
             pruned = materialize(model.cpu(), keeps)
+            if grams is not None:
+                compensate(model, keeps, *grams, into=pruned)
         timings["prune_s"] = round(time.perf_counter() - t0 - timings.get("recovery_s", 0.0), 1)
         target = keeps[0].target()
 

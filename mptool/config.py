@@ -146,6 +146,15 @@ class CompressConfig:
     of the dense model with only the method's units at that target kept, and the lowest wins
     (MaskPrune's own shape rule, no training). MaskPrune picks its split by the same KD rule
     at its initial masks (maskprune.snap_frac)."""
+    compensate: bool | None = None
+    """Least-squares compensation of the pruned units (:mod:`mptool.compensate`, every method):
+    the kept columns of each o_proj / down_proj absorb the dense model's linear prediction of the
+    dropped heads and channels from the kept ones, from input Gram matrices of the calibration
+    text (host memory while pruning: ``layers x ((heads x head_dim)^2 + intermediate^2) x 8``
+    bytes, 0.6 GB for SmolLM2-135M, 57 GB for Llama-3-8B). MaskPrune trains with it (the teacher
+    runs without). Same shapes, no training tokens. None (auto, the default): on when the Gram
+    matrices of every process take at most half the host's available memory; True / False:
+    always / never (the plain cut). docs/maskprune.md has the measurements."""
     target: TargetConfig = field(default_factory=TargetConfig)
     tp: list[int] = field(default_factory=lambda: [1])
     """Tensor-parallel sizes the result must load with in vLLM."""

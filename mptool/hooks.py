@@ -94,9 +94,16 @@ class InputStats:
     sumsq: torch.Tensor | None = None
     amax: torch.Tensor | None = None
     """Per-column largest |input| over all tokens seen."""
+    track_gram: bool = False
+    gram: torch.Tensor | None = None
+    """``[in, in]`` sum of ``x x^T`` over all tokens seen (only with ``track_gram``), for
+    :mod:`mptool.compensate`."""
 
     def update(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).double()
+        if self.track_gram:  # summed on the host: layers x in^2 float64 would crowd a GPU
+            g = (x.T @ x).cpu()
+            self.gram = g if self.gram is None else self.gram + g
         s, q, m = x.sum(0), (x * x).sum(0), x.abs().amax(0)
         self.sum = s if self.sum is None else self.sum + s
         self.sumsq = q if self.sumsq is None else self.sumsq + q
@@ -115,12 +122,13 @@ class InputStats:
         return (self.sumsq / self.n - mean * mean).clamp_min(0)
 
 
-def collect_stats(model: Any) -> tuple[HookSet, list[InputStats], list[InputStats]]:
-    """Hooks that accumulate input statistics of every o_proj and down_proj."""
+def collect_stats(model: Any, gram: bool = False) -> tuple[HookSet, list[InputStats], list[InputStats]]:
+    """Hooks that accumulate input statistics of every o_proj and down_proj (``gram``: their
+    input Gram matrices too, float64: ``layers x (hidden^2 + intermediate^2) x 8`` bytes)."""
     hooks = HookSet()
     o_stats, d_stats = [], []
     for o_proj, down in _projections(model):
-        so, sd = InputStats(), InputStats()
+        so, sd = InputStats(track_gram=gram), InputStats(track_gram=gram)
         o_stats.append(so)
         d_stats.append(sd)
         hooks.handles.append(o_proj.register_forward_pre_hook(lambda m, a, s=so: s.update(a[0])))

@@ -265,8 +265,16 @@ class MaskPrune:
                  target: Target | None = None, budget: float | None = None,
                  tp: tuple[int, ...] = (1,), ffn_multiple: int = 64,
                  init_scores: Any = None, seed: int = 0, sharding: str = "ddp",
-                 device: torch.device | None = None, protected: torch.Tensor | None = None) -> None:
+                 device: torch.device | None = None, protected: torch.Tensor | None = None,
+                 grams: tuple[Any, Any] | None = None) -> None:
         """Wrap ``model`` with LoRA and mask hooks.
+
+        ``grams``: per layer, the input Gram matrices of ``o_proj`` and ``down_proj`` of the dense
+        model on the calibration text (:func:`mptool.baselines.calibrate` with ``gram=True``);
+        the hard structure then runs with the compensation they give (:mod:`mptool.compensate`:
+        the kept columns of o_proj/down_proj also carry the dense model's linear prediction of the
+        dropped units; the teacher, masks off, runs without it) and :meth:`finish` keeps it in the
+        sliced weights. None: the plain cut.
 
         ``protected``: ``[layers, intermediate]`` bool, FFN channels kept whatever their mask
         (their mask stays 1 and they rank first in every top-k).
@@ -324,14 +332,37 @@ class MaskPrune:
         self._heads: list[torch.Tensor] = []
         self._ffn: list[torch.Tensor] = []
         self.hooks = apply_masks(self.model.base_model.model, self._head_mask, self._ffn_mask)
+        self.grams = grams
         self.sharded = D.sharded(sharding)
         if self.sharded:
             D.fsdp_wrap(self.model, adapter.decoder_layers(self.model.base_model.model))
         self.device = device or (D.device() if self.sharded else next(model.parameters()).device)
+        self.comp = None
+        if grams is not None:
+            from mptool.compensate import Compensator
+            from mptool.hooks import _projections
+
+            self.comp = Compensator(_projections(self.model.base_model.model), grams, d.head_dim,
+                                    weight=self._base_weight, gate=lambda: self._masks_on,
+                                    device=self.device)
+            self.hooks.handles.extend(self.comp.handles)
         self.lora_params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.lora_params, lr=cfg.lr_lora, weight_decay=0.0)
         self.rec: Any = None
         """Recovery that continues this trainer's LoRA (``continue_with``), or None."""
+
+    def _base_weight(self, layer: int, j: int) -> torch.Tensor:
+        """The frozen dense weight of o_proj (j 0) / down_proj (j 1), under LoRA and FSDP too."""
+        from mptool.hooks import _projections
+
+        mod = _projections(self.model.base_model.model)[layer][j]
+        w = mod.get_base_layer().weight if hasattr(mod, "get_base_layer") else mod.weight
+        return w.full_tensor() if hasattr(w, "full_tensor") else w  # FSDP: every rank calls, same order
+
+    def _compensate(self, heads: torch.Tensor, ffn: torch.Tensor) -> None:
+        """Run the hard structure (kept units nonzero) with its compensation, if any."""
+        if self.comp is not None:
+            self.comp.set(heads, ffn)
 
     # ------------------------------------------------------------------ masks in the forward
 
@@ -397,9 +428,12 @@ class MaskPrune:
             prev = self._prev_hard or kept  # first hard step: nothing to compare with, churn 0
             self._churn = {"churn_heads": M.churn(prev[0], kept[0]), "churn_ffn": M.churn(prev[1], kept[1])}
             self._prev_hard = kept
+            self._compensate(*kept)
         else:
             g, h, f = zg, zh, zf
             self._churn, self._prev_hard = {"churn_heads": 0.0, "churn_ffn": 0.0}, None
+            if self.comp is not None:
+                self.comp.on = False  # soft masks: every unit still runs, nothing to stand in for
         self._set_masks(g, h, f)
 
     def _ffn_topk(self, zf: torch.Tensor, k: int) -> torch.Tensor:
@@ -645,12 +679,34 @@ class MaskPrune:
             if reload is None:
                 raise ValueError("a sharded trainer needs reload() to rebuild the dense weights")
             self.model = D.unsharded_lora(self.model, reload().cpu(), self.lora_config)
+        deltas = self._final_deltas(keeps)  # from the base weights, as the hooks computed them
         base = self.model.merge_and_unload().cpu()
+        if deltas:
+            adapter = get_adapter(base.config)
+            with torch.no_grad():
+                for (layer, j), (cols, dw) in deltas.items():
+                    mod = adapter.decoder_layers(base)[layer]
+                    proj = getattr(adapter.attention(mod), adapter.o) if j == 0 else getattr(adapter.ffn(mod), adapter.down)
+                    proj.weight[:, cols] += dw.to(proj.weight.dtype)
         if self._scaled():  # the binary forward ran kept units at scale 1
             self._fold(base)
         for p in base.parameters():
             p.requires_grad_(False)
         return materialize(base, keeps), keeps
+
+    def _final_deltas(self, keeps: list[LayerKeep]) -> dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]:
+        """The compensation of the final structure, per (layer, projection): (columns, delta)."""
+        if self.grams is None:
+            return {}
+        from mptool.compensate import delta, kept_columns
+
+        out = {}
+        for layer, keep in enumerate(keeps):
+            for j, cols in enumerate(kept_columns(self.d, keep)):
+                dw = delta(self._base_weight(layer, j), self.grams[j][layer], cols)
+                if dw is not None:
+                    out[(layer, j)] = (cols, dw.cpu())
+        return out
 
     def _fold(self, base: Any) -> None:
         """Multiply the mask values into the ``o_proj`` / ``down_proj`` input columns."""
@@ -738,6 +794,8 @@ class MaskPrune:
                               f"({_one_line(e)}); resume it with the model and recipe it was made with") from None
         random.setstate(_tuple_rng(meta["rng"]["python"]))
         torch.set_rng_state(torch.tensor(meta["rng"]["torch"], dtype=torch.uint8))
+        if self.comp is not None:
+            self.comp.clear()  # recomputed from the restored masks at the next forward
 
     # ------------------------------------------------------------------ loop
 
@@ -837,6 +895,7 @@ class MaskPrune:
             self._set_masks(gmask * st.zg, (hmask > 0).float() * st.zh, fmask * st.zf)
         else:
             self._set_masks(gmask, (hmask > 0).float(), fmask)
+        self._compensate((gmask.unsqueeze(-1) * (hmask > 0)).reshape(self.d.num_layers, -1), fmask)
 
     def _scaled(self) -> bool:
         """Whether kept units run at their mask value (folded into the weights at the end)."""

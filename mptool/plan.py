@@ -20,6 +20,12 @@ weights replicated) or FSDP (weights, LoRA and optimiser states sharded) workers
   0.5 GiB; thread pools and oneDNN buffers on CPU, about 0.1 GiB).
 * FSDP gathering: a sharded process still holds whole parameters while they compute: the root
   unit (embedding and LM head) through the step, and a decoder layer plus the next one prefetched;
+* compensation (``--compensate``, the default): mask learning holds, per layer, the delta of
+  the kept columns of o_proj and down_proj (``hidden x (kept heads x head_dim + kept FFN)`` in
+  the weight dtype; the dense shape without a target, an upper bound), replicated on every
+  device; the input Gram matrices it is computed from stay in host memory
+  (``layers x ((heads x head_dim)^2 + intermediate^2) x 8`` bytes, reported as
+  ``host_gram_bytes``, not in the per-device sum);
 * teacher: mask learning reuses the student's weights with adapters disabled (no copy); recovery
   with a fresh adapter (``recovery.adapter: fresh``) keeps the dense model too
   (``teacher="memory"``) unless its logits are cached. The default recovery after MaskPrune
@@ -52,6 +58,7 @@ class PlanInput:
     runtime_bytes: float = 0.5 * GIB
     checkpointing: bool = False
     kd_chunk: int | None = 2048
+    compensate: bool = True
 
 
 def lora_params(d: Dims, r: int, t: Target | None = None) -> int:
@@ -87,12 +94,23 @@ def estimate(d: Dims, p: PlanInput, phase: str = "mask", target: Target | None =
     acts = tokens * activation_values_per_token(d, student, p.checkpointing) * p.dtype_bytes
     chunk = tokens if p.kd_chunk is None else min(tokens, p.kd_chunk)
     logits = (3 * tokens + 5 * chunk) * d.vocab_size * 4
+    t = target or d.dense_target()
+    comp = (d.num_layers * d.hidden_size * (t.heads * d.head_dim + t.ffn) * p.dtype_bytes
+            if phase == "mask" and p.compensate else 0.0)
     teacher = 0.0
     if phase == "recovery" and p.recovery_teacher == "memory":
         teacher = total_params(d) * p.dtype_bytes / shard
     parts = {"weights": weights, "fsdp_gathered": gathered, "lora_and_optimizer": lora, "masks": masks, "activations": acts,
-             "logits": logits, "teacher": teacher, "runtime": p.runtime_bytes}
-    return {"phase": phase, "per_device_bytes": sum(parts.values()), "parts": parts, "input": asdict(p)}
+             "logits": logits, "teacher": teacher, "compensation": comp, "runtime": p.runtime_bytes}
+    return {"phase": phase, "per_device_bytes": sum(parts.values()), "parts": parts, "input": asdict(p),
+            "host_gram_bytes": host_gram_bytes(d) if p.compensate else 0}
+
+
+def host_gram_bytes(d: Dims) -> int:
+    """Host memory of compensation's input Gram matrices (float64) while pruning."""
+    from mptool.compensate import gram_bytes
+
+    return gram_bytes(d)
 
 
 def plan_table(d: Dims, gpu_counts: list[int], gpu_mem_gib: float, base: PlanInput,
@@ -147,7 +165,9 @@ def print_plan(model: str | None, gpus: list[int], gpu_mem_gib: float, base: Pla
     shape = str(student) if student else "dense shape (upper bound)"
     if as_json:
         print(json.dumps({"model": model or "embedded:SmolLM2-135M-Instruct", "input": asdict(base),
-                          "gpu_mem_gib": gpu_mem_gib, "recovery_student": shape, "rows": rows}, indent=2))
+                          "gpu_mem_gib": gpu_mem_gib, "recovery_student": shape, "rows": rows,
+                          "host_gram_gib": round(host_gram_bytes(d) / GIB, 2) if base.compensate else 0.0},
+                         indent=2))
         return rows
     table = Table(title=f"per-GPU memory (GiB), global batch {base.batch_size} x {base.seq_len} tokens per step "
                         f"(split over the GPUs), "
@@ -155,12 +175,18 @@ def print_plan(model: str | None, gpus: list[int], gpu_mem_gib: float, base: Pla
                         f"activation checkpointing {'on' if base.checkpointing else 'off'}; "
                         f"recovery student: {shape}")
     for col in ("GPUs", "sharding", "phase", "weights", "gathered", "LoRA+opt", "activations", "logits",
-                "teacher", "total", "fits"):
+                "teacher", "comp.", "total", "fits"):
         table.add_column(col, justify="right")
     for r in rows:
         p = r["parts_gib"]
         table.add_row(str(r["gpus"]), r["sharding"], r["phase"], f"{p['weights']:.1f}", f"{p['fsdp_gathered']:.1f}",
                       f"{p['lora_and_optimizer']:.2f}", f"{p['activations']:.1f}", f"{p['logits']:.1f}",
-                      f"{p['teacher']:.1f}", f"{r['per_gpu_gib']:.1f}", "yes" if r["fits"] else "no")
-    Console(width=140).print(table)
+                      f"{p['teacher']:.1f}", f"{p['compensation']:.2f}", f"{r['per_gpu_gib']:.1f}",
+                      "yes" if r["fits"] else "no")
+    console = Console(width=140)
+    console.print(table)
+    if base.compensate:
+        console.print(f"compensation (the default; --no-compensate in compress: none) also holds the input Gram "
+                      f"matrices of every o_proj/down_proj in host memory while pruning: "
+                      f"{host_gram_bytes(d) / GIB:.2f} GiB")
     return rows

@@ -299,14 +299,17 @@ def test_killed_run_resumes_to_the_same_result(tiny_dir, text_file, tmp_path, mo
     """Killed in mask learning (step 5) or in the recovery that continues it (its third step, after
     the checkpoint at step 10): resumed, the same checkpoint as a run never killed. ``legacy``: the
     run trained on sequential blocks and its checkpoint's config predates ``data.order`` and
-    ``maskprune.protect`` (no such keys) and writes out that era's default window, 1024, longer than
-    the tiny model's context (256); the resume must keep the order the run started with, not take
-    today's default, and evaluate with today's default window (the context), not refuse the 1024."""
+    ``maskprune.protect`` and ``compensate`` (no such keys) and writes out that era's default
+    window, 1024, longer than the tiny model's context (256); the resume must keep the order the
+    run started with and its plain cut (no compensation), not take today's defaults, and evaluate
+    with today's default window (the context), not refuse the 1024. Not legacy: the run trains with
+    compensation (the default) and resumes to the same weights."""
     import yaml
     from safetensors.torch import load_file
 
     full = tmp_path / "full"
-    args = maskprune_args(text_file, tmp_path, rec_steps=3) + (["--data-order", "sequential"] if legacy else [])
+    args = maskprune_args(text_file, tmp_path, rec_steps=3) + (["--data-order", "sequential", "--no-compensate"]
+                                                                if legacy else [])
     assert run("compress", tiny_dir, *args, "--out", full).exit_code == 0
 
     out = tmp_path / "killed"
@@ -321,6 +324,7 @@ def test_killed_run_resumes_to_the_same_result(tiny_dir, text_file, tmp_path, mo
         assert saved["ppl"]["window"] is None and "protect" in saved["maskprune"]
         saved["ppl"]["window"] = 1024
         del saved["maskprune"]["protect"]
+        assert saved.pop("compensate") is False
         (ckpt / "compress-config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
     res = run("compress", "--resume", ckpt)
     assert res.exit_code == 0, res.output
@@ -335,6 +339,39 @@ def test_killed_run_resumes_to_the_same_result(tiny_dir, text_file, tmp_path, mo
     # the perplexity at the cut, measured before the kill, is in the resumed run's report too
     full_report, report = (json.loads((p / "report.json").read_text()) for p in (full, out))
     assert report["before_recovery"]["ppl"] == pytest.approx(full_report["before_recovery"]["ppl"], rel=1e-5)
+
+
+@pytest.mark.parametrize("method", ["flap", "magnitude"])
+def test_compensation_changes_only_the_kept_columns_of_o_and_down(method, tiny_dir, text_file, tmp_path, monkeypatch):
+    """--no-compensate is the plain cut; the default adds the least-squares compensation to the
+    kept columns of o_proj/down_proj only: the same units kept, every other tensor identical."""
+    from safetensors.torch import load_file
+
+    outs = {}
+    for flag in ("--compensate", "--no-compensate"):
+        out = outs[flag] = tmp_path / flag.strip("-")
+        res = run("compress", tiny_dir, "--method", method, "--kv-heads", "2", "--heads-per-group", "1",
+                  "--ffn", "64", *small(text_file), "--ffn-multiple", "32", flag, "--out", out)
+        assert res.exit_code == 0, res.output
+        saved = (out / "mptool-config.yaml").read_text()
+        assert f"compensate: {str(flag == '--compensate').lower()}" in saved
+    a, b = (load_file(outs[f] / "model.safetensors") for f in ("--compensate", "--no-compensate"))
+    assert json.loads((outs["--compensate"] / "keeps.json").read_text()) == \
+        json.loads((outs["--no-compensate"] / "keeps.json").read_text())
+    changed = {k for k in a if not torch.equal(a[k], b[k])}
+    assert changed and all(k.endswith(("o_proj.weight", "down_proj.weight")) for k in changed), changed
+    # the default (auto) turns it off, saying so, where the Gram matrices would crowd the host
+    import mptool.compensate
+
+    monkeypatch.setattr(mptool.compensate, "available_bytes", lambda: 1)
+    auto = tmp_path / "auto"
+    res = run("compress", tiny_dir, "--method", method, "--kv-heads", "2", "--heads-per-group", "1",
+              "--ffn", "64", *small(text_file), "--ffn-multiple", "32", "--out", auto)
+    assert res.exit_code == 0, res.output
+    assert "compensation off: its Gram matrices need" in res.output
+    assert "compensate: false" in (auto / "mptool-config.yaml").read_text()
+    c = load_file(auto / "model.safetensors")
+    assert all(torch.equal(c[k], b[k]) for k in b)
 
 
 def test_shapes_lists_legal_targets_as_json(tiny_dir):

@@ -1,0 +1,164 @@
+"""Least-squares compensation of pruned units (mptool.compensate) and MaskPrune running with it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import FAMILIES, tiny_model
+from mptool.baselines import calibrate, score, select
+from mptool.compensate import compensate, delta, kept_columns
+from mptool.config import CompressConfig
+from mptool.maskprune import MaskPrune, kd_loss
+from mptool.shapes import Dims, Target
+from mptool.surgery import materialize
+from test_maskprune import blocks, cfg, finish_against_masked
+
+
+def grams_of(model, data):
+    o, d = calibrate(model, data, gram=True)
+    return [s.gram for s in o], [s.gram for s in d]
+
+
+def test_delta_is_exact_when_the_dropped_inputs_are_combinations_of_the_kept():
+    g = torch.Generator().manual_seed(0)
+    xk = torch.randn(500, 6, dtype=torch.float64, generator=g)
+    mix = torch.randn(6, 4, dtype=torch.float64, generator=g)
+    x = torch.cat([xk, xk @ mix], 1)[:, torch.tensor([0, 6, 1, 2, 7, 3, 8, 4, 9, 5])]  # dropped interleaved
+    kept = torch.tensor([0, 2, 3, 5, 7, 9])
+    w = torch.randn(3, 10, dtype=torch.float64, generator=g)
+    dw = delta(w, x.T @ x, kept, damp=0.0)
+    assert dw.shape == (3, 6)
+    assert torch.allclose(x[:, kept] @ (w[:, kept] + dw).T, x @ w.T, atol=1e-9)
+
+
+def test_delta_is_the_least_squares_optimum_and_beats_the_plain_cut():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(400, 12, dtype=torch.float64, generator=g) @ torch.randn(12, 12, dtype=torch.float64, generator=g)
+    w = torch.randn(5, 12, dtype=torch.float64, generator=g)
+    kept = torch.tensor([1, 4, 5, 8, 10])
+    dw = delta(w, x.T @ x, kept, damp=0.0)
+    best = torch.linalg.lstsq(x[:, kept], x @ w.T).solution.T  # [5, k]
+    assert torch.allclose(w[:, kept] + dw, best, atol=1e-8)
+    err = lambda wk: (x[:, kept] @ wk.T - x @ w.T).pow(2).sum()  # noqa: E731
+    assert err(w[:, kept] + dw) < 0.9 * err(w[:, kept])
+    assert delta(w, x.T @ x, torch.arange(12)) is None  # nothing dropped, nothing to add
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_compensation_changes_only_kept_columns_and_lowers_the_layer_error(family):
+    model = tiny_model(family)
+    d = Dims.from_config(model.config)
+    data = blocks(d.vocab_size, 8, 32)
+    o_st, d_st = calibrate(model, data, gram=True)
+    keeps = select(score(model, "flap", o_st, d_st), Target(d.num_kv_heads, d.heads_per_group, d.intermediate_size // 2))
+    comp = tiny_model(family)
+    compensate(comp, keeps, [s.gram for s in o_st], [s.gram for s in d_st])
+    down = lambda m: m.model.layers[0].mlp.down_proj.weight  # noqa: E731
+    cols = kept_columns(d, keeps[0])[1]
+    dropped = torch.ones(d.intermediate_size, dtype=torch.bool)
+    dropped[cols] = False
+    assert torch.equal(down(comp)[:, dropped], down(model)[:, dropped])
+    assert not torch.allclose(down(comp)[:, cols], down(model)[:, cols])
+    # every head kept: o_proj has nothing to absorb
+    assert torch.equal(comp.model.layers[0].self_attn.o_proj.weight, model.model.layers[0].self_attn.o_proj.weight)
+    # layer 0's FFN sees the same input in all three models: the error of its output on the
+    # calibration text is what least squares minimised, so it must drop
+    xs = []
+    h = model.model.layers[0].mlp.down_proj.register_forward_pre_hook(lambda m, a: xs.append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        model(data)
+    h.remove()
+    x = torch.cat(xs)
+    full = x @ down(model).T
+    plain = x[:, cols] @ down(model)[:, cols].T
+    fixed = x[:, cols] @ down(comp)[:, cols].T
+    assert (fixed - full).pow(2).sum() < 0.7 * (plain - full).pow(2).sum()
+    # and the sliced compensated model keeps exactly those columns
+    sliced = materialize(comp, keeps)
+    assert torch.equal(sliced.model.layers[0].mlp.down_proj.weight, down(comp)[:, cols])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_maskprune_with_compensation_finishes_equal_to_the_masked_model(family):
+    model = tiny_model(family)
+    d = Dims.from_config(model.config)
+    data = blocks(d.vocab_size)
+    grams = grams_of(model, data)
+    target = Target(d.num_kv_heads - 1, d.heads_per_group - 1 or 1, d.intermediate_size // 2)
+    mp = MaskPrune(model, data, cfg(init="flap"), target=target, ffn_multiple=16, grams=grams)
+    mp.run()
+    assert any(e[2] is not None for e in mp.comp.entries.values())
+    sliced, keeps, rel = finish_against_masked(mp, blocks(d.vocab_size, 2, 9))
+    assert rel <= 1e-5
+    assert {k.target() for k in keeps} == {target}
+
+
+def _trainer(family: str, compensated: bool) -> MaskPrune:
+    model = tiny_model(family, seed=2)
+    d = Dims.from_config(model.config)
+    data = blocks(d.vocab_size)
+    return MaskPrune(model, data, cfg(init="flap"),
+                     target=Target(d.num_kv_heads, d.heads_per_group, d.intermediate_size // 4),
+                     ffn_multiple=16, grams=grams_of(model, data) if compensated else None)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_compensated_structure_is_closer_to_the_teacher_which_it_leaves_alone(family):
+    with_c, without = _trainer(family, True), _trainer(family, False)
+    assert without.grams is None
+    ids = blocks(with_c.d.vocab_size, 4, 32)
+    kd = {}
+    for name, mp in (("with", with_c), ("without", without)):
+        mp.model.eval()
+        st = mp.state
+        with torch.no_grad():
+            mp._masks_on = False
+            with mp.model.disable_adapter():
+                teacher = mp.model(ids).logits
+            mp._masks_on = True
+            mp._effective(st.zg, st.zh, st.zf)  # the initial hard structure
+            kd[name] = (teacher, float(kd_loss(mp.model(ids).logits, teacher, 1.0)))
+    assert torch.equal(kd["with"][0], kd["without"][0])  # the teacher runs without compensation
+    assert kd["with"][1] < 0.8 * kd["without"][1]
+
+
+def test_resume_with_compensation_gives_the_same_weights(tmp_path):
+    def trainer():
+        model = tiny_model("mistral", seed=3)
+        d = Dims.from_config(model.config)
+        data = blocks(d.vocab_size)
+        return MaskPrune(model, data, cfg(steps=10, checkpoint_every=4, init="flap"),
+                         target=Target(1, 2, 64), ffn_multiple=32, seed=5, grams=grams_of(model, data))
+
+    full = trainer()
+    full.run()
+    ckpt = tmp_path / "ckpt"
+    trainer().run(checkpoint_dir=ckpt, stop_after=6)
+    resumed = trainer()
+    resumed.load_checkpoint(ckpt)
+    resumed.run(checkpoint_dir=ckpt)
+    a, b = full.finish()[0].state_dict(), resumed.finish()[0].state_dict()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+
+
+def test_scaled_forward_with_compensation_finishes_equal_to_the_masked_model():
+    model = tiny_model("qwen3")
+    d = Dims.from_config(model.config)
+    data = blocks(d.vocab_size)
+    mp = MaskPrune(model, data, cfg(forward="scaled", init="wanda-sp"), target=Target(1, 1, 128),
+                   ffn_multiple=16, grams=grams_of(model, data))
+    mp.run()
+    assert finish_against_masked(mp, blocks(d.vocab_size, 2, 9))[2] <= 1e-5
+
+
+def test_the_default_decides_by_the_host_memory_the_gram_matrices_need():
+    from mptool.compensate import fits, gram_bytes
+
+    assert CompressConfig().compensate is None  # auto
+    d = Dims.from_config(tiny_model("llama").config)
+    need = gram_bytes(d)
+    assert need == d.num_layers * ((d.num_heads * d.head_dim) ** 2 + d.intermediate_size ** 2) * 8
+    assert fits(d, available=2 * need) and not fits(d, available=2 * need - 1)
+    assert not fits(d, processes=2, available=2 * need)
