@@ -3,7 +3,11 @@
     python -m mptool.benchmarks.cost --steps 8
 
 Each mode runs in its own subprocess (so peak memory is its own): ``mask`` is MaskPrune mask
-learning (masks, multipliers, LoRA, KD against the adapter-disabled teacher); ``lora`` is the same
+learning as compress runs it by default (masks initialised from flap, multipliers, LoRA, KD against
+the adapter-disabled teacher, compensation of the pruned units from the Gram matrices of a
+calibration pass over the same blocks, not timed); ``mask-plain`` the same without compensation
+(both used to start from masks at 1, where ties make the kept set change every step and
+compensation would recompute every layer's delta every step); ``lora`` is the same
 LoRA + KD (+ the LM term, as configured) loop on the dense model with no masks. Reports median step time and peak RSS of each
 and their ratios; writes ``benchmarks/results/cost_<tag>.json``.
 """
@@ -33,10 +37,19 @@ def child(mode: str, steps: int, seq_len: int, batch: int, model_spec: str | Non
     model, tok = load_model(model_spec)
     d = Dims.from_config(model.config)
     blocks = token_blocks(tok, [default_texts()[0]], seq_len, seq_len * batch * (steps + 1))
-    cfg = MaskPruneConfig(steps=steps + 1, batch_size=batch, checkpoint_every=0, init="ones")
+    cfg = MaskPruneConfig(steps=steps + 1, batch_size=batch, checkpoint_every=0)
     times = []
-    if mode == "mask":
-        trainer = MaskPrune(model, blocks, cfg, budget=0.5 * prunable_params(d, d.dense_target()))
+    if mode in ("mask", "mask-plain"):
+        from mptool.baselines import calibrate, score
+
+        # as compress: one calibration pass for the default (flap) initialisation and, by
+        # default, the Gram matrices of compensation (not timed; its memory is in the peak)
+        o_stats, d_stats = calibrate(model, blocks, gram=mode == "mask")
+        init = score(model, cfg.init, o_stats, d_stats)
+        grams = ([s.gram for s in o_stats], [s.gram for s in d_stats]) if mode == "mask" else None
+        del o_stats, d_stats
+        trainer = MaskPrune(model, blocks, cfg, budget=0.5 * prunable_params(d, d.dense_target()), grams=grams,
+                            init_scores=init)
         for _ in range(steps + 1):
             t0 = time.perf_counter()
             trainer.step()
@@ -82,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(child(args.child, args.steps, args.seq_len, args.batch_size, args.model)))
         return {}
     runs = {}
-    for mode in ("lora", "mask"):
+    for mode in ("lora", "mask", "mask-plain"):
         cmd = [sys.executable, "-m", "mptool.benchmarks.cost", "--child", mode, "--steps", str(args.steps),
                "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size)]
         if args.model:
@@ -99,6 +112,8 @@ def main(argv: list[str] | None = None) -> dict:
         "runs": runs,
         "step_time_ratio": runs["mask"]["step_s_median"] / runs["lora"]["step_s_median"],
         "peak_memory_ratio": runs["mask"]["peak_rss_mb"] / runs["lora"]["peak_rss_mb"],
+        "step_time_ratio_without_compensation": runs["mask-plain"]["step_s_median"] / runs["lora"]["step_s_median"],
+        "peak_memory_ratio_without_compensation": runs["mask-plain"]["peak_rss_mb"] / runs["lora"]["peak_rss_mb"],
         "environment": {"python": platform.python_version(), "machine": platform.machine()},
     }
     RESULTS.mkdir(exist_ok=True)

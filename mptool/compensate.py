@@ -32,10 +32,14 @@ keeps the solve well conditioned when kept channels are nearly collinear."""
 
 
 @torch.no_grad()
-def delta(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, damp: float = DAMP) -> torch.Tensor | None:
+def delta(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, damp: float = DAMP,
+          frozen: torch.Tensor | None = None) -> torch.Tensor | None:
     """``[out, len(kept)]``: what to add to ``weight[:, kept]`` so that the kept inputs stand in for
     the dropped ones (None when nothing is dropped). ``kept``: ascending column indices;
-    ``gram``: ``[in, in]`` sum of ``x x^T`` over calibration inputs."""
+    ``gram``: ``[in, in]`` sum of ``x x^T`` over calibration inputs; ``frozen``: ``[in]`` bool,
+    kept columns that must not change (the channels that write massive activations: a small
+    coefficient on their huge inputs moves the residual stream by hundreds), so the dropped
+    units are predicted from the other kept ones only and their delta columns are 0."""
     n = weight.shape[1]
     drop = torch.ones(n, dtype=torch.bool)
     drop[kept.cpu()] = False
@@ -43,14 +47,18 @@ def delta(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, damp: fl
         return None
     g = gram.double().cpu()
     k = kept.cpu()
+    use = torch.ones(len(k), dtype=torch.bool) if frozen is None else ~frozen.cpu()[k]
+    r = k[use]  # the regressors
     d = drop.nonzero().squeeze(1)
-    gkk = g[k][:, k]
-    scale = float(gkk.diagonal().mean())
+    grr = g[r][:, r]
+    scale = float(grr.diagonal().mean()) if len(r) else 0.0
     if scale <= 0:  # the kept inputs never fired on the calibration text: nothing to regress on
         return None
-    gkk = gkk + damp * scale * torch.eye(len(k), dtype=g.dtype)
-    coef = torch.linalg.solve(gkk, g[k][:, d])  # [k, |D|]: R^T
-    return (weight.detach().double().cpu()[:, d] @ coef.T).to(weight.dtype)
+    grr = grr + damp * scale * torch.eye(len(r), dtype=g.dtype)
+    coef = torch.linalg.solve(grr, g[r][:, d])  # [|r|, |D|]: R^T
+    out = torch.zeros(weight.shape[0], len(k), dtype=torch.float64)
+    out[:, use] = weight.detach().double().cpu()[:, d] @ coef.T
+    return out.to(weight.dtype)
 
 
 def head_columns(heads: torch.Tensor, head_dim: int) -> torch.Tensor:

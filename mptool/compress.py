@@ -654,6 +654,7 @@ def build_report(cfg: CompressConfig, d: Dims, target: Target, dense_count: int,
         "pruned": {**pruned_desc, "perplexity": pruned_ppl},
         "prunable_removed": round(1 - pruned_desc["prunable_params"] / dense_desc["prunable_params"], 4),
         "ppl_ratio": round(pruned_ppl["ppl"] / dense_ppl["ppl"], 4),
+        "compensated": bool(cfg.compensate),  # kept columns absorbed the dropped units (mptool.compensate)
         "config": to_dict(cfg),
         "timings": timings,
         "environment": {"python": platform.python_version(), "torch": torch.__version__,

@@ -355,6 +355,7 @@ def test_compensation_changes_only_the_kept_columns_of_o_and_down(method, tiny_d
         assert res.exit_code == 0, res.output
         saved = (out / "mptool-config.yaml").read_text()
         assert f"compensate: {str(flag == '--compensate').lower()}" in saved
+        assert json.loads((out / "report.json").read_text())["compensated"] is (flag == "--compensate")
     a, b = (load_file(outs[f] / "model.safetensors") for f in ("--compensate", "--no-compensate"))
     assert json.loads((outs["--compensate"] / "keeps.json").read_text()) == \
         json.loads((outs["--no-compensate"] / "keeps.json").read_text())

@@ -162,3 +162,18 @@ def test_the_default_decides_by_the_host_memory_the_gram_matrices_need():
     assert need == d.num_layers * ((d.num_heads * d.head_dim) ** 2 + d.intermediate_size ** 2) * 8
     assert fits(d, available=2 * need) and not fits(d, available=2 * need - 1)
     assert not fits(d, processes=2, available=2 * need)
+
+
+def test_frozen_kept_columns_keep_their_weights_and_the_rest_is_least_squares():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(300, 8, dtype=torch.float64, generator=g) @ torch.randn(8, 8, dtype=torch.float64, generator=g)
+    w = torch.randn(4, 8, dtype=torch.float64, generator=g)
+    kept = torch.tensor([0, 2, 3, 6])
+    frozen = torch.zeros(8, dtype=torch.bool)
+    frozen[3] = True
+    dw = delta(w, x.T @ x, kept, damp=0.0, frozen=frozen)
+    assert torch.equal(dw[:, 2], torch.zeros(4, dtype=torch.float64))  # column 3 is the third kept one
+    regs = torch.tensor([0, 2, 6])
+    drop = torch.tensor([1, 4, 5, 7])
+    best = torch.linalg.lstsq(x[:, regs], x[:, drop] @ w[:, drop].T).solution.T
+    assert torch.allclose(dw[:, [0, 1, 3]], best, atol=1e-8)
