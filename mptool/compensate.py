@@ -135,9 +135,12 @@ class Compensator:
     """
 
     def __init__(self, projections: Sequence[tuple[Any, Any]], grams: tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]],
-                 head_dim: int, weight: Any = None, gate: Any = None, device: torch.device | None = None) -> None:
+                 head_dim: int, weight: Any = None, gate: Any = None, device: torch.device | None = None,
+                 frozen: Any = None) -> None:
         """``projections``: per layer, (o_proj, down_proj) modules; ``weight(layer, j)``: the dense
-        weight of projection j (0: o_proj, 1: down_proj) of a layer (default: the module's own)."""
+        weight of projection j (0: o_proj, 1: down_proj) of a layer (default: the module's own);
+        ``frozen(layer, j)``: input columns kept out of the regression (:func:`delta`), or None."""
+        self.frozen = frozen or (lambda layer, j: None)
         self.projections, self.grams, self.head_dim = projections, grams, head_dim
         self.weight = weight or (lambda layer, j: projections[layer][j].weight)
         self.gate = gate or (lambda: True)
@@ -173,7 +176,7 @@ class Compensator:
                     continue
                 idx = kept.nonzero().squeeze(1)
                 cols = head_columns(idx, self.head_dim) if j == 0 else idx
-                dw = delta(self.weight(layer, j), self.grams[j][layer], cols)
+                dw = delta(self.weight(layer, j), self.grams[j][layer], cols, frozen=self.frozen(layer, j))
                 dev = self.device or self.projections[layer][j].weight.device
                 self.entries[(layer, j)] = (key, cols.to(dev), None if dw is None else dw.to(dev))
 

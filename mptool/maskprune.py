@@ -344,7 +344,7 @@ class MaskPrune:
 
             self.comp = Compensator(_projections(self.model.base_model.model), grams, d.head_dim,
                                     weight=self._base_weight, gate=lambda: self._masks_on,
-                                    device=self.device)
+                                    device=self.device, frozen=self._frozen)
             self.hooks.handles.extend(self.comp.handles)
         self.lora_params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.lora_params, lr=cfg.lr_lora, weight_decay=0.0)
@@ -358,6 +358,10 @@ class MaskPrune:
         mod = _projections(self.model.base_model.model)[layer][j]
         w = mod.get_base_layer().weight if hasattr(mod, "get_base_layer") else mod.weight
         return w.full_tensor() if hasattr(w, "full_tensor") else w  # FSDP: every rank calls, same order
+
+    def _frozen(self, layer: int, j: int) -> torch.Tensor | None:
+        """Columns compensation leaves alone: the protected FFN channels (massive activations)."""
+        return self.protected[layer] if j == 1 and self.protected[layer].any() else None
 
     def _compensate(self, heads: torch.Tensor, ffn: torch.Tensor) -> None:
         """Run the hard structure (kept units nonzero) with its compensation, if any."""
@@ -703,7 +707,7 @@ class MaskPrune:
         out = {}
         for layer, keep in enumerate(keeps):
             for j, cols in enumerate(kept_columns(self.d, keep)):
-                dw = delta(self._base_weight(layer, j), self.grams[j][layer], cols)
+                dw = delta(self._base_weight(layer, j), self.grams[j][layer], cols, frozen=self._frozen(layer, j))
                 if dw is not None:
                     out[(layer, j)] = (cols, dw.cpu())
         return out

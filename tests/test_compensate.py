@@ -177,3 +177,22 @@ def test_frozen_kept_columns_keep_their_weights_and_the_rest_is_least_squares():
     drop = torch.tensor([1, 4, 5, 7])
     best = torch.linalg.lstsq(x[:, regs], x[:, drop] @ w[:, drop].T).solution.T
     assert torch.allclose(dw[:, [0, 1, 3]], best, atol=1e-8)
+
+
+def test_maskprune_leaves_the_protected_channels_out_of_the_regression():
+    """Protected (massive-activation) channels keep their weights under compensation: their delta
+    column is 0, and the finished model still equals the masked one."""
+    model = tiny_model("llama")
+    d = Dims.from_config(model.config)
+    data = blocks(d.vocab_size)
+    protected = torch.zeros(d.num_layers, d.intermediate_size, dtype=torch.bool)
+    protected[:, 3] = True
+    mp = MaskPrune(model, data, cfg(init="flap"), target=Target(d.num_kv_heads, d.heads_per_group, 64),
+                   ffn_multiple=16, grams=grams_of(model, data), protected=protected)
+    mp.run()
+    for layer in range(d.num_layers):
+        _, cols, dw = mp.comp.entries[(layer, 1)]
+        at = (cols == 3).nonzero().squeeze(1)
+        assert len(at) == 1 and torch.equal(dw[:, at], torch.zeros_like(dw[:, at]))
+        assert dw.abs().sum() > 0  # the other kept columns do absorb the dropped ones
+    assert finish_against_masked(mp, blocks(d.vocab_size, 2, 9))[2] <= 1e-5
