@@ -41,12 +41,13 @@ def child(mode: str, steps: int, seq_len: int, batch: int, model_spec: str | Non
     times = []
     if mode in ("mask", "mask-plain"):
         from mptool.baselines import calibrate, score
+        from mptool.compensate import grams_of
 
         # as compress: one calibration pass for the default (flap) initialisation and, by
         # default, the Gram matrices of compensation (not timed; its memory is in the peak)
         o_stats, d_stats = calibrate(model, blocks, gram=mode == "mask")
         init = score(model, cfg.init, o_stats, d_stats)
-        grams = ([s.gram for s in o_stats], [s.gram for s in d_stats]) if mode == "mask" else None
+        grams = grams_of(o_stats, d_stats) if mode == "mask" else None
         del o_stats, d_stats
         trainer = MaskPrune(model, blocks, cfg, budget=0.5 * prunable_params(d, d.dense_target()), grams=grams,
                             init_scores=init)

@@ -40,6 +40,7 @@ import torch
 from mptool import distributed as D
 from mptool.baselines import METHODS, calibrate, massive_channels, score, select
 from mptool.benchmarks.engines import host_info
+from mptool.compensate import compensate, grams_of
 from mptool.compress import param_count, peak_rss_mb
 from mptool.config import DataConfig
 from mptool.data import DATA_ORDERS, default_texts, eval_token_stream, token_blocks
@@ -75,7 +76,7 @@ class Bench:
             o, dd = calibrate(self.model, self.calib, progress=adv, gram=True)
         self.scores = {m: score(self.model, m, o, dd) for m in METHODS}
         self.d_stats = dd
-        self.grams = ([s.gram for s in o], [s.gram for s in dd])  # for compensation (mptool.compensate)
+        self.grams = grams_of(o, dd)  # for compensation (mptool.compensate)
         self.rows: list[dict[str, Any]] = []
         self.dense_ppl = self.ppl(self.model, "dense")
         self.add("dense", 0.0, self.d.dense_target(), self.dense_ppl, tokens=0, seconds=0.0)
@@ -177,16 +178,11 @@ class Bench:
     def cut(self, method: str, target: Target, compensated: bool = False) -> Any:
         """The dense model cut to ``target`` by ``method``'s ranking (``compensated``: the kept
         columns absorb the dropped units, :mod:`mptool.compensate`)."""
-        import copy
-
-        from mptool.compensate import compensate
-
         keeps = select(self.scores[method], target)
-        if not compensated:
-            return materialize(self.model, keeps)
-        model = copy.deepcopy(self.model)
-        compensate(model, keeps, *self.grams)
-        return materialize(model, keeps)
+        cut = materialize(self.model, keeps)
+        if compensated:
+            compensate(self.model, keeps, *self.grams, into=cut)
+        return cut
 
     def run_ratio(self, ratio: float) -> None:
         T, half = self.args.tokens, self.half()

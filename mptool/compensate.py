@@ -21,8 +21,7 @@ from typing import Any, Sequence
 
 import torch
 
-from mptool.families import get_adapter
-from mptool.shapes import Dims
+from mptool.shapes import Dims, gram_bytes
 from mptool.surgery import LayerKeep
 
 DAMP = 1e-4
@@ -81,27 +80,27 @@ def compensate(model: Any, keeps: Sequence[LayerKeep], o_grams: Sequence[torch.T
     (:func:`mptool.surgery.materialize`; it stores the kept columns in ascending order). In place.
     ``o_grams`` / ``d_grams``: per layer, the Gram of the dense model's inputs of those projections
     (:func:`mptool.baselines.calibrate` with ``gram=True``)."""
+    from mptool.hooks import _projections
+
     d = Dims.from_config(model.config)
-    a = get_adapter(model.config)
-    dst = a.decoder_layers(into) if into is not None else None
-    for i, layer in enumerate(a.decoder_layers(model)):
-        cols = kept_columns(d, keeps[i])
-        pairs = ((getattr(a.attention(layer), a.o), o_grams[i], cols[0], lambda m: getattr(a.attention(m), a.o)),
-                 (getattr(a.ffn(layer), a.down), d_grams[i], cols[1], lambda m: getattr(a.ffn(m), a.down)))
-        for proj, gram, kept, same in pairs:
-            dw = delta(proj.weight, gram, kept, damp)
+    src = _projections(model)
+    dst = src if into is None else _projections(into)
+    for i, keep in enumerate(keeps):
+        for j, (gram, kept) in enumerate(zip((o_grams[i], d_grams[i]), kept_columns(d, keep))):
+            dw = delta(src[i][j].weight, gram, kept, damp)
             if dw is None:
                 continue
-            if dst is None:
-                proj.weight[:, kept.to(proj.weight.device)] += dw.to(proj.weight.device)
+            w = dst[i][j].weight
+            dw = dw.to(device=w.device, dtype=w.dtype)
+            if into is None:
+                w[:, kept.to(w.device)] += dw
             else:
-                w = same(dst[i]).weight
-                w += dw.to(device=w.device, dtype=w.dtype)
+                w += dw
 
 
-def gram_bytes(d: Dims) -> int:
-    """Host memory of the input Gram matrices (float64) of every o_proj and down_proj."""
-    return d.num_layers * ((d.num_heads * d.head_dim) ** 2 + d.intermediate_size ** 2) * 8
+def grams_of(o_stats: Sequence[Any], d_stats: Sequence[Any]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The (o_proj, down_proj) Gram matrices of a calibration pass made with ``gram=True``."""
+    return [s.gram for s in o_stats], [s.gram for s in d_stats]
 
 
 def available_bytes() -> int | None:

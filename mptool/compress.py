@@ -18,7 +18,7 @@ import yaml
 
 from mptool import distributed as D
 from mptool.baselines import METHODS
-from mptool.compensate import compensate
+from mptool.compensate import compensate, grams_of
 from mptool.config import WEIGHT_DTYPE_BYTES, CompressConfig, save_config, seed_problems, to_dict
 from mptool.data import DATA_ORDERS
 from mptool.errors import MptoolError
@@ -287,7 +287,7 @@ def measure_ppl(model: Any, ids: torch.Tensor, protocol: PplProtocol, label: str
 def one_shot_scores(model: Any, methods: tuple[str, ...], blocks: torch.Tensor, protect: float = 0.0,
                     gram: bool = False) -> tuple[dict[str, Any], torch.Tensor, tuple[list, list] | None]:
     """Unit scores of one-shot methods, from one calibration pass where the model's weights are
-    (none when only magnitude is asked for and nothing is protected or reconstructed), the FFN
+    (none when only magnitude is asked for and nothing is protected or compensated), the FFN
     channels that ``protect`` keeps (:func:`mptool.baselines.massive_channels`; none with
     ``protect`` 0), and with ``gram`` the input Gram matrices of every o_proj and down_proj
     (for :mod:`mptool.compensate`; else None)."""
@@ -297,7 +297,7 @@ def one_shot_scores(model: Any, methods: tuple[str, ...], blocks: torch.Tensor, 
     if gram or protect > 0 or any(m != "magnitude" for m in methods):
         with step(f"calibrate ({len(blocks)} x {blocks.shape[1]} tokens)", total=len(blocks)) as advance:
             o_stats, d_stats = calibrate(model, blocks, progress=advance, gram=gram)
-    grams = ([s.gram for s in o_stats], [s.gram for s in d_stats]) if gram else None
+    grams = grams_of(o_stats, d_stats) if gram else None
     return {m: score(model, m, o_stats, d_stats) for m in dict.fromkeys(methods)}, \
         massive_channels(model, d_stats, protect), grams
 

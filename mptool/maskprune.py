@@ -677,40 +677,35 @@ class MaskPrune:
         """
         from mptool.surgery import materialize
 
+        from mptool.hooks import _projections
+
         keeps = self.keeps()
+        deltas = self._final_deltas()
         self.hooks.remove()
         if self.sharded:
             if reload is None:
                 raise ValueError("a sharded trainer needs reload() to rebuild the dense weights")
             self.model = D.unsharded_lora(self.model, reload().cpu(), self.lora_config)
-        deltas = self._final_deltas(keeps)  # from the base weights, as the hooks computed them
         base = self.model.merge_and_unload().cpu()
-        if deltas:
-            adapter = get_adapter(base.config)
-            with torch.no_grad():
-                for (layer, j), (cols, dw) in deltas.items():
-                    mod = adapter.decoder_layers(base)[layer]
-                    proj = getattr(adapter.attention(mod), adapter.o) if j == 0 else getattr(adapter.ffn(mod), adapter.down)
-                    proj.weight[:, cols] += dw.to(proj.weight.dtype)
+        projections = _projections(base)
+        with torch.no_grad():
+            for (layer, j), (cols, dw) in deltas.items():
+                w = projections[layer][j].weight
+                w[:, cols] += dw.to(w.dtype)
         if self._scaled():  # the binary forward ran kept units at scale 1
             self._fold(base)
         for p in base.parameters():
             p.requires_grad_(False)
         return materialize(base, keeps), keeps
 
-    def _final_deltas(self, keeps: list[LayerKeep]) -> dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]:
-        """The compensation of the final structure, per (layer, projection): (columns, delta)."""
-        if self.grams is None:
+    def _final_deltas(self) -> dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]:
+        """The compensation of the final structure (the units :meth:`keeps` keeps), per (layer,
+        projection): (columns, delta) on the CPU; the compensator's cached deltas wherever the
+        last forward already ran that structure."""
+        if self.comp is None:
             return {}
-        from mptool.compensate import delta, kept_columns
-
-        out = {}
-        for layer, keep in enumerate(keeps):
-            for j, cols in enumerate(kept_columns(self.d, keep)):
-                dw = delta(self._base_weight(layer, j), self.grams[j][layer], cols, frozen=self._frozen(layer, j))
-                if dw is not None:
-                    out[(layer, j)] = (cols, dw.cpu())
-        return out
+        self._set_final_masks()
+        return {key: (cols.cpu(), dw.cpu()) for key, (_, cols, dw) in self.comp.entries.items() if dw is not None}
 
     def _fold(self, base: Any) -> None:
         """Multiply the mask values into the ``o_proj`` / ``down_proj`` input columns."""

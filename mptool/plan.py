@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from mptool.errors import MptoolError
-from mptool.shapes import Dims, Target, total_params
+from mptool.shapes import Dims, Target, gram_bytes, total_params
 
 GIB = 1024 ** 3
 
@@ -103,14 +103,7 @@ def estimate(d: Dims, p: PlanInput, phase: str = "mask", target: Target | None =
     parts = {"weights": weights, "fsdp_gathered": gathered, "lora_and_optimizer": lora, "masks": masks, "activations": acts,
              "logits": logits, "teacher": teacher, "compensation": comp, "runtime": p.runtime_bytes}
     return {"phase": phase, "per_device_bytes": sum(parts.values()), "parts": parts, "input": asdict(p),
-            "host_gram_bytes": host_gram_bytes(d) if p.compensate else 0}
-
-
-def host_gram_bytes(d: Dims) -> int:
-    """Host memory of compensation's input Gram matrices (float64) while pruning."""
-    from mptool.compensate import gram_bytes
-
-    return gram_bytes(d)
+            "host_gram_bytes": gram_bytes(d) if p.compensate else 0}
 
 
 def plan_table(d: Dims, gpu_counts: list[int], gpu_mem_gib: float, base: PlanInput,
@@ -166,7 +159,7 @@ def print_plan(model: str | None, gpus: list[int], gpu_mem_gib: float, base: Pla
     if as_json:
         print(json.dumps({"model": model or "embedded:SmolLM2-135M-Instruct", "input": asdict(base),
                           "gpu_mem_gib": gpu_mem_gib, "recovery_student": shape, "rows": rows,
-                          "host_gram_gib": round(host_gram_bytes(d) / GIB, 2) if base.compensate else 0.0},
+                          "host_gram_gib": round(gram_bytes(d) / GIB, 2) if base.compensate else 0.0},
                          indent=2))
         return rows
     table = Table(title=f"per-GPU memory (GiB), global batch {base.batch_size} x {base.seq_len} tokens per step "
@@ -188,5 +181,5 @@ def print_plan(model: str | None, gpus: list[int], gpu_mem_gib: float, base: Pla
     if base.compensate:
         console.print(f"compensation (the default; --no-compensate in compress: none) also holds the input Gram "
                       f"matrices of every o_proj/down_proj in host memory while pruning: "
-                      f"{host_gram_bytes(d) / GIB:.2f} GiB")
+                      f"{gram_bytes(d) / GIB:.2f} GiB")
     return rows

@@ -459,3 +459,9 @@ def snap(d: Dims, kv_heads: float, heads_per_group: float, ffn: float, budget: f
                 + ((t.ffn - ffn) / d.intermediate_size) ** 2, -prunable_params(d, t))
 
     return min(legal, key=distance)
+
+
+def gram_bytes(d: Dims) -> int:
+    """Host memory of the input Gram matrices (float64) of every o_proj and down_proj that
+    compensation (:mod:`mptool.compensate`) computes from."""
+    return d.num_layers * ((d.num_heads * d.head_dim) ** 2 + d.intermediate_size ** 2) * 8
