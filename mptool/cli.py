@@ -268,6 +268,10 @@ def plan(
     grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing",
                                             help="Plan for compress --grad-checkpointing (activations recomputed; "
                                                  "on too when the recipe turns it on)."),
+    compensate: Optional[bool] = typer.Option(None, "--compensate/--no-compensate",
+                                              help="Plan for compress with or without compensation (its deltas on "
+                                                   "the GPU, its Gram matrices in host memory; default: on, or "
+                                                   "the recipe's)."),
     ratio: Optional[float] = typer.Option(None, help="Size recovery on the student pruned at this ratio "
                                                        "(default: the recipe's ratio, else the dense shape, "
                                                        "an upper bound)."),
@@ -298,7 +302,8 @@ def plan(
             if ratio is not None:  # as compress refuses it
                 raise MptoolError("give either --ratio or an explicit target (the recipe's target), not both")
             shape["target"] = (cfg.target.kv_heads, cfg.target.heads_per_group, cfg.target.ffn)
-    given = {"batch_size": batch_size, "seq_len": seq_len, "lora_r": lora_r, "dtype_bytes": dtype_bytes}
+    given = {"batch_size": batch_size, "seq_len": seq_len, "lora_r": lora_r, "dtype_bytes": dtype_bytes,
+             "compensate": compensate}
     base = dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
     import math
 

@@ -129,6 +129,19 @@ def test_plan_needs_only_a_config_and_checkpointing_cuts_activations(tmp_path):
     assert abs(acts - 8 * 2048 * 32 * (8 * 4096 + 5 * 4096 + 4 * 1024 + 5 * 14336) * 2 / 1024 ** 3) < 0.1
     assert acts_ckpt < acts / 5
     assert ckpt["fsdp", "mask"]["parts_gib"]["weights"] == plain["fsdp", "mask"]["parts_gib"]["weights"]
+    # compensation (on by default): the kept columns' deltas of o_proj and down_proj on the device in
+    # mask learning only, the float64 Gram matrices of their inputs in host memory; --no-compensate drops both
+    comp = plain["fsdp", "mask"]["parts_gib"]["compensation"]
+    assert abs(comp - 32 * 4096 * (32 * 128 + 14336) * 2 / 1024 ** 3) < 0.01
+    assert plain["fsdp", "recovery"]["parts_gib"]["compensation"] == 0.0
+    off = rows("--no-compensate")
+    assert off["fsdp", "mask"]["parts_gib"]["compensation"] == 0.0
+    assert abs(plain["fsdp", "mask"]["per_gpu_gib"] - off["fsdp", "mask"]["per_gpu_gib"] - comp) < 0.02
+    res = CliRunner().invoke(app, ["plan", str(folder), "--gpus", "1", "--json"])
+    host = json.loads(res.stdout)["host_gram_gib"]
+    assert abs(host - 32 * ((32 * 128) ** 2 + 14336 ** 2) * 8 / 1024 ** 3) < 0.01
+    res = CliRunner().invoke(app, ["plan", str(folder), "--gpus", "1", "--json", "--no-compensate"])
+    assert json.loads(res.stdout)["host_gram_gib"] == 0.0
 
 
 def test_fsdp_counts_the_gathered_root_and_two_layers():
@@ -171,6 +184,11 @@ def test_plan_reads_a_compress_recipe_and_flags_override_it(tmp_path, tokenizer_
     assert json.loads(res.stdout)["input"]["dtype_bytes"] == 4
     res = CliRunner().invoke(app, ["plan", str(model), "--gpus", "1", "--json"])
     assert json.loads(res.stdout)["input"]["dtype_bytes"] == 2  # no recipe: a GPU host's bf16
+    off = tmp_path / "off.yaml"
+    off.write_text(recipe.read_text() + "compensate: false\n")
+    for extra, on in (((), False), (("--compensate",), True)):
+        res = CliRunner().invoke(app, ["plan", "-c", str(off), "--gpus", "1", "--json", *extra])
+        assert json.loads(res.stdout)["input"]["compensate"] is on, res.output
     # the recipe's tp and FFN step shape the student, as compress would (tiny llama: 8 heads, 4 KV, FFN 256)
     for extra, student in (("tp: [1, 2, 4]\nffn_multiple: 128\n", "kv_heads=2 heads_per_group=2 ffn=128"),
                            ("ratio: null\ntarget:\n  ffn: 128\n", "kv_heads=4 heads_per_group=2 ffn=128")):
