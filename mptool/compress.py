@@ -388,10 +388,13 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
     if cfg.compensate is None:  # auto: on where the Gram matrices fit the host (recorded as decided)
         from mptool.compensate import fits, gram_bytes
 
-        cfg = dataclasses.replace(cfg, compensate=fits(dims, D.world_size()))
+        # every rank reads its host's free memory at its own moment: they act on one decision
+        local = D.processes_per_host()
+        cfg = dataclasses.replace(cfg, compensate=D.every(fits(dims, local)))
         if not cfg.compensate and main:
-            console.print(f"compensation off: its Gram matrices need {D.world_size() * gram_bytes(dims) / 2**30:.1f} "
-                          "GiB of host memory, more than half of what is available (--compensate forces it)")
+            console.print(f"compensation off: its Gram matrices need {local * gram_bytes(dims) / 2**30:.1f} GiB of "
+                          f"host memory ({local} process(es) on this host), more than half of what is available "
+                          "(--compensate forces it)")
     fixed, budget = plan_target(cfg, dims)
     with console.status("loading model"):
         model, tokenizer = load_model(cfg.model, dtype=weights_dtype, trust_remote_code=cfg.trust_remote_code)

@@ -113,6 +113,17 @@ def union(mask: torch.Tensor) -> torch.Tensor:
     return t.bool().cpu()
 
 
+def every(flag: bool) -> bool:
+    """Whether ``flag`` holds on every rank: one decision all ranks act on alike."""
+    return not bool(union(torch.tensor([not flag]))[0])
+
+
+def processes_per_host() -> int:
+    """Processes of this run that share this host's memory (torchrun's ``LOCAL_WORLD_SIZE``;
+    without it, all of them)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", world_size()))
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

@@ -99,15 +99,21 @@ def _union_worker(rank: int, port: int, out: str) -> None:
         mask = torch.zeros(2, 4, dtype=torch.bool)
         mask[rank, rank] = True  # each rank found a different borderline channel
         torch.save(D.union(mask), os.path.join(out, f"{rank}.pt"))
+        # the automatic compensation choice: on only where every rank found the memory
+        agreed = [D.every(True), D.every(rank == 0), D.every(False)]
+        with open(os.path.join(out, f"{rank}.every.json"), "w") as f:
+            json.dump(agreed, f)
     finally:
         dist.destroy_process_group()
 
 
-def test_every_rank_protects_the_union_of_what_the_ranks_found(tmp_path):
-    """compress takes the protected FFN channels' union over ranks, so no rank keeps different units."""
+def test_ranks_agree_on_protected_channels_and_on_compensation(tmp_path):
+    """compress takes the protected FFN channels' union over ranks, so no rank keeps different units,
+    and compensates only when every rank's host memory allows it (one decision for all)."""
     import torch.multiprocessing as mp
 
     mp.spawn(_union_worker, args=(free_port(), str(tmp_path)), nprocs=2)
     expected = torch.tensor([[True, False, False, False], [False, True, False, False]])
     for rank in (0, 1):
         assert torch.equal(torch.load(tmp_path / f"{rank}.pt", weights_only=True), expected)
+        assert json.loads((tmp_path / f"{rank}.every.json").read_text()) == [True, False, False]
