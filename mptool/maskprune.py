@@ -83,7 +83,7 @@ class MaskPruneConfig:
     worse at 50% (78.34 against 77.10 after recovery, the same 32 k tokens) and equal at 20%
     (40.09 / 40.06): the first phase's adapter is part of the final model's capacity."""
     temperature: float = 1.0
-    lm_weight: float = 0.5
+    lm_weight: float = 1.0
     """Weight of the next-token loss added to the KD loss."""
     dual: str = "ascent"
     """Multiplier update. "ascent": projected dual ascent y <- max(0, y + rho * violation).

@@ -46,7 +46,7 @@ class RecoveryConfig:
     lora_alpha: int | None = None
     """LoRA alpha of a fresh adapter; None: mask learning's (``maskprune.lora_alpha``, 32)."""
     temperature: float = 1.0
-    lm_weight: float = 0.5
+    lm_weight: float = 1.0
     """Weight of the next-token loss added to KD."""
     kd: bool = True
     """Ablation: False fine-tunes with the LM loss only (no teacher)."""
