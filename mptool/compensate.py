@@ -77,13 +77,16 @@ def kept_columns(d: Dims, keep: LayerKeep) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def compensate(model: Any, keeps: Sequence[LayerKeep], o_grams: Sequence[torch.Tensor],
-               d_grams: Sequence[torch.Tensor], damp: float = DAMP, into: Any = None) -> None:
+               d_grams: Sequence[torch.Tensor], damp: float = DAMP, into: Any = None,
+               protected: torch.Tensor | None = None) -> None:
     """Add each layer's compensation, computed from ``model``'s (dense) weights, to the kept
     columns of ``o_proj`` / ``down_proj``: of ``model`` itself (slice it with the same ``keeps``
     afterwards), or of ``into``, ``model`` already sliced to ``keeps``
     (:func:`mptool.surgery.materialize`; it stores the kept columns in ascending order). In place.
     ``o_grams`` / ``d_grams``: per layer, the Gram of the dense model's inputs of those projections
-    (:func:`mptool.baselines.calibrate` with ``gram=True``)."""
+    (:func:`mptool.baselines.calibrate` with ``gram=True``); ``protected``: ``[layers,
+    intermediate]`` bool, FFN channels kept out of the regression (``delta``'s ``frozen``), as
+    MaskPrune's training ran them."""
     from mptool.hooks import _projections
 
     d = Dims.from_config(model.config)
@@ -91,7 +94,8 @@ def compensate(model: Any, keeps: Sequence[LayerKeep], o_grams: Sequence[torch.T
     dst = src if into is None else _projections(into)
     for i, keep in enumerate(keeps):
         for j, (gram, kept) in enumerate(zip((o_grams[i], d_grams[i]), kept_columns(d, keep))):
-            dw = delta(src[i][j].weight, gram, kept, damp)
+            frozen = protected[i] if j == 1 and protected is not None and protected[i].any() else None
+            dw = delta(src[i][j].weight, gram, kept, damp, frozen=frozen)
             if dw is None:
                 continue
             w = dst[i][j].weight

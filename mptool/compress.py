@@ -508,7 +508,7 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
                 keeps = select(protect(scored[mask_cfg.select], protected), shape)
                 pruned = materialize(model.cpu(), keeps)
                 if grams is not None:
-                    compensate(model, keeps, *grams, into=pruned)
+                    compensate(model, keeps, *grams, into=pruned, protected=protected)
             else:
                 pruned, keeps = trainer.finish(reload=load_dense)
                 model = None  # LoRA was merged into these weights: recovery reloads the dense teacher

@@ -103,7 +103,7 @@ class InputStats:
         x = x.detach().reshape(-1, x.shape[-1]).double()
         if self.track_gram:  # summed on the host: layers x in^2 float64 would crowd a GPU
             g = (x.T @ x).cpu()
-            self.gram = g if self.gram is None else self.gram + g
+            self.gram = g if self.gram is None else self.gram.add_(g)
         s, q, m = x.sum(0), (x * x).sum(0), x.abs().amax(0)
         self.sum = s if self.sum is None else self.sum + s
         self.sumsq = q if self.sumsq is None else self.sumsq + q

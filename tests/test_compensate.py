@@ -196,3 +196,50 @@ def test_maskprune_leaves_the_protected_channels_out_of_the_regression():
         assert len(at) == 1 and torch.equal(dw[:, at], torch.zeros_like(dw[:, at]))
         assert dw.abs().sum() > 0  # the other kept columns do absorb the dropped ones
     assert finish_against_masked(mp, blocks(d.vocab_size, 2, 9))[2] <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_in_place_sliced_and_training_compensation_agree_with_heads_dropped_and_a_protected_channel(family):
+    """The three ways compensation reaches a model — compensate() in place then sliced, compensate()
+    into an already sliced copy (one-shot methods, MaskPrune's one-shot select), and the
+    Compensator hooks MaskPrune trains with — give the same deltas, o_proj included (heads
+    dropped), and all leave a protected channel's column alone."""
+    from mptool.baselines import protect
+    from mptool.compensate import Compensator
+    from mptool.hooks import _projections
+
+    model = tiny_model(family)
+    d = Dims.from_config(model.config)
+    data = blocks(d.vocab_size, 8, 32)
+    o_st, d_st = calibrate(model, data, gram=True)
+    grams = ([s.gram for s in o_st], [s.gram for s in d_st])
+    protected = torch.zeros(d.num_layers, d.intermediate_size, dtype=torch.bool)
+    protected[:, 3] = True
+    target = Target(d.num_kv_heads - 1, d.heads_per_group - 1 or 1, d.intermediate_size // 2)
+    keeps = select(protect(score(model, "flap", o_st, d_st), protected), target)
+    assert all(3 in k.ffn for k in keeps)
+    in_place = tiny_model(family)
+    compensate(in_place, keeps, *grams, protected=protected)
+    into = materialize(model, keeps)
+    compensate(model, keeps, *grams, into=into, protected=protected)
+    a, b = materialize(in_place, keeps).state_dict(), into.state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    comp = Compensator(_projections(model), grams, d.head_dim,
+                       frozen=lambda layer, j: protected[layer] if j == 1 else None)
+    heads = torch.zeros(d.num_layers, d.num_heads)
+    ffn = torch.zeros(d.num_layers, d.intermediate_size)
+    for layer, k in enumerate(keeps):
+        heads[layer, k.query_heads(d.heads_per_group)] = 1
+        ffn[layer, k.ffn] = 1
+    comp.set(heads, ffn)
+    for layer, k in enumerate(keeps):
+        for j, cols in enumerate(kept_columns(d, k)):
+            dense_w, comp_w = _projections(model)[layer][j].weight, _projections(in_place)[layer][j].weight
+            added = comp_w[:, cols] - dense_w[:, cols]
+            _, hook_cols, dw = comp.entries[(layer, j)]
+            assert torch.equal(hook_cols, cols)
+            assert added.abs().sum() > 0  # heads and channels were dropped in both projections
+            assert torch.allclose(dw, added, atol=1e-6)
+        down_in, down_dense = _projections(in_place)[layer][1].weight, _projections(model)[layer][1].weight
+        assert torch.equal(down_in[:, 3], down_dense[:, 3])
+    comp.remove()
