@@ -298,8 +298,15 @@ def one_shot_scores(model: Any, methods: tuple[str, ...], blocks: torch.Tensor, 
         with step(f"calibrate ({len(blocks)} x {blocks.shape[1]} tokens)", total=len(blocks)) as advance:
             o_stats, d_stats = calibrate(model, blocks, progress=advance, gram=gram)
     grams = grams_of(o_stats, d_stats) if gram else None
-    return {m: score(model, m, o_stats, d_stats) for m in dict.fromkeys(methods)}, \
-        massive_channels(model, d_stats, protect), grams
+    scored = {m: score(model, m, o_stats, d_stats) for m in dict.fromkeys(methods)}
+    # every rank calibrated on its own device: rank 0's scores and Gram matrices for all, so a
+    # kernel's rounding on one GPU cannot give one rank other units or other deltas
+    for s in scored.values():
+        for t in (s.heads, s.groups, s.ffn):
+            D.broadcast_(t)
+    for g in (*grams[0], *grams[1]) if grams else ():
+        D.broadcast_(g)
+    return scored, massive_channels(model, d_stats, protect), grams
 
 
 def check_protected(protected: torch.Tensor, factor: float) -> None:

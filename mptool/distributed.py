@@ -113,6 +113,17 @@ def union(mask: torch.Tensor) -> torch.Tensor:
     return t.bool().cpu()
 
 
+def broadcast_(t: torch.Tensor) -> torch.Tensor:
+    """Rank 0's values of ``t`` on every rank, in place (through the collective device)."""
+    if world_size() == 1:
+        return t
+    buf = t.to(_comm_device()).contiguous()
+    dist.broadcast(buf, src=0)
+    if buf is not t:
+        t.copy_(buf)
+    return t
+
+
 def every(flag: bool) -> bool:
     """Whether ``flag`` holds on every rank: one decision all ranks act on alike."""
     return not bool(union(torch.tensor([not flag]))[0])

@@ -101,6 +101,15 @@ def _union_worker(rank: int, port: int, out: str) -> None:
         torch.save(D.union(mask), os.path.join(out, f"{rank}.pt"))
         # the automatic compensation choice: on only where every rank found the memory
         agreed = [D.every(True), D.every(rank == 0), D.every(False)]
+        # calibration results (scores, Gram matrices) are rank 0's on every rank, views included
+        gram = torch.full((3, 4), float(rank), dtype=torch.float64)
+        D.broadcast_(gram)
+        D.broadcast_(gram.T[1:])  # a non-contiguous view is written back in place
+        agreed.append(gram.eq(0).all().item())
+        view = torch.full((3, 4), float(rank + 1))
+        view[:, 0] = 7.0 + rank
+        D.broadcast_(view.T[0])
+        agreed.append(view[:, 0].tolist() == [7.0, 7.0, 7.0] and view[0, 1].item() == rank + 1)
         with open(os.path.join(out, f"{rank}.every.json"), "w") as f:
             json.dump(agreed, f)
     finally:
@@ -109,11 +118,12 @@ def _union_worker(rank: int, port: int, out: str) -> None:
 
 def test_ranks_agree_on_protected_channels_and_on_compensation(tmp_path):
     """compress takes the protected FFN channels' union over ranks, so no rank keeps different units,
-    and compensates only when every rank's host memory allows it (one decision for all)."""
+    compensates only when every rank's host memory allows it (one decision for all), and every rank
+    takes rank 0's calibration scores and Gram matrices."""
     import torch.multiprocessing as mp
 
     mp.spawn(_union_worker, args=(free_port(), str(tmp_path)), nprocs=2)
     expected = torch.tensor([[True, False, False, False], [False, True, False, False]])
     for rank in (0, 1):
         assert torch.equal(torch.load(tmp_path / f"{rank}.pt", weights_only=True), expected)
-        assert json.loads((tmp_path / f"{rank}.every.json").read_text()) == [True, False, False]
+        assert json.loads((tmp_path / f"{rank}.every.json").read_text()) == [True, False, False, True, True]
