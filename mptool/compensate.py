@@ -64,6 +64,14 @@ def delta(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, damp: fl
     return out.to(weight.dtype)
 
 
+def frozen_columns(protected: torch.Tensor | None, layer: int, j: int) -> torch.Tensor | None:
+    """``delta``'s ``frozen`` for projection ``j`` (0: o_proj, 1: down_proj) of a layer: the
+    protected FFN channels (``[layers, intermediate]`` bool) of down_proj, None where there are none."""
+    if j != 1 or protected is None or not protected[layer].any():
+        return None
+    return protected[layer]
+
+
 def head_columns(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
     """The o_proj input columns of the given query heads."""
     return (heads.unsqueeze(1) * head_dim + torch.arange(head_dim)).reshape(-1)
@@ -94,8 +102,7 @@ def compensate(model: Any, keeps: Sequence[LayerKeep], o_grams: Sequence[torch.T
     dst = src if into is None else _projections(into)
     for i, keep in enumerate(keeps):
         for j, (gram, kept) in enumerate(zip((o_grams[i], d_grams[i]), kept_columns(d, keep))):
-            frozen = protected[i] if j == 1 and protected is not None and protected[i].any() else None
-            dw = delta(src[i][j].weight, gram, kept, damp, frozen=frozen)
+            dw = delta(src[i][j].weight, gram, kept, damp, frozen=frozen_columns(protected, i, j))
             if dw is None:
                 continue
             w = dst[i][j].weight

@@ -361,7 +361,9 @@ class MaskPrune:
 
     def _frozen(self, layer: int, j: int) -> torch.Tensor | None:
         """Columns compensation leaves alone: the protected FFN channels (massive activations)."""
-        return self.protected[layer] if j == 1 and self.protected[layer].any() else None
+        from mptool.compensate import frozen_columns
+
+        return frozen_columns(self.protected, layer, j)
 
     def _compensate(self, heads: torch.Tensor, ffn: torch.Tensor) -> None:
         """Run the hard structure (kept units nonzero) with its compensation, if any."""
