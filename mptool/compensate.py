@@ -8,7 +8,7 @@ Then ``W x ~ (W_K + W_D R) x_K``: the sliced model keeps the same shapes and onl
 change, by ``delta = W_D R``. This is the least-squares optimum of ``|W x - W' x_K|^2`` over the
 calibration tokens (the reconstruction step of OBS-style structured pruners; FLAP's bias
 compensation is its rank-0 special case, which a Llama checkpoint cannot hold). ``lambda`` is
-``DAMP`` times the mean diagonal of ``G_KK``.
+``DAMP[j]`` (per projection) times the mean diagonal of ``G_KK``.
 
 On SmolLM2-135M (flap's units at (3, 3, 512), 16 k calibration tokens) it takes held-out perplexity
 from 367 to 86 with no training, and to 61 after 32 k tokens of recovery where the uncompensated
@@ -24,14 +24,17 @@ import torch
 from mptool.shapes import Dims, gram_bytes
 from mptool.surgery import LayerKeep
 
-DAMP = 1e-4
-"""Ridge term relative to the mean diagonal of the kept Gram block. Measured on SmolLM2 at 50%
-(perplexity with no training): 1e-2 / 1e-3 / 1e-4 / 1e-5 gave 91.7 / 87.6 / 86.2 / 86.0; 1e-4
-keeps the solve well conditioned when kept channels are nearly collinear."""
+DAMP = (1e-1, 1e-4)
+"""Ridge term per projection (``o_proj``, ``down_proj``), relative to the mean diagonal of the kept
+Gram block. ``down_proj`` (SmolLM2 at 50%, (3, 3, 512), perplexity with no training): 1e-2 / 1e-3 /
+1e-4 / 1e-5 gave 91.7 / 87.6 / 86.2 / 86.0. ``o_proj`` regresses a dropped KV group's heads on the
+kept heads', 64 nearly collinear columns each: at (2, 3, 640) 1e-4 / 1e-2 / 1e-1 / 1 gave 84.18 /
+84.01 / 83.70 / 85.19, and at 1e-4 the fitted columns grew the layer-0 ``o_proj`` to 2.5x its dense
+norm, so that the model's fp16/bf16 logits left fp32's (docs/maskprune.md)."""
 
 
 @torch.no_grad()
-def delta(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, damp: float = DAMP,
+def delta(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, damp: float = DAMP[1],
           frozen: torch.Tensor | None = None) -> torch.Tensor | None:
     """``[out, len(kept)]``: what to add to ``weight[:, kept]`` so that the kept inputs stand in for
     the dropped ones (None when nothing is dropped). ``kept``: ascending column indices;
@@ -85,7 +88,7 @@ def kept_columns(d: Dims, keep: LayerKeep) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def compensate(model: Any, keeps: Sequence[LayerKeep], o_grams: Sequence[torch.Tensor],
-               d_grams: Sequence[torch.Tensor], damp: float = DAMP, into: Any = None,
+               d_grams: Sequence[torch.Tensor], damp: Sequence[float] = DAMP, into: Any = None,
                protected: torch.Tensor | None = None) -> None:
     """Add each layer's compensation, computed from ``model``'s (dense) weights, to the kept
     columns of ``o_proj`` / ``down_proj``: of ``model`` itself (slice it with the same ``keeps``
@@ -102,7 +105,7 @@ def compensate(model: Any, keeps: Sequence[LayerKeep], o_grams: Sequence[torch.T
     dst = src if into is None else _projections(into)
     for i, keep in enumerate(keeps):
         for j, (gram, kept) in enumerate(zip((o_grams[i], d_grams[i]), kept_columns(d, keep))):
-            dw = delta(src[i][j].weight, gram, kept, damp, frozen=frozen_columns(protected, i, j))
+            dw = delta(src[i][j].weight, gram, kept, damp[j], frozen=frozen_columns(protected, i, j))
             if dw is None:
                 continue
             w = dst[i][j].weight
@@ -190,7 +193,7 @@ class Compensator:
                     continue
                 idx = kept.nonzero().squeeze(1)
                 cols = head_columns(idx, self.head_dim) if j == 0 else idx
-                dw = delta(self.weight(layer, j), self.grams[j][layer], cols, frozen=self.frozen(layer, j))
+                dw = delta(self.weight(layer, j), self.grams[j][layer], cols, DAMP[j], frozen=self.frozen(layer, j))
                 dev = self.device or self.projections[layer][j].weight.device
                 self.entries[(layer, j)] = (key, cols.to(dev), None if dw is None else dw.to(dev))
 

@@ -7,7 +7,7 @@ import torch
 
 from conftest import FAMILIES, tiny_model
 from mptool.baselines import calibrate, score, select
-from mptool.compensate import compensate, delta, kept_columns
+from mptool.compensate import DAMP, compensate, delta, kept_columns
 from mptool.config import CompressConfig
 from mptool.maskprune import MaskPrune, kd_loss
 from mptool.shapes import Dims, Target
@@ -242,4 +242,10 @@ def test_in_place_sliced_and_training_compensation_agree_with_heads_dropped_and_
             assert torch.allclose(dw, added, atol=1e-6)
         down_in, down_dense = _projections(in_place)[layer][1].weight, _projections(model)[layer][1].weight
         assert torch.equal(down_in[:, 3], down_dense[:, 3])
+        # o_proj solves with its own, larger ridge term (compensate.DAMP), and it makes a difference
+        o_cols = kept_columns(d, k)[0]
+        o_dense = _projections(model)[layer][0].weight
+        want = delta(o_dense, grams[0][layer], o_cols, DAMP[0])
+        assert torch.allclose(_projections(in_place)[layer][0].weight[:, o_cols] - o_dense[:, o_cols], want, atol=1e-6)
+        assert (want - delta(o_dense, grams[0][layer], o_cols, DAMP[1])).abs().max() > 1e-4
     comp.remove()
