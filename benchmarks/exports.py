@@ -86,11 +86,12 @@ def short(error: str, limit: int = 220) -> str:
     return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " …"
 
 
-def run_one(model: str | None, spec: dict[str, Any], out: Path) -> dict[str, Any]:
+def run_one(model: str | None, spec: dict[str, Any], out: Path, parity_text: str | None = None) -> dict[str, Any]:
     """``mptool export`` in a subprocess; the export.json record, or the refusal."""
     cmd = [str(Path(sys.executable).parent / "mptool"), "export", *([model] if model else []),
            "--target", spec["target"], "--dtype", spec["dtype"], "--out", str(out),
-           *(["--tp", spec["tp"]] if spec["tp"] else [])]
+           *(["--tp", spec["tp"]] if spec["tp"] else []),
+           *(["--parity-text", parity_text] if parity_text else [])]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     row: dict[str, Any] = {"command": " ".join(["mptool", *cmd[1:]]), "rc": proc.returncode,
@@ -107,7 +108,8 @@ def run_one(model: str | None, spec: dict[str, Any], out: Path) -> dict[str, Any
 
 
 def markdown(result: dict[str, Any]) -> str:
-    lines = [f"Made by `{result['command']}` ({result['host']}).", "",
+    lines = [f"Made by `{result['command']}` ({result['host']}); parity checks on "
+             f"{result.get('probe', 'random token ids')}.", "",
              "| model | target | dtype | tp | time | size | checks |", "|---|---|---|---|---:|---:|---|"]
     for r in result["rows"]:
         if r["ok"]:
@@ -127,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tag", default="smollm2", help="results go to exports_<tag>.json/.md")
     ap.add_argument("--results", default=str(RESULTS), help="folder for the JSON and Markdown")
     ap.add_argument("--keep", default=None, help="keep the artefacts under this folder instead of removing them")
+    ap.add_argument("--parity-text", default=None, help="run every export's parity checks on windows of this text "
+                                                        "(mptool export --parity-text) instead of random token ids")
     args = ap.parse_args(argv)
     try:
         models = [parse_model(m) for m in args.models]
@@ -140,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             for spec in specs:
                 name = f"{label}-{spec['target']}-{spec['dtype']}" + (f"-tp{spec['tp'].replace(',', '')}"
                                                                        if spec["tp"] else "")
-                row = {"model": label, "source": path or "default", **spec, **run_one(path, spec, scratch / name)}
+                row = {"model": label, "source": path or "default", **spec, **run_one(path, spec, scratch / name, args.parity_text)}
                 rows.append(row)
                 state = f"{row['seconds']:.1f} s, {row['total_bytes'] / 1e6:.1f} MB" if row["ok"] else row["error"]
                 print(f"{name}: {state}", file=sys.stderr, flush=True)
@@ -151,7 +155,9 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(scratch, ignore_errors=True)
     given = list(sys.argv[1:] if argv is None else argv)
     result = {"command": " ".join(["python -m mptool.benchmarks.exports", *given]),
-              "host": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}", "rows": rows}
+              "host": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+              "probe": f"windows of the text {args.parity_text}" if args.parity_text else "random token ids",
+              "rows": rows}
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"exports_{args.tag}.json").write_text(json.dumps(result, indent=2) + "\n")

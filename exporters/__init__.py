@@ -34,7 +34,7 @@ __all__ = ["ExportConfig", "export", "validate", "TARGETS"]
 
 @dataclass
 class Source:
-    """The model being exported and its fp32 reference on random ids."""
+    """The model being exported and its fp32 reference on the probe ids (random, or ``parity.text``'s)."""
 
     spec: Any
     folder: Path | None
@@ -44,6 +44,14 @@ class Source:
     report: dict[str, Any] | None
     ids: Any
     ref_logits: Any
+    stream: list[int] | None = None
+    """``parity.text``'s token ids (None: the checks feed random ids)."""
+
+    def probe(self, shape: Any, seed: int) -> Any:
+        """Ids of ``shape`` for a check: random, or windows of ``parity.text``."""
+        from mptool.exporters.common import probe_ids
+
+        return probe_ids(self.tokenizer, self.model.config, shape, seed, self.stream)
 
 
 def _module(target: str):
@@ -109,9 +117,10 @@ def unused_option_problems(cfg: ExportConfig) -> list[str]:
 def validate(cfg: ExportConfig) -> list[str]:
     """Every problem found without loading weights (raised together by :func:`export`)."""
     from mptool.config import seed_problems
+    from mptool.data import load_texts
     from mptool.errors import MptoolError
     from mptool.io import output_problems
-    from mptool.models import resolve_model
+    from mptool.models import looks_like_path, resolve_model
     from mptool.shapes import option_problems
 
     problems: list[str] = []
@@ -137,6 +146,11 @@ def validate(cfg: ExportConfig) -> list[str]:
     if min(p.batch, p.seq_len, p.prompts, p.prompt_len, p.new_tokens) < 1:
         problems.append(f"parity sizes must be >= 1, got {p}")
     problems += seed_problems(p.seed, "parity.seed (--seed)")
+    if p.text is not None and (Path(p.text).expanduser().exists() or looks_like_path(p.text)):
+        try:
+            load_texts(p.text, role="eval")
+        except MptoolError as e:
+            problems.append(f"--parity-text: {e}")
     out = cfg.resolved_out()
     try:
         spec = resolve_model(cfg.model)
@@ -160,17 +174,23 @@ def validate(cfg: ExportConfig) -> list[str]:
 def _load_source(cfg: ExportConfig, spec: Any) -> Source:
     import torch
 
-    from mptool.exporters.common import random_ids, reference_logits
+    from mptool.errors import MptoolError
+    from mptool.exporters.common import probe_ids, reference_logits, text_stream
     from mptool.exporters.hf import read_report
     from mptool.models import load_model
     from mptool.shapes import Dims
 
     model, tokenizer = load_model(spec, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
     folder = spec if isinstance(spec, Path) else None
-    ids = random_ids(tokenizer, model.config, (cfg.parity.batch, cfg.parity.seq_len), cfg.parity.seed)
+    p = cfg.parity
+    stream = text_stream(tokenizer, p.text) if p.text is not None else None
+    if stream is not None and len(stream) < max(p.seq_len, p.prompt_len):
+        raise MptoolError(f"--parity-text {p.text} has {len(stream)} tokens; the parity checks need "
+                          f"{max(p.seq_len, p.prompt_len)} (parity.seq_len / parity.prompt_len): give a longer text")
+    ids = probe_ids(tokenizer, model.config, (p.batch, p.seq_len), p.seed, stream)
     return Source(spec=spec, folder=folder, model=model, tokenizer=tokenizer,
                   dims=Dims.from_config(model.config), report=read_report(folder), ids=ids,
-                  ref_logits=reference_logits(model, ids))
+                  ref_logits=reference_logits(model, ids), stream=stream)
 
 
 def _shape(src: Source) -> dict[str, Any]:
@@ -220,7 +240,7 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
             is left behind.
     """
     from mptool.config import save_config, to_dict
-    from mptool.errors import MptoolError
+    from mptool.errors import MptoolError, ParityError
     from mptool.exporters.card import model_card
     from mptool.exporters.common import artefact_sizes, make_shareable
     from mptool.io import atomic_dir
@@ -242,7 +262,13 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
         shape = _shape(src)
         clock(1)
         with atomic_dir(out) as tmp:
-            result = module.export(src, tmp, dtype, cfg, clock)
+            try:
+                result = module.export(src, tmp, dtype, cfg, clock)
+            except ParityError as e:
+                if src.stream is not None:
+                    raise
+                raise ParityError(f"{e}; on random token ids: --parity-text FILE checks on text like the one "
+                                  f"you serve") from e
             clock(0, info="model card, export.json")
             record: dict[str, Any] = {
                 "mptool_export": 1,
@@ -251,6 +277,7 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
                 "source": str(src.spec),
                 "out": str(out.resolve()),
                 "shape": shape,
+                "probe": "random token ids" if src.stream is None else f"windows of the text {cfg.parity.text}",
                 **result,
                 "seconds": round(time.perf_counter() - started, 1),
                 "phase_seconds": clock.seconds,

@@ -70,7 +70,7 @@ def model_card(name: str, record: dict[str, Any], report: dict[str, Any] | None,
     ]
     if report:
         lines += _report_section(report)
-    lines += ["## Export check", ""]
+    lines += ["## Export check", "", f"Against transformers in fp32, on {record.get('probe', 'random token ids')}:", ""]
     for name_, check in record["parity"].items():
         lines.append(f"- {name_}: {_describe_check(check)}")
     lines += [f"- model files: {human_bytes(record['sizes']['total_bytes'])} (before this card, "

@@ -2,7 +2,8 @@
 
 An export is checked against the source model run by transformers in fp32:
 
-* **logits** on fresh random token ids: ``max |engine - torch| <= atol + rtol * max |torch|``
+* **logits** on fresh random token ids (or windows of the user's text, ``parity.text``):
+  ``max |engine - torch| <= atol + rtol * max |torch|``
   (a :class:`Tolerance`, stated per target and dtype in each exporter, like optimum's
   ``ATOL_FOR_VALIDATION``);
 * **greedy tokens** (onnx, vllm): ``new_tokens`` steps from random prompts with EOS suppressed in
@@ -22,7 +23,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from mptool.errors import ParityError
+from mptool.errors import MptoolError, ParityError
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,33 @@ def random_ids(tokenizer: Any, config: Any, shape: Sequence[int], seed: int) -> 
     allowed = torch.tensor([i for i in range(vocab) if i not in special])
     g = torch.Generator().manual_seed(seed)
     return allowed[torch.randint(len(allowed), tuple(shape), generator=g)]
+
+
+PROBE_TOKENS = 1 << 16
+"""``parity.text``: the windows are drawn from the text's first this many tokens."""
+
+
+def text_stream(tokenizer: Any, path_or_name: str) -> list[int]:
+    """Token ids of ``parity.text`` (its documents joined by blank lines), at most :data:`PROBE_TOKENS`."""
+    from mptool.data import _encode, load_texts
+
+    return _encode(tokenizer, "\n\n".join(load_texts(path_or_name, role="eval")), PROBE_TOKENS)
+
+
+def probe_ids(tokenizer: Any, config: Any, shape: Sequence[int], seed: int,
+              stream: Sequence[int] | None = None) -> torch.Tensor:
+    """The token ids a check feeds: :func:`random_ids`, or with ``stream`` (a text's token ids)
+    ``shape[0]`` windows of ``shape[1]`` consecutive tokens at seeded random offsets."""
+    if stream is None:
+        return random_ids(tokenizer, config, shape, seed)
+    n, length = shape
+    if len(stream) < length:
+        raise MptoolError(f"--parity-text has {len(stream)} tokens; the parity checks need windows of {length}: "
+                          f"give a longer text")
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(len(stream) - length + 1, (n,), generator=g).tolist()
+    ids = torch.tensor(list(stream), dtype=torch.long)
+    return torch.stack([ids[s:s + length] for s in starts])
 
 
 @torch.no_grad()

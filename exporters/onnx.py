@@ -30,7 +30,7 @@ fp32 is for the CPU provider: the builder's FP32 CUDA graph does not load ("Grap
 
 **Check** (:data:`TOLERANCE`): logits of a prefill and of teacher-forced decode steps with the KV
 cache, run with plain ``onnxruntime.InferenceSession``, against the fp32 source; then
-``parity.new_tokens`` greedy steps from random prompts with ``onnxruntime_genai`` on the folder as
+``parity.new_tokens`` greedy steps from random prompts (or ``parity.text`` windows) with ``onnxruntime_genai`` on the folder as
 written, token by token against transformers.
 """
 
@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from mptool.errors import MptoolError
-from mptool.exporters.common import (Tolerance, compare_logits, compare_tokens, random_ids,
+from mptool.exporters.common import (Tolerance, compare_logits, compare_tokens,
                                      reference_greedy, special_ids)
 
 # Engine vs the fp32 source, max |diff| <= atol + rtol * max |logit|, per dtype. Measured on 2 x 32
@@ -274,7 +274,7 @@ def export(src: Any, tmp: Path, dtype: str, cfg: Any, advance: Callable[..., Non
     }
     advance(1, info=PHASES[3])
     p = cfg.parity
-    prompts = random_ids(src.tokenizer, src.model.config, (p.prompts, p.prompt_len), p.seed + 1).tolist()
+    prompts = src.probe((p.prompts, p.prompt_len), p.seed + 1).tolist()
     suppress = special_ids(src.tokenizer, src.model.config, getattr(src.model, "generation_config", None))
     reference = reference_greedy(src.model, prompts, p.new_tokens, suppress)
     tokens = genai_greedy(tmp, prompts, p.new_tokens, cpu=not on_cuda)

@@ -41,7 +41,7 @@ from typing import Any, Callable
 
 from mptool.errors import MptoolError
 from mptool.io import kill_session
-from mptool.exporters.common import (Tolerance, compare_tokens, logprob_diff, random_ids, reference_greedy,
+from mptool.exporters.common import (Tolerance, compare_tokens, logprob_diff, reference_greedy,
                                      special_ids)
 from mptool.exporters.hf import TOLERANCE, read_report, reload_and_compare, rounded_reference, save_checkpoint
 
@@ -289,7 +289,7 @@ def export(src: Any, tmp: Path, dtype: str, cfg: Any, advance: Callable[..., Non
         engine.append({"skipped": skip})
     else:
         p = cfg.parity
-        prompts = random_ids(src.tokenizer, src.model.config, (p.prompts, p.prompt_len), p.seed + 1).tolist()
+        prompts = src.probe((p.prompts, p.prompt_len), p.seed + 1).tolist()
         suppress = special_ids(src.tokenizer, src.model.config, getattr(src.model, "generation_config", None))
         reference = reference_greedy(_fp32_reference(src, tmp, dtype), prompts, p.new_tokens, suppress)
         capacity = host_capacity()

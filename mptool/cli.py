@@ -227,6 +227,9 @@ def export_(
     engine_check: Optional[bool] = typer.Option(None, "--engine-check/--no-engine-check",
                                                 help="vllm: load with vllm.LLM and compare greedy tokens (default on)."),
     seed: Optional[int] = typer.Option(None, help="Seed of the random token ids of the parity checks."),
+    parity_text: Optional[str] = typer.Option(None, help="Run the parity checks on windows of this text "
+                                                         "(.txt, .jsonl, folder, datasets folder, hub name) "
+                                                         "instead of random token ids."),
     overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Replace an existing output folder."),
     trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code", help="Allow the model's custom code."),
     config: Optional[str] = ConfigOpt,
@@ -238,7 +241,8 @@ def export_(
     cfg = load_config(ExportConfig, config, {
         "model": model, "target": target, "out": out, "dtype": dtype, "tp": _tp(tp),
         "max_shard_size": max_shard_size, "onnx.provider": onnx_provider,
-        "vllm.engine_check": engine_check, "parity.seed": seed, "overwrite": overwrite,
+        "vllm.engine_check": engine_check, "parity.seed": seed, "parity.text": parity_text,
+        "overwrite": overwrite,
         "trust_remote_code": trust_remote_code,
     })
     _keep_recipe(config, cfg.resolved_out(), cfg.overwrite, "export-config.yaml")

@@ -218,6 +218,46 @@ def test_onnx_export_of_a_pruned_model(pruned_tiny, tmp_path):
     assert "## Pruning report" in (out / "README.md").read_text()
 
 
+def test_probe_windows_are_consecutive_text_tokens_at_seeded_offsets():
+    from mptool.exporters.common import probe_ids
+
+    stream = list(range(1000, 1100))
+    ids = probe_ids(None, None, (4, 10), seed=3, stream=stream)
+    assert ids.shape == (4, 10)
+    assert all(row[0] >= 1000 and row[-1] < 1100 and torch.equal(row, torch.arange(int(row[0]), int(row[0]) + 10))
+               for row in ids)
+    assert torch.equal(ids, probe_ids(None, None, (4, 10), seed=3, stream=stream))
+    assert not torch.equal(ids, probe_ids(None, None, (4, 10), seed=4, stream=stream))
+    with pytest.raises(MptoolError, match="has 5 tokens; the parity checks need windows of 10"):
+        probe_ids(None, None, (1, 10), seed=0, stream=stream[:5])
+
+
+def test_parity_text_checks_the_onnx_export_on_windows_of_the_text(tokenizer_dir, tmp_path, monkeypatch):
+    """--parity-text: the logits check and the greedy prompts are windows of the text's tokens (the
+    reference logits are computed on exactly those), recorded in export.json and the model card."""
+    import mptool.exporters.common as common
+    from mptool.exporters.common import reference_logits
+
+    src = save_tiny("llama", tokenizer_dir, tmp_path / "src")
+    text = tmp_path / "serve.txt"
+    text.write_text(SAMPLE_TEXT * 3)
+    seen = []
+    monkeypatch.setattr(common, "reference_logits", lambda model, ids: seen.append(ids) or reference_logits(model, ids))
+    out = tmp_path / "onnx"
+    res = run("export", src, "--target", "onnx", "--parity-text", text, "--out", out)
+    assert res.exit_code == 0, res.output
+    rec = record(out)
+    assert_checks_passed(rec)
+    assert rec["probe"] == f"windows of the text {text}" and rec["config"]["parity"]["text"] == str(text)
+    assert f"on windows of the text {text}" in (out / "README.md").read_text()
+    from transformers import AutoTokenizer
+    stream = AutoTokenizer.from_pretrained(src)(SAMPLE_TEXT * 3, add_special_tokens=False)["input_ids"]
+    flat = " " + " ".join(map(str, stream)) + " "
+    (ids,) = seen
+    assert ids.shape == (2, 32)
+    assert all(" " + " ".join(map(str, row.tolist())) + " " in flat for row in ids)
+
+
 # ------------------------------------------------------------------- failures leave nothing
 
 
@@ -241,6 +281,12 @@ def test_cli_parity_failure_exits_2_with_the_measured_difference(tokenizer_dir, 
     assert res.exit_code == 2, res.output
     last = res.output.strip().splitlines()[-1]
     assert last.startswith("error:") and "exceeds the tolerance" in last and "x over" in last, last
+    assert "on random token ids: --parity-text FILE checks on text like the one you serve" in last, last
+    assert_nothing_left(out)
+    short = tmp_path / "short.txt"
+    short.write_text("A few words.")
+    res = run("export", src, "--target", "hf", "--parity-text", short, "--out", out)
+    assert res.exit_code == 2 and "tokens; the parity checks need 32" in res.output.strip().splitlines()[-1], res.output
     assert_nothing_left(out)
 
 
@@ -276,6 +322,7 @@ def test_greedy_mismatch_names_the_first_differing_token():
     (["--target", "vllm", "--onnx-provider", "cuda"], "onnx.provider (--onnx-provider) applies to --target onnx"),
     (["--target", "onnx", "--max-shard-size", "1GB"], "applies to --target hf and vllm only"),
     (["--target", "onnx", "--dtype", "bf16"], "choose float32, float16 (aliases fp32, fp16, half, float)"),
+    (["--target", "hf", "--parity-text", "nope/missing.txt"], "--parity-text: data path nope/missing.txt does not exist"),
 ])
 def test_bad_options_are_refused_before_any_work(args, needle, tokenizer_dir, tmp_path):
     src = save_tiny("llama", tokenizer_dir, tmp_path / "src")

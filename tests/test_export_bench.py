@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny_model
+from conftest import SAMPLE_TEXT, tiny_model
 from mptool.benchmarks import exports
 
 
@@ -44,6 +44,14 @@ def test_records_each_export_and_each_refusal(tokenizer_dir, tmp_path):
     header = next(ln for ln in table if ln.startswith("| model"))
     assert all(row.count("|") == header.count("|") for row in rows)  # no cell breaks the table
     assert f"{check['weights']['identical']}/" in rows[0]
+    assert result["probe"] == "random token ids" and "parity checks on random token ids" in table[0]
+    text = tmp_path / "serve.txt"
+    text.write_text(SAMPLE_TEXT * 3)
+    assert exports.main([f"tiny={src}", "--targets", "hf:fp32", "--tag", "x", "--results", str(results),
+                         "--parity-text", str(text)]) == 0
+    result = json.loads((results / "exports_x.json").read_text())
+    (row,) = result["rows"]
+    assert row["ok"] and result["probe"] == f"windows of the text {text}" and row["command"].endswith(f"--parity-text {text}")
 
 
 @pytest.mark.parametrize("args, says", [
