@@ -24,13 +24,14 @@ import torch
 from mptool.shapes import Dims, gram_bytes
 from mptool.surgery import LayerKeep
 
-DAMP = (1e-1, 1e-4)
+DAMP = (1e-4, 1e-4)
 """Ridge term per projection (``o_proj``, ``down_proj``), relative to the mean diagonal of the kept
-Gram block. ``down_proj`` (SmolLM2 at 50%, (3, 3, 512), perplexity with no training): 1e-2 / 1e-3 /
-1e-4 / 1e-5 gave 91.7 / 87.6 / 86.2 / 86.0. ``o_proj`` regresses a dropped KV group's heads on the
-kept heads', 64 nearly collinear columns each: at (2, 3, 640) 1e-4 / 1e-2 / 1e-1 / 1 gave 84.18 /
-84.01 / 83.70 / 85.19, and at 1e-4 the fitted columns grew the layer-0 ``o_proj`` to 2.5x its dense
-norm, so that the model's fp16/bf16 logits left fp32's (docs/maskprune.md)."""
+Gram block, read at each call. ``down_proj`` (SmolLM2 at 50%, (3, 3, 512), perplexity with no
+training): 1e-2 / 1e-3 / 1e-4 / 1e-5 gave 91.7 / 87.6 / 86.2 / 86.0. ``o_proj`` at (2, 3, 640)
+(a KV group dropped): 1e-4 / 1e-2 / 1e-1 / 1 gave 84.18 / 84.01 / 83.70 / 85.19 with no training,
+and 1e-1 makes the weights 5-14x less sensitive to bf16 rounding, but after MaskPrune and
+recovery at the quality table's budget it gave 66.46 against 62.12 (docs/maskprune.md), so both
+stay at 1e-4."""
 
 
 @torch.no_grad()
@@ -88,18 +89,20 @@ def kept_columns(d: Dims, keep: LayerKeep) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def compensate(model: Any, keeps: Sequence[LayerKeep], o_grams: Sequence[torch.Tensor],
-               d_grams: Sequence[torch.Tensor], damp: Sequence[float] = DAMP, into: Any = None,
+               d_grams: Sequence[torch.Tensor], damp: Sequence[float] | None = None, into: Any = None,
                protected: torch.Tensor | None = None) -> None:
     """Add each layer's compensation, computed from ``model``'s (dense) weights, to the kept
     columns of ``o_proj`` / ``down_proj``: of ``model`` itself (slice it with the same ``keeps``
     afterwards), or of ``into``, ``model`` already sliced to ``keeps``
     (:func:`mptool.surgery.materialize`; it stores the kept columns in ascending order). In place.
     ``o_grams`` / ``d_grams``: per layer, the Gram of the dense model's inputs of those projections
-    (:func:`mptool.baselines.calibrate` with ``gram=True``); ``protected``: ``[layers,
+    (:func:`mptool.baselines.calibrate` with ``gram=True``); ``damp``: the ridge term per
+    projection (default :data:`DAMP`); ``protected``: ``[layers,
     intermediate]`` bool, FFN channels kept out of the regression (``delta``'s ``frozen``), as
     MaskPrune's training ran them."""
     from mptool.hooks import _projections
 
+    damp = DAMP if damp is None else damp
     d = Dims.from_config(model.config)
     src = _projections(model)
     dst = src if into is None else _projections(into)

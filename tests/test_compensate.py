@@ -199,14 +199,19 @@ def test_maskprune_leaves_the_protected_channels_out_of_the_regression():
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_in_place_sliced_and_training_compensation_agree_with_heads_dropped_and_a_protected_channel(family):
+def test_in_place_sliced_and_training_compensation_agree_with_heads_dropped_and_a_protected_channel(
+        family, monkeypatch):
     """The three ways compensation reaches a model — compensate() in place then sliced, compensate()
     into an already sliced copy (one-shot methods, MaskPrune's one-shot select), and the
     Compensator hooks MaskPrune trains with — give the same deltas, o_proj included (heads
-    dropped), and all leave a protected channel's column alone."""
+    dropped), each projection with its own ridge term (compensate.DAMP), and all leave a protected
+    channel's column alone."""
+    import mptool.compensate as C
     from mptool.baselines import protect
     from mptool.compensate import Compensator
     from mptool.hooks import _projections
+
+    monkeypatch.setattr(C, "DAMP", (0.3, DAMP[1]))
 
     model = tiny_model(family)
     d = Dims.from_config(model.config)
@@ -242,10 +247,11 @@ def test_in_place_sliced_and_training_compensation_agree_with_heads_dropped_and_
             assert torch.allclose(dw, added, atol=1e-6)
         down_in, down_dense = _projections(in_place)[layer][1].weight, _projections(model)[layer][1].weight
         assert torch.equal(down_in[:, 3], down_dense[:, 3])
-        # o_proj solves with its own, larger ridge term (compensate.DAMP), and it makes a difference
+        # o_proj was solved with its own ridge term, read at the call, and it made a difference
         o_cols = kept_columns(d, k)[0]
         o_dense = _projections(model)[layer][0].weight
-        want = delta(o_dense, grams[0][layer], o_cols, DAMP[0])
+        want = delta(o_dense, grams[0][layer], o_cols, 0.3)
         assert torch.allclose(_projections(in_place)[layer][0].weight[:, o_cols] - o_dense[:, o_cols], want, atol=1e-6)
+        assert torch.allclose(comp.entries[(layer, 0)][2], want, atol=1e-6)
         assert (want - delta(o_dense, grams[0][layer], o_cols, DAMP[1])).abs().max() > 1e-4
     comp.remove()
