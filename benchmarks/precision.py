@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from mptool.benchmarks.exports import parse_model
     from mptool.data import _encode, default_texts, load_texts
     from mptool.errors import MptoolError
-    from mptool.exporters.common import PROBE_TOKENS, probe_ids, random_ids, text_stream
+    from mptool.exporters.common import PROBE_TOKENS, probe_ids, random_ids
     from mptool.models import load_model
 
     ap = argparse.ArgumentParser(prog="python -m mptool.benchmarks.precision", description=__doc__,
@@ -177,8 +177,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         shapes = {k: tuple(int(x) for x in getattr(args, f"{k}_shape").split("x")) for k in ("random", "text")}
         if any(len(s) != 2 or min(s) < 1 for s in shapes.values()):
             raise ValueError("probe shapes are BATCHxLEN with positive sizes, e.g. 4x64")
-        if args.text is not None:
-            load_texts(args.text, role="eval")  # a bad path is refused before any model loads
+        # read once, before any model loads (a bad path is refused here); tokenized per model
+        text = default_texts()[1] if args.text is None else "\n\n".join(load_texts(args.text, role="eval"))
     except (ValueError, MptoolError) as exc:
         ap.error(str(exc))
     if args.threads:
@@ -189,8 +189,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     text_name = args.text or "austen:persuasion (held out)"
     for label, path in models:
         model, tokenizer = load_model(path, dtype=torch.float32)
-        stream = (_encode(tokenizer, default_texts()[1], PROBE_TOKENS) if args.text is None
-                  else text_stream(tokenizer, args.text))
+        stream = _encode(tokenizer, text, PROBE_TOKENS)
         probes = {"random": random_ids(tokenizer, model.config, shapes["random"], args.seed),
                   "text": probe_ids(tokenizer, model.config, shapes["text"], args.seed, stream)}
         out[label] = diagnose(model, dtype, probes)

@@ -89,26 +89,25 @@ def kept_columns(d: Dims, keep: LayerKeep) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def compensate(model: Any, keeps: Sequence[LayerKeep], o_grams: Sequence[torch.Tensor],
-               d_grams: Sequence[torch.Tensor], damp: Sequence[float] | None = None, into: Any = None,
+               d_grams: Sequence[torch.Tensor], into: Any = None,
                protected: torch.Tensor | None = None) -> None:
     """Add each layer's compensation, computed from ``model``'s (dense) weights, to the kept
     columns of ``o_proj`` / ``down_proj``: of ``model`` itself (slice it with the same ``keeps``
     afterwards), or of ``into``, ``model`` already sliced to ``keeps``
     (:func:`mptool.surgery.materialize`; it stores the kept columns in ascending order). In place.
     ``o_grams`` / ``d_grams``: per layer, the Gram of the dense model's inputs of those projections
-    (:func:`mptool.baselines.calibrate` with ``gram=True``); ``damp``: the ridge term per
-    projection (default :data:`DAMP`); ``protected``: ``[layers,
+    (:func:`mptool.baselines.calibrate` with ``gram=True``), each solved with its projection's
+    :data:`DAMP`; ``protected``: ``[layers,
     intermediate]`` bool, FFN channels kept out of the regression (``delta``'s ``frozen``), as
     MaskPrune's training ran them."""
     from mptool.hooks import _projections
 
-    damp = DAMP if damp is None else damp
     d = Dims.from_config(model.config)
     src = _projections(model)
     dst = src if into is None else _projections(into)
     for i, keep in enumerate(keeps):
         for j, (gram, kept) in enumerate(zip((o_grams[i], d_grams[i]), kept_columns(d, keep))):
-            dw = delta(src[i][j].weight, gram, kept, damp[j], frozen=frozen_columns(protected, i, j))
+            dw = delta(src[i][j].weight, gram, kept, DAMP[j], frozen=frozen_columns(protected, i, j))
             if dw is None:
                 continue
             w = dst[i][j].weight
