@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import platform
 import shutil
 import sys
@@ -124,10 +125,8 @@ def validate(cfg: CompressConfig, resuming: bool = False) -> None:
     problems += output_problems(cfg.out, cfg.overwrite, sources=inputs,  # --resume refuses --out:
                                 remedy="pass --overwrite to replace it (the resumed run writes where its checkpoint "
                                        "says)" if resuming else None)
-    ckpt = checkpoint_dir(cfg)
-    if not resuming and not cfg.overwrite and (ckpt / "compress-config.yaml").is_file():
-        problems.append(f"{ckpt} holds the checkpoint of an interrupted run that a fresh run would discard; continue "
-                        f"it with mptool compress --resume {ckpt}, or pass --overwrite to start afresh")
+    if not resuming:
+        problems += checkpoint_problems(cfg, inputs)
     if problems:
         raise MptoolError("; ".join(problems))
 
@@ -347,6 +346,46 @@ def checkpoint_dir(cfg: CompressConfig) -> Path:
     return out.parent / f"{out.name}.ckpt"
 
 
+def _work_dir(ckpt: Path) -> Path:
+    """The checkpoint's sibling for metrics and a cached teacher while a run is on."""
+    return ckpt.parent / f".{ckpt.name}.work"
+
+
+def _ours(folder: Path, marker: str | None, allowed: tuple[str, ...]) -> bool:
+    """Whether ``folder`` holds only what a run writes there (an empty folder counts), or ``marker``."""
+    if not folder.is_dir():
+        return False
+    if marker is not None and (folder / marker).is_file():
+        return True
+    return all(any(p.match(pattern) for pattern in allowed) for p in folder.iterdir())
+
+
+def checkpoint_problems(cfg: CompressConfig, inputs: tuple = ()) -> list[str]:
+    """What stops a fresh run from using ``<out>.ckpt`` and its work folder, which it clears at
+    the start and removes at the end: a folder there that a run did not write (refused even with
+    --overwrite: it is not this command's output), one that is or holds an input or the current
+    directory, or an interrupted run's checkpoint without --overwrite."""
+    ckpt = Path(os.path.abspath(checkpoint_dir(cfg)))  # normalised, links not followed
+    work = _work_dir(ckpt)
+    problems = []
+    for folder, marker, allowed in ((ckpt, "compress-config.yaml", ()),
+                                    (work, None, ("metrics.jsonl", "teacher-topk*.safetensors"))):
+        if not folder.exists() and not folder.is_symlink():
+            continue
+        held = [Path(p).expanduser().resolve() for p in inputs] + [Path.cwd().resolve()]
+        if any(folder.resolve() == p or folder.resolve() in p.parents for p in held):
+            problems.append(f"{folder}, where a run with --out {cfg.out} keeps its checkpoint, is or holds an input "
+                            f"or the current directory; give another --out")
+        elif folder.is_symlink() or not _ours(folder, marker, allowed):
+            problems.append(f"{folder} exists and was not written by mptool compress; a run with --out {cfg.out} "
+                            f"keeps its checkpoint there and would delete it: move it, or give another --out")
+    if not problems and not cfg.overwrite and (ckpt / "compress-config.yaml").is_file():
+        problems.append(f"{checkpoint_dir(cfg)} holds the checkpoint of an interrupted run that a fresh run would "
+                        f"discard; continue it with mptool compress --resume {checkpoint_dir(cfg)}, or pass "
+                        f"--overwrite to start afresh")
+    return problems
+
+
 def peak_rss_mb() -> float:
     import resource
 
@@ -442,7 +481,7 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
         model.cpu()
 
     ckpt = Path(resume) if resume else checkpoint_dir(cfg)
-    ckpt_parent = ckpt.parent / f".{ckpt.name}.work"
+    ckpt_parent = _work_dir(ckpt)
     if not resume:  # a fresh run (validate refused one over a checkpoint without --overwrite) starts clean:
         if main:  # an earlier run's checkpoint and metrics must not mix with this one's
             shutil.rmtree(ckpt, ignore_errors=True)

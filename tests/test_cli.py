@@ -137,6 +137,32 @@ def test_a_stop_says_how_to_resume_and_a_stop_before_any_checkpoint_leaves_nothi
     assert not ckpt.exists() and not (tmp_path / ".late.ckpt.work").exists()
 
 
+def test_a_folder_where_the_checkpoint_goes_that_mptool_did_not_write_is_refused_not_deleted(
+        tiny_dir, text_file, tmp_path, monkeypatch):
+    import shutil
+
+    args = ["--method", "magnitude", "--kv-heads", "2", "--heads-per-group", "1", "--ffn", "128", *small(text_file)]
+    for name, flags in (("x.ckpt", []), ("x.ckpt", ["--overwrite"]), (".x.ckpt.work", ["--overwrite"])):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "precious.txt").write_text("keep")
+        res = run("compress", tiny_dir, *args, *flags, "--out", tmp_path / "x")
+        assert_clean_failure(res, tmp_path / "x", f"{folder} exists and was not written by mptool compress",
+                             "move it, or give another --out")
+        assert (folder / "precious.txt").read_text() == "keep"
+        shutil.rmtree(folder)
+    model = tmp_path / "m.ckpt"  # the input model itself sits where --out m keeps its checkpoint
+    shutil.copytree(tiny_dir, model)
+    res = run("compress", model, *args, "--out", tmp_path / "m")
+    assert_clean_failure(res, tmp_path / "m", f"{model}, where a run with --out", "is or holds an input")
+    assert (model / "config.json").is_file()
+    (tmp_path / "x.ckpt").mkdir()
+    monkeypatch.chdir(tmp_path / "x.ckpt")
+    res = run("compress", tiny_dir, *args, "--out", tmp_path / "x")  # the current directory is the checkpoint's
+    assert_clean_failure(res, tmp_path / "x", "is or holds an input or the current directory")
+    assert (tmp_path / "x.ckpt").is_dir()
+
+
 def test_compress_with_ratio_and_yaml_recipe(tiny_dir, text_file, tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(f"method: flap\nratio: 0.5\nffn_multiple: 32\nrecovery:\n  steps: 0\ndata:\n  train: {text_file}\n"
