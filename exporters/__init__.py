@@ -63,6 +63,8 @@ def source_dtype(spec: Any) -> str | None:
     if not isinstance(spec, Path) or not (spec / "config.json").is_file():
         return None
     config = json.loads((spec / "config.json").read_text())
+    if not isinstance(config, dict):
+        return None
     value = config.get("dtype") or config.get("torch_dtype")
     return value if isinstance(value, str) else None
 
@@ -146,6 +148,9 @@ def validate(cfg: ExportConfig) -> list[str]:
     if min(p.batch, p.seq_len, p.prompts, p.prompt_len, p.new_tokens) < 1:
         problems.append(f"parity sizes must be >= 1, got {p}")
     problems += seed_problems(p.seed, "parity.seed (--seed)")
+    if cfg.target == "vllm":  # as bench checks the same knobs
+        problems += [f"vllm.{name} {getattr(cfg.vllm, name)} must be at least 1"
+                     for name in ("kv_cache_gib", "timeout_s", "max_model_len") if getattr(cfg.vllm, name) < 1]
     if p.text is not None and (Path(p.text).expanduser().exists() or looks_like_path(p.text)):
         try:
             load_texts(p.text, role="eval")
@@ -164,7 +169,11 @@ def validate(cfg: ExportConfig) -> list[str]:
         except (OSError, ValueError) as e:
             problems.append(f"{spec / 'config.json'} is not a readable JSON model config ({str(e).splitlines()[0]})")
         else:
-            context = config.get("max_position_embeddings") if isinstance(config, dict) else None
+            if not isinstance(config, dict):
+                problems.append(f"{spec / 'config.json'} holds a JSON {type(config).__name__}, not the object of "
+                                f"model settings a transformers model folder has")
+                return problems
+            context = config.get("max_position_embeddings")
             problems += parity_length_problems(cfg, context if isinstance(context, int) else None)
     if not problems:
         problems += _module(cfg.target).validate(cfg, spec)

@@ -128,6 +128,7 @@ def compress(
         if ignored:
             raise MptoolError(f"--resume continues the run as its checkpoint's config says; {', '.join(ignored)} "
                               "cannot change it (only --overwrite, --device and --sharding may be given)")
+        resume = str(Path(resume).expanduser())  # --resume=~/x reaches us unexpanded
         saved = Path(resume) / "compress-config.yaml"
         if not saved.is_file():
             raise MptoolError(f"--resume {resume} is not a mptool checkpoint folder (no compress-config.yaml); "
@@ -292,12 +293,16 @@ def plan(
     if config is not None:
         from mptool.config import WEIGHT_DTYPE_BYTES, CompressConfig, load_config
 
+        from mptool.compress import settings_problems
+
         cfg = load_config(CompressConfig, config)
+        if problems := settings_problems(cfg):  # what compress would refuse of this recipe
+            raise MptoolError(f"recipe {config}: " + "; ".join(problems))
         mp = cfg.maskprune
         model = model or cfg.model
         ratio = ratio if ratio is not None else cfg.ratio
         base = PlanInput(batch_size=mp.batch_size, seq_len=cfg.data.seq_len, lora_r=mp.lora_r,
-                         dtype_bytes=WEIGHT_DTYPE_BYTES.get(cfg.dtype, 4),
+                         dtype_bytes=WEIGHT_DTYPE_BYTES[cfg.dtype],
                          checkpointing=grad_checkpointing or mp.grad_checkpointing or cfg.recovery.grad_checkpointing,
                          kd_chunk=mp.kd_chunk, recovery_teacher=cfg.recovery.teacher,
                          compensate=cfg.compensate is not False)

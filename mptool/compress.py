@@ -42,6 +42,23 @@ SPLITS = ("balanced", "kd")
 def validate(cfg: CompressConfig, resuming: bool = False) -> None:
     """Checks that need no model: run before anything heavy. ``resuming``: the out is the one the
     checkpoint records, which only --overwrite can change."""
+    problems = settings_problems(cfg)
+    inputs = tuple(p for p in (cfg.model, cfg.data.train, cfg.data.eval) if p is not None and Path(p).expanduser().exists())
+    for path in (cfg.data.train, cfg.data.eval):
+        if path is not None and looks_like_path(path) and not Path(path).exists():
+            problems.append(f"data path {path} does not exist (give a .txt, .jsonl, a folder or a datasets folder)")
+    problems += output_problems(cfg.out, cfg.overwrite, sources=inputs,  # --resume refuses --out:
+                                remedy="pass --overwrite to replace it (the resumed run writes where its checkpoint "
+                                       "says)" if resuming else None)
+    if not resuming:
+        problems += checkpoint_problems(cfg, inputs)
+    if problems:
+        raise MptoolError("; ".join(problems))
+
+
+def settings_problems(cfg: CompressConfig) -> list[str]:
+    """What is wrong with the settings alone (no path is looked at), one line each: what
+    ``mptool plan`` checks of a recipe, and the first part of :func:`validate`."""
     problems = []
     if cfg.method not in METHODS:
         problems.append(f"--method {cfg.method!r} is not one of {', '.join(METHODS)}")
@@ -118,17 +135,7 @@ def validate(cfg: CompressConfig, resuming: bool = False) -> None:
     problems += option_problems(cfg.tp, cfg.ffn_multiple)
     if cfg.device not in D.DEVICES:
         problems.append(f"--device {cfg.device!r} is not one of {', '.join(D.DEVICES)}")
-    inputs = tuple(p for p in (cfg.model, cfg.data.train, cfg.data.eval) if p is not None and Path(p).expanduser().exists())
-    for path in (cfg.data.train, cfg.data.eval):
-        if path is not None and looks_like_path(path) and not Path(path).exists():
-            problems.append(f"data path {path} does not exist (give a .txt, .jsonl, a folder or a datasets folder)")
-    problems += output_problems(cfg.out, cfg.overwrite, sources=inputs,  # --resume refuses --out:
-                                remedy="pass --overwrite to replace it (the resumed run writes where its checkpoint "
-                                       "says)" if resuming else None)
-    if not resuming:
-        problems += checkpoint_problems(cfg, inputs)
-    if problems:
-        raise MptoolError("; ".join(problems))
+    return problems
 
 
 # (section, knob, interval) of every numeric training knob; the interval in the usual notation,

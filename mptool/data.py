@@ -285,7 +285,7 @@ def _read_saved_dataset(folder: Path, role: str) -> list[str]:
 
     try:
         data = datasets.load_from_disk(str(folder))
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # an incomplete state.json raises KeyError, a bad arrow file its own types
         raise MptoolError(f"cannot read datasets folder {folder}: {_one_line(exc)}") from exc
     data = _pick_split(data, f"datasets folder {folder}", role)
     if "text" not in data.column_names:

@@ -1188,6 +1188,16 @@ def test_resume_into_an_occupied_out_names_the_flag_it_accepts(tiny_dir, text_fi
     assert (out / "notes.txt").read_text() == "mine"
 
 
+def test_resume_expands_a_home_path(tmp_path, monkeypatch):
+    """--resume=~/x reaches the CLI unexpanded (no shell expands after '='); it names the folder in HOME."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "x.ckpt").mkdir()
+    (tmp_path / "x.ckpt" / "compress-config.yaml").write_text("method: maskprune\n")
+    res = run("compress", "--resume=~/x.ckpt")
+    assert res.exit_code == 2 and f"--resume {tmp_path / 'x.ckpt'} is not a complete mptool checkpoint (no " \
+        "trainer.json" in " ".join(res.output.split()), res.output
+
+
 def test_shapes_with_no_legal_target_exits_2_after_the_listing(tiny_dir):
     for extra in ([], ["--json"]):
         res = run("shapes", tiny_dir, "--ratio", "0.9999", *extra)

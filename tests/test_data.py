@@ -106,6 +106,17 @@ def test_saved_dataset_without_text_column(tmp_path):
         load_texts(str(tmp_path / "ds"))
 
 
+def test_an_incomplete_datasets_folder_is_one_line(tmp_path):
+    import json
+
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    for name in ("state.json", "dataset_info.json"):  # what load_from_disk takes for a saved dataset
+        (folder / name).write_text(json.dumps({}))
+    with pytest.raises(MptoolError, match=f"cannot read datasets folder {folder}: "):
+        load_texts(str(folder))
+
+
 def test_empty_file(tmp_path):
     p = tmp_path / "empty.txt"
     p.write_text(" \n\t\n")

@@ -360,6 +360,8 @@ def test_vllm_check_lengths_fit_a_short_context_model(tokenizer_dir, tmp_path):
     ("max_shard_size: 2G\n", "max_shard_size '2G' must be a size such as 500MB or 2GB"),
     ("target: vllm\nvllm:\n  engine_tp: [0]\n", "vllm.engine_tp [0] must list positive"),
     ("target: onnx\nparity:\n  seq_len: 1\n", "parity.seq_len 1 must exceed the 4 decode steps"),
+    ("target: vllm\nvllm:\n  kv_cache_gib: 0\n", "vllm.kv_cache_gib 0 must be at least 1"),
+    ("target: vllm\nvllm:\n  timeout_s: -1\n", "vllm.timeout_s -1 must be at least 1"),
 ])
 def test_bad_recipe_values_are_refused_before_any_work(recipe, needle, tokenizer_dir, tmp_path):
     src = save_tiny("llama", tokenizer_dir, tmp_path / "src")
@@ -388,6 +390,11 @@ def test_outputs_that_would_delete_or_break_inputs_are_refused(tokenizer_dir, tm
     (broken / "config.json").write_text("{")
     res = run("export", broken, "--out", tmp_path / "o")
     assert res.exit_code == 2 and "is not a readable JSON model config" in res.output, res.output
+    assert_nothing_left(tmp_path / "o")
+    (broken / "config.json").write_text("[]")  # JSON, but not a config
+    res = run("export", broken, "--out", tmp_path / "o")
+    assert res.exit_code == 2 and "config.json holds a JSON list, not the object of model settings" in \
+        " ".join(res.output.split()), res.output
     assert_nothing_left(tmp_path / "o")
 
 

@@ -207,3 +207,12 @@ def test_plan_reads_a_compress_recipe_and_flags_override_it(tmp_path, tokenizer_
     bad.write_text("maskprune:\n  batch_sizee: 3\n")
     res = CliRunner().invoke(app, ["plan", "-c", str(bad)])
     assert res.exit_code == 2 and "batch_sizee" in res.output
+    # a recipe compress would refuse is refused here too, with compress's one line, not planned
+    for extra, needle in (("tp: [0]\n", "--tp [0] must list positive tensor-parallel sizes"),
+                          ("ffn_multiple: 0\n", "--ffn-multiple 0 must be >= 1"),
+                          ("dtype: float16\n", "--dtype 'float16' is not one of"),
+                          ("ratio: null\ntarget:\n  kv_heads: 0\n", "--kv-heads 0 must be >= 1")):
+        bad.write_text(recipe.read_text() + extra)
+        res = CliRunner().invoke(app, ["plan", "-c", str(bad), "--gpus", "1"])
+        lines = [line for line in res.output.splitlines() if line.strip()]
+        assert res.exit_code == 2 and len(lines) == 1 and f"recipe {bad}: " in lines[0] and needle in lines[0], res.output
