@@ -90,7 +90,8 @@ def compress(
     ffn: Optional[int] = typer.Option(None, help="Explicit target: FFN channels per layer."),
     compensate: Optional[bool] = typer.Option(None, "--compensate/--no-compensate",
                                               help="Kept columns absorb the dropped units by least squares on the "
-                                                   "calibration text (default on; every method)."),
+                                                   "calibration text (every method; default auto: on when its Gram "
+                                                   "matrices fit in half the free host memory)."),
     tp: Optional[str] = typer.Option(None, help="Tensor-parallel sizes the result must support, e.g. 1,2,4."),
     ffn_multiple: Optional[int] = typer.Option(None, help="FFN widths are multiples of this (default 64)."),
     data: Optional[str] = typer.Option(None, help="Training/calibration text (.txt, .jsonl, folder, datasets folder, hub name)."),
