@@ -72,6 +72,10 @@ def checks_summary(parity: dict[str, Any]) -> str:
             total = greedy["prompts"] * greedy["new_tokens"]
             bits.append(f"{greedy['tokens_matched']}/{total} greedy tokens"
                         + ("" if greedy.get("identical", True) else " then a tie"))
+        if "served" in check:  # vLLM computing in the serving dtype: recorded
+            served = check["served"]
+            bits.append(f"vLLM in {check['engine_dtype']}: {served['mean_prefix']:.1f}/{served['new_tokens']} greedy "
+                        f"tokens before the first difference from fp32 on average")
         if "in_dtype" in check:
             drift = check["in_dtype"]
             bits.append(f"computed in {drift['dtype']}: max diff {drift['max_abs_diff']:.3g} from fp32 "

@@ -328,6 +328,11 @@ def print_summary(record: dict[str, Any]) -> None:
             extra += f" (start-up {check['startup_s']} s)" if "startup_s" in check else ""
             table.add_row(name, f"{g['tokens_matched']} tokens matched{extra}",
                           "ties only" if g["ties"] else "identical", "ok")
+        elif "served" in check or "failed" in check:
+            from mptool.exporters.vllm import served_line
+
+            said = escape(f"could not run: {check['failed']}") if "failed" in check else served_line(check["served"])
+            table.add_row(f"{name} ({check['engine_dtype']})", said, "-", "recorded")
         elif "skipped" in check:
             table.add_row(name, "-", "-", escape(f"skipped: {check['skipped']}"))  # "[gpu]" is not markup
     Console(width=120).print(table)

@@ -157,6 +157,19 @@ def logprob_diff(engine_tokens: Sequence[Sequence[int]], engine_logprobs: Sequen
     return worst
 
 
+def greedy_agreement(engine: Sequence[Sequence[int]], reference: list[tuple[list[int], torch.Tensor]]) -> dict[str, Any]:
+    """How far an engine's greedy tokens follow PyTorch's, with no bound: per prompt, the tokens
+    before the first difference. For a dtype whose rounding is expected to move near-ties (bf16)."""
+    prefix = []
+    for got, (want, _) in zip(engine, reference):
+        n = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+        prefix.append(n)
+    new = len(reference[0][0]) if reference else 0
+    return {"prompts": len(reference), "new_tokens": new, "prefix_tokens": prefix,
+            "mean_prefix": sum(prefix) / max(len(prefix), 1), "all_identical": all(n == new for n in prefix),
+            "first_token_agree": sum(n > 0 for n in prefix)}
+
+
 def compare_tokens(engine: Sequence[Sequence[int]], reference: list[tuple[list[int], torch.Tensor]],
                    tie_tol: float, what: str) -> dict[str, Any]:
     """Compare greedy tokens prompt by prompt; see the module docstring for the tie rule.

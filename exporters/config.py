@@ -67,6 +67,9 @@ class VllmConfig:
     """Load the export with vllm.LLM (when vLLM is installed) and compare greedy tokens."""
     engine_tp: list[int] | None = None
     """Tensor-parallel sizes to load for real; None: every size in --tp this host can run."""
+    served_dtype_check: bool = True
+    """Where the export's dtype is not fp32, also run vLLM computing in it (what serve.sh serves)
+    and record how many greedy tokens follow the fp32 reference: recorded, not bounded."""
     max_model_len: int = 256
     """Context length of the check's engine (small: the CPU KV cache stays small); capped at the
     model's own context."""

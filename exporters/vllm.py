@@ -41,8 +41,8 @@ from typing import Any, Callable
 
 from mptool.errors import MptoolError
 from mptool.io import kill_session
-from mptool.exporters.common import (Tolerance, compare_tokens, logprob_diff, reference_greedy,
-                                     special_ids)
+from mptool.exporters.common import (Tolerance, compare_tokens, greedy_agreement, logprob_diff,
+                                     reference_greedy, special_ids)
 from mptool.exporters.hf import TOLERANCE, read_report, reload_and_compare, rounded_reference, save_checkpoint
 
 ENGINE_DTYPE = "float32"
@@ -201,7 +201,25 @@ def engine_generate(model_dir: Path, prompts: list[list[int]], new_tokens: int, 
     return out
 
 
-def _serve_files(tmp: Path, name: str, dtype: str, sizes: list[int], checks: list[dict[str, Any]]) -> None:
+def _served_dtype_run(folder: Path, prompts: list[list[int]], reference: list, dtype: str, tp: int,
+                      cfg: Any, max_model_len: int) -> dict[str, Any]:
+    """vLLM computing in the serving dtype (what serve.sh runs), its greedy tokens set beside the
+    fp32 reference: recorded, not bounded, since bf16 rounding moves near-ties within a few tokens.
+    A failure to run is recorded too: the fp32 check already proved the load and the weights."""
+    try:
+        run = engine_generate(folder, prompts, len(reference[0][0]), tp=tp, dtype=dtype,
+                              max_model_len=max_model_len, kv_cache_gib=cfg.vllm.kv_cache_gib,
+                              timeout_s=cfg.vllm.timeout_s, seed=cfg.parity.seed)
+    except MptoolError as e:
+        return {"engine_dtype": dtype, "tp": tp, "failed": str(e)}
+    served = greedy_agreement(run["tokens"], reference)
+    served["logprob_max_abs_diff"] = logprob_diff(run["tokens"], run["logprobs"], reference)
+    return {"engine_dtype": dtype, "tp": tp, "served": served,
+            **{k: run[k] for k in ("startup_s", "generate_s", "process_s")}}
+
+
+def _serve_files(tmp: Path, name: str, dtype: str, sizes: list[int], checks: list[dict[str, Any]],
+                 served: dict[str, Any] | None = None) -> None:
     default_tp = max(sizes)
     script = f"""#!/usr/bin/env bash
 # Serve this folder with vLLM's OpenAI-compatible server (written by mptool export --target vllm).
@@ -241,7 +259,18 @@ exec vllm serve "$HERE" --served-model-name {shlex.quote(name)} --dtype {dtype} 
                 lines.append(f"- tensor parallel {c['tp']}: {g['tokens_matched']} greedy tokens matched over "
                              f"{g['prompts']} prompts; start-up {c['startup_s']} s (+ import {c['import_s']} s)")
         lines.append("")
+    if served is not None:
+        lines += [f"vLLM computing in {dtype}, as `serve.sh` does (recorded, not bounded: {dtype} rounding moves "
+                  "near-ties): " + (f"could not run ({served['failed']})." if "failed" in served else
+                                    served_line(served["served"])), ""]
     (tmp / "SERVE.md").write_text("\n".join(lines))
+
+
+def served_line(s: dict[str, Any]) -> str:
+    """One line on how far greedy tokens in the serving dtype follow the fp32 reference."""
+    return (f"{s['mean_prefix']:.1f} of {s['new_tokens']} greedy tokens on average before the first difference "
+            f"from fp32 ({sum(n == s['new_tokens'] for n in s['prefix_tokens'])} of {s['prompts']} prompts "
+            f"identical throughout, first token {s['first_token_agree']}/{s['prompts']})")
 
 
 def _fp32_reference(src: Any, folder: Path, dtype: str) -> Any:
@@ -307,9 +336,14 @@ def export(src: Any, tmp: Path, dtype: str, cfg: Any, advance: Callable[..., Non
             engine.append({"tp": tp, "greedy": greedy, "engine_dtype": ENGINE_DTYPE,
                            **{k: run[k] for k in ("import_s", "startup_s", "generate_s", "process_s",
                                                   "vllm_version")}})
+        ran = [c["tp"] for c in engine if "greedy" in c]
+        if dtype != ENGINE_DTYPE and cfg.vllm.served_dtype_check and ran:
+            advance(0, info=f"{PHASES[2]} in {dtype} (recorded)")
+            checks["vllm_served_dtype"] = _served_dtype_run(tmp, prompts, reference, dtype, min(ran), cfg,
+                                                            cfg.vllm_check_len(src.dims.context))
     for c in engine:
         checks[f"vllm_greedy_tp{c['tp']}" if "tp" in c else "vllm_engine"] = c
-    _serve_files(tmp, name, dtype, sizes, engine)
+    _serve_files(tmp, name, dtype, sizes, engine, checks.get("vllm_served_dtype"))
     advance(1)
     return {"tolerance": tol.as_dict(), "engine_tolerance": ENGINE_TOLERANCE.as_dict(),
             "max_abs_diff": checks["transformers_logits"]["max_abs_diff"], "parity": checks,

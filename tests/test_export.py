@@ -487,6 +487,23 @@ def test_vllm_export_generates_the_same_greedy_tokens_as_transformers(tokenizer_
     check = rec["parity"]["vllm_greedy_tp1"]
     assert check["engine_dtype"] == "float32" and check["greedy"]["tokens_matched"] == 48
     assert "start-up" in (out / "SERVE.md").read_text()
+    # what serve.sh serves, vLLM computing in bf16: recorded beside the fp32 reference, not bounded
+    served = rec["parity"]["vllm_served_dtype"]
+    assert served["engine_dtype"] == rec["dtype"] == "bfloat16" and served["tp"] == 1, served
+    s = served["served"]
+    assert s["prompts"] == 3 and s["new_tokens"] == 16 and len(s["prefix_tokens"]) == 3
+    assert all(0 <= n <= 16 for n in s["prefix_tokens"]) and s["mean_prefix"] == sum(s["prefix_tokens"]) / 3
+    assert "vLLM computing in bfloat16, as `serve.sh` does" in (out / "SERVE.md").read_text()
+
+
+def test_greedy_agreement_counts_the_tokens_before_the_first_difference():
+    from mptool.exporters.common import greedy_agreement
+
+    logits = torch.zeros(4, 8)
+    reference = [([1, 2, 3, 4], logits), ([5, 6, 7, 0], logits), ([1, 1, 1, 1], logits)]
+    got = greedy_agreement([[1, 2, 3, 4], [5, 6, 0, 0], [2, 1, 1, 1]], reference)
+    assert got["prefix_tokens"] == [4, 2, 0] and got["mean_prefix"] == 2.0
+    assert got["first_token_agree"] == 2 and not got["all_identical"] and got["new_tokens"] == 4
 
 
 FRESH_VLLM = textwrap.dedent('''
