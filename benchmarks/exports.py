@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from mptool.benchmarks.quality import RESULTS
+from mptool.io import write_results
 
 # target:dtype[:tp sizes]; the vllm fp32 row asks for tp 1 and 2, where a 9-head model is refused
 DEFAULT_TARGETS = ("hf:float32", "hf:bfloat16", "onnx:float32", "onnx:float16", "vllm:bfloat16:1",
@@ -162,11 +163,9 @@ def main(argv: list[str] | None = None) -> int:
               "host": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
               "probe": f"windows of the text {args.parity_text}" if args.parity_text else "random token ids",
               "rows": rows}
-    out = Path(args.results)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"exports_{args.tag}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / f"exports_{args.tag}.md").write_text(markdown(result))
-    print(markdown(result))
+    table = markdown(result)
+    write_results(Path(args.results) / f"exports_{args.tag}", result, table)
+    print(table)
     return 0
 
 

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from mptool.benchmarks.quality import RESULTS
+from mptool.io import write_results
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -201,11 +202,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "probes": {k: f"{s[0]}x{s[1]}" for k, s in shapes.items()}, "seed": args.seed,
               "torch_threads": torch.get_num_threads(), "wall_s": round(time.perf_counter() - started, 1),
               "models": out}
-    folder = Path(args.results)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"precision_{args.tag}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (folder / f"precision_{args.tag}.md").write_text(markdown(result))
-    print(markdown(result))
+    table = markdown(result)
+    write_results(Path(args.results) / f"precision_{args.tag}", result, table)
+    print(table)
     return result
 
 

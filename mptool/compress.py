@@ -374,21 +374,23 @@ def checkpoint_problems(cfg: CompressConfig, inputs: tuple = ()) -> list[str]:
     directory, or an interrupted run's checkpoint without --overwrite."""
     ckpt = Path(os.path.abspath(checkpoint_dir(cfg)))  # normalised, links not followed
     work = _work_dir(ckpt)
+    held = [Path(p).expanduser().resolve() for p in inputs] + [Path.cwd().resolve()]
     problems = []
     for folder, marker, allowed in ((ckpt, "compress-config.yaml", ()),
                                     (work, None, ("metrics.jsonl", "teacher-topk*.safetensors"))):
         if not folder.exists() and not folder.is_symlink():
             continue
-        held = [Path(p).expanduser().resolve() for p in inputs] + [Path.cwd().resolve()]
-        if any(folder.resolve() == p or folder.resolve() in p.parents for p in held):
+        real = folder.resolve()
+        if any(real == p or real in p.parents for p in held):
             problems.append(f"{folder}, where a run with --out {cfg.out} keeps its checkpoint, is or holds an input "
                             f"or the current directory; give another --out")
         elif folder.is_symlink() or not _ours(folder, marker, allowed):
             problems.append(f"{folder} exists and was not written by mptool compress; a run with --out {cfg.out} "
                             f"keeps its checkpoint there and would delete it: move it, or give another --out")
     if not problems and not cfg.overwrite and (ckpt / "compress-config.yaml").is_file():
-        problems.append(f"{checkpoint_dir(cfg)} holds the checkpoint of an interrupted run that a fresh run would "
-                        f"discard; continue it with mptool compress --resume {checkpoint_dir(cfg)}, or pass "
+        given = checkpoint_dir(cfg)  # as the user spelt --out
+        problems.append(f"{given} holds the checkpoint of an interrupted run that a fresh run would "
+                        f"discard; continue it with mptool compress --resume {given}, or pass "
                         f"--overwrite to start afresh")
     return problems
 

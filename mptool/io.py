@@ -142,6 +142,16 @@ def atomic_files(paths: list[Path]) -> Iterator[list[Path]]:
         raise
 
 
+def write_results(stem: Path, doc: dict, markdown: str) -> None:
+    """A benchmark's ``<stem>.json`` and ``<stem>.md``, both or neither."""
+    import json
+
+    paths = [stem.with_name(stem.name + ext) for ext in (".json", ".md")]
+    with atomic_files(paths) as (tmp_json, tmp_md):
+        tmp_json.write_text(json.dumps(doc, indent=2) + "\n")
+        tmp_md.write_text(markdown)
+
+
 def writable_folder_problems(folder: str | os.PathLike, flag: str) -> list[str]:
     """Whether ``folder`` is, or can be made as, a folder this process writes in (one line)."""
     path = Path(folder).expanduser()
