@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mptool.io import write_results
+
 
 def dims(folder: str):
     from transformers import AutoConfig
@@ -230,7 +232,6 @@ def main() -> None:
         doc["onnxruntime"][role] = ort_profile(folder, args.batch, args.prompt, args.new_tokens, args.threads)
         if not args.no_vllm:
             doc["vllm"][role] = vllm_profile(folder, args.batch, args.prompt, args.new_tokens, args.threads)
-    Path(args.out + ".json").write_text(json.dumps(doc, indent=2) + "\n")
     lines = [f"# Decode step profile, batch {args.batch}, prompt {args.prompt}, {args.threads} threads", "",
              f"`{doc['command']}`", "", "## GEMM-only estimate (ms per decode step)", "",
              "| dtype | dense layers | dense LM head | dense total | pruned layers | pruned LM head | pruned total | ratio |",
@@ -263,7 +264,7 @@ def main() -> None:
         lines.append(f"| step without the profiler | {dn['tpot_s_unprofiled'] * 1e3:.2f} | "
                      f"{pr['tpot_s_unprofiled'] * 1e3:.2f} | ratio "
                      f"{dn['tpot_s_unprofiled'] / pr['tpot_s_unprofiled']:.2f} |")
-    Path(args.out + ".md").write_text("\n".join(lines) + "\n")
+    write_results(Path(args.out), doc, "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -10,7 +10,6 @@ methods differ only in *which* units they keep. Writes JSON and a Markdown table
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from mptool.benchmarks.quality import add_data_order, recorded_command
 from mptool.compress import eval_text_for, param_count
 from mptool.data import default_texts, eval_token_stream, token_blocks
 from mptool.evaluate import PplProtocol, perplexity
+from mptool.io import write_results
 from mptool.models import load_model
 from mptool.progress import console, step
 from mptool.shapes import Dims, balanced_target, describe
@@ -76,10 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
         "wall_s": round(time.perf_counter() - started, 1),
         "torch_threads": torch.get_num_threads(),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    out.with_suffix(".md").write_text(markdown(result))
+    write_results(Path(args.out), result, markdown(result))
     console.print(markdown(result))
     return result
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import platform
 import sys
 import time
@@ -45,6 +44,7 @@ from mptool.compress import param_count, peak_rss_mb
 from mptool.config import DataConfig
 from mptool.data import DATA_ORDERS, default_texts, eval_token_stream, token_blocks
 from mptool.evaluate import PplProtocol, perplexity
+from mptool.io import write_results
 from mptool.maskprune import MaskPrune, MaskPruneConfig
 from mptool.models import load_model
 from mptool.progress import console, step
@@ -241,9 +241,9 @@ class Bench:
         self.add("ablation: LoRA only (LM loss, no distillation)", ratio, target,
                  self.ppl(mp, "LoRA only"), info.pop("train_tokens"), time.perf_counter() - t0, **info)
 
-    def save(self) -> None:
+    def save(self) -> dict | None:
         if not self.table:
-            return
+            return None
         a = self.args
         host = host_info()
         result = {
@@ -273,10 +273,8 @@ class Bench:
                             # on another CPU differ by several percent (float rounding, then chaos)
                             "cpu": host["cpu"], "cpu_capability": host.get("cpu_capability")},
         }
-        out = Path(a.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps(result, indent=2))
-        out.with_suffix(".md").write_text(markdown(result))
+        write_results(Path(a.out), result, markdown(result))
+        return result
 
 
 def markdown(result: dict) -> str:
@@ -366,8 +364,8 @@ def main(argv: list[str] | None = None) -> None:
         bench.run_ratio(ratio)
     if args.ablations:
         bench.ablations(max(ratios))
-    bench.save()
-    console.print(markdown(json.loads(Path(args.out).with_suffix(".json").read_text())))
+    if result := bench.save():
+        console.print(markdown(result))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from mptool.errors import MptoolError
+from mptool.io import write_results
 
 
 def row(report: dict[str, Any], name: str) -> dict[str, Any]:
@@ -77,10 +78,7 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(row(json.loads(path.read_text()), name))
         except (json.JSONDecodeError, MptoolError) as e:
             raise SystemExit(f"error: {e}") from None
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"rows": rows}, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(rows))
+    write_results(Path(args.out), {"rows": rows}, markdown(rows))
     print(markdown(rows))
 
 

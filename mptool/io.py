@@ -143,9 +143,12 @@ def atomic_files(paths: list[Path]) -> Iterator[list[Path]]:
 
 
 def write_results(stem: Path, doc: dict, markdown: str) -> None:
-    """A benchmark's ``<stem>.json`` and ``<stem>.md``, both or neither."""
+    """A benchmark's ``<stem>.json`` and ``<stem>.md``, both or neither (a ``stem`` given as
+    ``x.json`` or ``x.md`` means ``x``)."""
     import json
 
+    if stem.suffix in (".json", ".md"):
+        stem = stem.with_suffix("")
     paths = [stem.with_name(stem.name + ext) for ext in (".json", ".md")]
     with atomic_files(paths) as (tmp_json, tmp_md):
         tmp_json.write_text(json.dumps(doc, indent=2) + "\n")

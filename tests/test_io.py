@@ -156,3 +156,20 @@ def test_kill_session_ends_the_child_and_its_workers(tmp_path):
     else:
         pytest.fail(f"worker {worker} survived kill_session")
     kill_session(proc)  # already ended: no error
+
+
+def test_write_results_writes_both_or_neither(tmp_path):
+    import json
+
+    from mptool.io import write_results
+
+    # a stem with a dot keeps it; a stem given as x.json means x
+    write_results(tmp_path / "sub" / "bench_v1.2", {"a": 1}, "| a |\n")
+    assert json.loads((tmp_path / "sub" / "bench_v1.2.json").read_text()) == {"a": 1}
+    assert (tmp_path / "sub" / "bench_v1.2.md").read_text() == "| a |\n"
+    write_results(tmp_path / "t.json", {"b": 2}, "b\n")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["t.json", "t.md"]
+    # a document that cannot be serialised leaves neither file and no temporary
+    with pytest.raises(TypeError):
+        write_results(tmp_path / "bad", {"x": object()}, "never")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["t.json", "t.md"]
