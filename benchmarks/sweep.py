@@ -114,7 +114,7 @@ def validate(cfg: BenchConfig) -> dict[str, Any]:
     stem = Path(cfg.out).expanduser()
     problems += (output_problems(cfg.out, overwrite=True, flag="--out", folder=False)
                  or result_file_problems([stem.with_name(stem.name + ext) for ext in (".json", ".md", ".png")],
-                                         lambda p: json_with(p, "schema"), "mptool bench",
+                                         lambda p: json_with(p, "schema", SCHEMA), "mptool bench",
                                          inputs=tuple(m for m in (cfg.dense, cfg.pruned) if m)))
     cpus = _cpus()
     if cfg.threads is not None and not 1 <= cfg.threads <= len(cpus):

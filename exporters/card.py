@@ -17,8 +17,8 @@ def _report_section(report: dict[str, Any]) -> list[str]:
         r = report.get(name) or {}
         ppl = (r.get("perplexity") or {}).get("ppl")
         cells = [r.get("kv_heads"), r.get("heads_per_group"), r.get("num_attention_heads"), r.get("ffn"),
-                 f"{r['total_params']:,}" if "total_params" in r else None,
-                 f"{r['prunable_params']:,}" if "prunable_params" in r else None,
+                 f"{r['total_params']:,}" if isinstance(r.get("total_params"), int) else None,
+                 f"{r['prunable_params']:,}" if isinstance(r.get("prunable_params"), int) else None,
                  f"{ppl:.2f}" if isinstance(ppl, (int, float)) else None]
         lines.append(f"| {name} | " + " | ".join("" if c is None else str(c) for c in cells) + " |")
     lines.append("")
@@ -36,7 +36,7 @@ def _report_section(report: dict[str, Any]) -> list[str]:
         tokens = report["pruned"]["perplexity"].get("tokens")
         lines += [f"Perplexity: held-out text `{protocol.get('text')}`, {protocol.get('window')}-token "
                   f"windows, stride {protocol.get('stride')}, {tokens} tokens scored"
-                  + (f"; ratio pruned/dense x{report['ppl_ratio']:.2f}." if report.get("ppl_ratio") else "."), ""]
+                  + (f"; ratio pruned/dense x{report['ppl_ratio']:.2f}." if isinstance(report.get("ppl_ratio"), (int, float)) else "."), ""]
     # run from Python (no command line), the resolved config in this folder reproduces it
     command = report.get("command") or "mptool compress --config mptool-config.yaml"
     lines += ["Made by:", "", "```bash", command, "```", ""]

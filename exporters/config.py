@@ -119,5 +119,7 @@ class ExportConfig:
     def resolved_out(self) -> Path:
         if self.out is not None:
             return Path(self.out).expanduser()
-        name = Path(self.model).name if self.model else "smollm2-135m-instruct"
+        src = Path(self.model).expanduser() if self.model else None
+        # a local folder by its real name (`export .` is runs/<folder>-hf, not runs/-hf); a hub id by its last part
+        name = ((src.resolve().name if src.exists() else src.name) or "model") if src else "smollm2-135m-instruct"
         return Path("runs") / f"{name}-{self.target}"

@@ -194,13 +194,19 @@ def usage(out: Path, record: dict[str, Any]) -> str:
 
 
 def read_report(folder: Path | None) -> dict[str, Any] | None:
-    """The pruning report of a `mptool compress` folder, if any."""
+    """The pruning report of a `mptool compress` folder, if any: a ``report.json`` that another
+    tool wrote (no ``mptool_report`` marker, or sections that are not objects) is ignored."""
     if folder is None or not (folder / "report.json").is_file():
         return None
     try:
-        return json.loads((folder / "report.json").read_text())
-    except ValueError:
+        report = json.loads((folder / "report.json").read_text())
+    except (ValueError, OSError):
         return None
+    if not isinstance(report, dict) or "mptool_report" not in report:
+        return None
+    if any(not isinstance(report.get(k, {}), dict) for k in ("dense", "pruned")):
+        return None
+    return report
 
 
 def validate(cfg: Any, spec: Any) -> list[str]:

@@ -45,7 +45,7 @@ def validate(cfg: CompressConfig, resuming: bool = False) -> None:
     problems = settings_problems(cfg)
     inputs = tuple(p for p in (cfg.model, cfg.data.train, cfg.data.eval) if p is not None and Path(p).expanduser().exists())
     for path in (cfg.data.train, cfg.data.eval):
-        if path is not None and looks_like_path(path) and not Path(path).exists():
+        if path is not None and looks_like_path(path) and not Path(path).expanduser().exists():
             problems.append(f"data path {path} does not exist (give a .txt, .jsonl, a folder or a datasets folder)")
     problems += output_problems(cfg.out, cfg.overwrite, sources=inputs,  # --resume refuses --out:
                                 remedy="pass --overwrite to replace it (the resumed run writes where its checkpoint "
@@ -129,7 +129,7 @@ def settings_problems(cfg: CompressConfig) -> list[str]:
         problems.append(f"data.seq_len (--seq-len) {cfg.data.seq_len} must be >= 2")
     elif cfg.data.calib_tokens < cfg.data.seq_len:
         problems.append(f"data.calib_tokens (--calib-tokens) {cfg.data.calib_tokens} must be at least one "
-                        f"block of --seq-len {cfg.data.seq_len} tokens")
+                        f"block of --seq-len {cfg.data.seq_len} tokens (raise --calib-tokens or lower --seq-len)")
     if cfg.data.order not in DATA_ORDERS:
         problems.append(f"data.order (--data-order) {cfg.data.order!r} is not one of {', '.join(DATA_ORDERS)}")
     problems += option_problems(cfg.tp, cfg.ffn_multiple)
@@ -279,6 +279,16 @@ def load_texts_for(cfg_data: Any) -> tuple[list[str], str, str]:
 
     train = load_texts(cfg_data.train) if cfg_data.train is not None else [default_texts()[0]]
     return (train, *eval_text_for(cfg_data.eval))
+
+
+def short_eval_note(ids: torch.Tensor, asked: int) -> str | None:
+    """A note when the evaluation text is shorter than ``--eval-tokens`` asks (the perplexity is then
+    over fewer tokens than the protocol says; the report's ``tokens`` records how many)."""
+    if ids.numel() >= asked:
+        return None
+    return (f"note: the evaluation text holds {ids.numel():,} tokens of the {asked:,} asked (--eval-tokens): "
+            f"perplexity over {max(ids.numel() - 1, 0):,} predicted tokens" +
+            ("; too few to compare models by" if ids.numel() < 1024 else ""))
 
 
 def measure_ppl(model: Any, ids: torch.Tensor, protocol: PplProtocol, label: str,
@@ -478,7 +488,10 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
     calib, blocks = cut[:calib_blocks], cut[:train_blocks]
     check_token_ids(cut, model, tokenizer, "training text")
     data_used = {"seq_len": cfg.data.seq_len, "calib_blocks": len(calib), "calib_blocks_asked": calib_blocks,
-                 "train_blocks": train_blocks, "distinct_train_blocks": len(blocks)}
+                 "train_blocks": train_blocks, "distinct_train_blocks": len(blocks),
+                 "eval_tokens": int(eval_ids.numel()), "eval_tokens_asked": cfg.ppl.max_tokens}
+    if main and (note := short_eval_note(eval_ids, cfg.ppl.max_tokens)):
+        console.print(note)
     short = ([f"calibration uses {len(calib)} of the {calib_blocks} asked (--calib-tokens)"]
              if len(calib) < calib_blocks else [])
     if len(blocks) < train_blocks:

@@ -130,11 +130,22 @@ def resolve_tasks(tasks: Sequence[str]) -> tuple[Any, list[str]]:
     if unknown:
         raise MptoolError(f"lm-eval knows no task {', '.join(map(repr, unknown))}; give a registered task "
                           "name (lm-eval --tasks list) or a task YAML file")
-    for name in (n for n in names if n in local):  # offline and cheap: build it now, not after the perplexity run
+    registered = [n for n in names if n not in local]
+    if registered:  # their data sets come from the hub: say so at once, not after the perplexity run
+        from mptool.models import hub_unreachable
+
+        if (why := hub_unreachable()) and why != "HF_HUB_OFFLINE is set":  # offline mode reads the cache
+            raise MptoolError(f"lm-eval task {', '.join(map(repr, registered))} loads its data set from the hub, "
+                              f"and {why} (HF_HUB_OFFLINE=1 reads a cached copy); offline, give a local task "
+                              "YAML (see tests/data/tasks/austen_mc.yaml)")
+    for name in names:  # build every task now (its data set downloaded or read), not after the perplexity run
         try:
             manager.load(name)
         except Exception as e:  # noqa: BLE001 - lm-eval raises bare TypeErrors for an incomplete file
             why = f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e).strip() else type(e).__name__
+            if name not in local:
+                raise MptoolError(f"lm-eval cannot build task {name!r} ({why}); online, or with its data set "
+                                  "in the cache (HF_HUB_OFFLINE=1), or give a local task YAML") from None
             hint = (f"paths in a task YAML (dataset_kwargs.data_files) are read from the working directory, "
                     f"{Path.cwd()}" if isinstance(e, FileNotFoundError) else
                     "a task YAML needs task, dataset_path, output_type, doc_to_text and doc_to_target "

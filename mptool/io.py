@@ -46,7 +46,21 @@ def output_problems(out: str | os.PathLike, overwrite: bool, sources: tuple = ()
         src = Path(src).expanduser().resolve()
         if resolved == src or resolved in src.parents:
             problems.append(f"{flag} {out} is or holds the input {src}, which writing it would delete; give another folder")
+    for entry in _cache_entries():  # the converted default model and corpus: inputs whenever defaulted
+        if resolved == entry or resolved in entry.parents:
+            problems.append(f"{flag} {out} is or holds mptool's cache {entry} (the embedded model and corpus), "
+                            "which writing it would delete; give another folder")
+            break
     return problems
+
+
+def _cache_entries() -> list[Path]:
+    from mptool.models import CACHE_DIR
+
+    try:
+        return sorted(p.resolve() for p in CACHE_DIR.iterdir())
+    except OSError:
+        return []
 
 
 @contextlib.contextmanager
@@ -210,22 +224,28 @@ def result_file_problems(files: list[Path], is_ours: Callable[[Path], bool], com
 _SIBLING_SECONDS = 120
 
 
-def json_with(path: Path, key: str, value: object = None) -> bool:
-    """Whether ``path`` holds a JSON object with ``key`` (equal to ``value`` when given): how a
-    command knows its own earlier result. Large or non-JSON files are not read through."""
+def json_object(path: Path) -> dict | None:
+    """The JSON object in ``path``, or None (large or non-JSON files are not read through)."""
     import json
 
     try:
         if path.stat().st_size > 64 << 20:
-            return False
+            return None
         with open(path, encoding="utf-8") as handle:
             if handle.read(1) != "{":
-                return False
+                return None
             handle.seek(0)
             doc = json.load(handle)
     except (OSError, ValueError):
-        return False
-    return isinstance(doc, dict) and key in doc and (value is None or doc[key] == value)
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def json_with(path: Path, key: str, value: object = None) -> bool:
+    """Whether ``path`` holds a JSON object with ``key`` (equal to ``value`` when given): how a
+    command knows its own earlier result."""
+    doc = json_object(path)
+    return doc is not None and key in doc and (value is None or doc[key] == value)
 
 
 _HELD = (signal.SIGINT, signal.SIGTERM)

@@ -68,23 +68,35 @@ def shapes_table(cfg: ShapesConfig, as_json: bool = False) -> dict[str, Any]:
     return result
 
 
+def is_eval_result(path: Path) -> bool:
+    """Whether ``path`` is an earlier `mptool eval` result (the only file its --out replaces): marked
+    ``mptool_eval``, or, from before the marker, a perplexity record with its protocol and the config."""
+    from mptool.io import json_object
+
+    doc = json_object(path)
+    if doc is None:
+        return False
+    ppl = doc.get("perplexity")
+    return "mptool_eval" in doc or (isinstance(ppl, dict) and "protocol" in ppl and "config" in doc)
+
+
 def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     import os
 
-    from mptool.compress import eval_text_for, measure_ppl, model_dims
+    from mptool.compress import eval_text_for, measure_ppl, model_dims, short_eval_note
     from mptool.data import eval_token_stream
     from mptool.evaluate import resolve_tasks, run_tasks
-    from mptool.io import atomic_files, json_with, output_problems, result_file_problems
+    from mptool.io import atomic_files, output_problems, result_file_problems
     from mptool.models import check_token_ids, load_model, looks_like_path, resolve_model
 
     problems = cfg.ppl.problems()
     if cfg.limit is not None and cfg.limit < 1:
         problems.append(f"--limit {cfg.limit} must be >= 1 (examples per lm-eval task; leave it out for all)")
-    if cfg.data is not None and looks_like_path(cfg.data) and not Path(cfg.data).exists():
+    if cfg.data is not None and looks_like_path(cfg.data) and not Path(cfg.data).expanduser().exists():
         problems.append(f"data path {cfg.data} does not exist (give a .txt, .jsonl, a folder or a datasets folder)")
     if cfg.out:
         problems += (output_problems(cfg.out, overwrite=True, flag="--out", folder=False)
-                     or result_file_problems([Path(cfg.out).expanduser()], lambda p: json_with(p, "perplexity"), "mptool eval"))
+                     or result_file_problems([Path(cfg.out).expanduser()], is_eval_result, "mptool eval"))
     if problems:
         raise MptoolError("; ".join(problems))
     resolved = resolve_tasks(cfg.tasks) if cfg.tasks else None  # unknown tasks fail before any work
@@ -93,7 +105,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     if not cfg.out and out is not None and not os.access(out.parent, os.W_OK):
         console.print(f"{out.parent} is not writable: the result is printed only (--out FILE to keep it)")
         out = None
-    elif not cfg.out and out is not None and out.exists() and not json_with(out, "perplexity"):
+    elif not cfg.out and out is not None and out.exists() and not is_eval_result(out):
         console.print(f"{out} is not an earlier `mptool eval` result and is kept: the result is printed only "
                       "(--out FILE to keep it)")
         out = None
@@ -105,7 +117,9 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         model, tokenizer = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
     ids = eval_token_stream(tokenizer, text, cfg.ppl.max_tokens)
     check_token_ids(ids, model, tokenizer, "evaluation text")
-    result: dict[str, Any] = {"model": str(path),
+    if note := short_eval_note(ids, cfg.ppl.max_tokens):
+        console.print(note)
+    result: dict[str, Any] = {"mptool_eval": 1, "model": str(path),
                               "perplexity": measure_ppl(model, ids, cfg.ppl.protocol(name, context), "eval")}
     if cfg.tasks:
         with console.status(f"lm-eval: {', '.join(cfg.tasks)}"):

@@ -253,6 +253,11 @@ def test_out_never_overwrites_a_model_file_or_a_foreign_file(pair, tmp_path):
     res = run(dense, pruned, "--out", tmp_path / "notes")
     assert res.exit_code == 2 and "which is not an earlier `mptool bench` result" in " ".join(res.output.split())
     assert config.read_bytes() == before and notes.read_text() == "mine"
+    other = tmp_path / "other.json"  # a JSON with a "schema" key that is not mptool bench's
+    other.write_text('{"schema": "https://example.org/s.json"}')
+    res = run(dense, pruned, "--out", tmp_path / "other")
+    assert res.exit_code == 2 and "which is not an earlier `mptool bench` result" in " ".join(res.output.split())
+    assert other.read_text() == '{"schema": "https://example.org/s.json"}'
 
 
 def test_an_unusable_cache_dir_is_refused_before_any_measurement(pair, tmp_path):

@@ -425,7 +425,9 @@ def test_eval_out_never_overwrites_an_input_or_a_foreign_file(tiny_dir, text_fil
     """--out replaces only an earlier eval result: never the corpus it reads, a model's
     config.json, or any other file."""
     config = Path(tiny_dir) / "config.json"
-    before = {p: p.read_bytes() for p in (Path(text_file), config)}
+    notes = tmp_path / "notes.json"  # another tool's JSON with a perplexity key is not ours either
+    notes.write_text('{"perplexity": 12.3, "model": "my notes"}')
+    before = {p: p.read_bytes() for p in (Path(text_file), config, notes)}
     for out in before:
         res = run("eval", tiny_dir, "--data", text_file, "--eval-tokens", "300", "--window", "128", "--out", out)
         assert res.exit_code == 2 and "is not an earlier `mptool eval` result" in " ".join(res.output.split())
@@ -436,6 +438,7 @@ def test_eval_out_never_overwrites_an_input_or_a_foreign_file(tiny_dir, text_fil
         res = run("eval", tiny_dir, "--data", text_file, "--eval-tokens", "300", "--window", "128", "--out", out)
         assert res.exit_code == 0, res.output
     assert json.loads(out.read_text())["perplexity"]["tokens"] == 300 - 3  # 3 windows of 128
+    assert json.loads(out.read_text())["mptool_eval"] == 1
 
 
 def test_tilde_in_out_is_the_home_folder_everywhere(tiny_dir, text_file, tmp_path, monkeypatch):
@@ -1206,3 +1209,57 @@ def test_shapes_with_no_legal_target_exits_2_after_the_listing(tiny_dir):
                 "the smallest legal one keeps") in " ".join(res.output.split()), res.output
     res = run("shapes", tiny_dir, "--ratio", "0.5")
     assert res.exit_code == 0 and "error" not in res.output
+
+
+def test_overwrite_never_deletes_mptools_cache(tiny_dir, text_file, tmp_path, monkeypatch):
+    """The converted default model and the corpus are inputs whenever they are defaulted:
+    `--out ~/.cache/mptool --overwrite` deleted both (and exited 0)."""
+    import mptool.models as models
+
+    cache = tmp_path / "cache"
+    for name in ("smollm2-135m-instruct", "austen"):
+        (cache / name).mkdir(parents=True)
+        (cache / name / "keep.txt").write_text(name)
+    monkeypatch.setattr(models, "CACHE_DIR", cache)
+    for out in (cache, cache / "austen", tmp_path):
+        res = run("compress", tiny_dir, "--method", "flap", "--ratio", "0.5", *small(text_file), "--out", out,
+                  "--overwrite")
+        assert res.exit_code == 2 and "mptool's cache" in res.output, res.output
+    res = run("export", tiny_dir, "--target", "hf", "--out", cache, "--overwrite")
+    assert res.exit_code == 2 and "mptool's cache" in res.output, res.output
+    assert sorted(p.read_text() for p in cache.glob("*/keep.txt")) == ["austen", "smollm2-135m-instruct"]
+    res = run("compress", tiny_dir, "--method", "flap", "--ratio", "0.5", *small(text_file), "--out",
+              cache / "new")  # a new folder inside the cache deletes nothing
+    assert res.exit_code == 0, res.output
+
+
+def test_tilde_in_data_paths_is_the_home_folder(tiny_dir, text_file, tmp_path, monkeypatch):
+    """A recipe's `data: {train: ~/c.txt}` gets no shell expansion; it was refused as missing."""
+    import shutil
+
+    home = tmp_path / "home"
+    home.mkdir()
+    shutil.copy(text_file, home / "c.txt")
+    monkeypatch.setenv("HOME", str(home))
+    (tmp_path / "r.yaml").write_text("data:\n  train: ~/c.txt\n  eval: ~/c.txt\n")
+    res = run("compress", tiny_dir, "--method", "flap", "--ratio", "0.5", "--calib-tokens", "512", "--seq-len",
+              "128", "--eval-tokens", "512", "--recovery-steps", "0", "--out", tmp_path / "o", "-c", tmp_path / "r.yaml")
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "o" / "report.json").read_text())["pruned"]["perplexity"]["tokens"] > 0
+    res = run("eval", tiny_dir, "--data", "~/c.txt", "--eval-tokens", "300", "--out", tmp_path / "e.json")
+    assert res.exit_code == 0 and json.loads((tmp_path / "e.json").read_text())["perplexity"]["tokens"] > 0, res.output
+
+
+def test_a_short_evaluation_text_is_said_and_recorded(tiny_dir, text_file, tmp_path):
+    """An evaluation text shorter than --eval-tokens was measured silently (2 tokens scored)."""
+    short = tmp_path / "short.txt"
+    short.write_text("Anne Elliot walked.")
+    args = ["--data", text_file, "--eval-data", short, "--calib-tokens", "512", "--seq-len", "128",
+            "--eval-tokens", "512", "--recovery-steps", "0"]
+    res = run("compress", tiny_dir, "--method", "flap", "--ratio", "0.5", *args, "--out", tmp_path / "o")
+    assert res.exit_code == 0, res.output
+    used = json.loads((tmp_path / "o" / "report.json").read_text())["data_used"]
+    assert used["eval_tokens_asked"] == 512 and 1 < used["eval_tokens"] < 20
+    assert f"the evaluation text holds {used['eval_tokens']} tokens of the 512 asked" in " ".join(res.output.split())
+    res = run("eval", tiny_dir, "--data", short, "--eval-tokens", "300", "--out", tmp_path / "e.json")
+    assert res.exit_code == 0 and "too few to compare models by" in " ".join(res.output.split()), res.output

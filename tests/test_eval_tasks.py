@@ -80,3 +80,24 @@ def test_a_task_whose_data_file_is_not_found_says_where_paths_are_read_from(tmp_
     with pytest.raises(MptoolError, match="paths in a task YAML .* are read from the working directory") as err:
         resolve_tasks([str(TASKS / "austen_mc.yaml")])
     assert "needs task, dataset_path" not in str(err.value)
+
+
+def test_registered_task_without_the_hub_fails_before_the_model_loads(tmp_path, tokenizer_dir, monkeypatch):
+    """A registered task (its data set on the hub) with the hub unreachable is one line at once,
+    not half a minute of download retries after the perplexity run; offline mode (the tests'
+    HF_HUB_OFFLINE=1) tries the cache, also before the model loads."""
+    import mptool.models as models
+
+    model = save_tiny("llama", tokenizer_dir, tmp_path / "m")
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the task was found unusable")
+
+    monkeypatch.setattr(models, "load_model", no_load)
+    res = CliRunner().invoke(app, ["eval", str(model), "--tasks", "hellaswag", "--out", str(tmp_path / "e.json")])
+    assert res.exit_code == 2 and "lm-eval cannot build task 'hellaswag'" in res.output, res.output
+    assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "e.json").exists()
+    monkeypatch.setattr(models, "hub_unreachable", lambda: "the hub (huggingface.co) cannot be reached from here")
+    res = CliRunner().invoke(app, ["eval", str(model), "--tasks", "hellaswag"])
+    assert res.exit_code == 2, res.output
+    assert "loads its data set from the hub, and the hub (huggingface.co) cannot be reached" in res.output

@@ -124,6 +124,21 @@ def test_hf_export_keeps_the_source_dtype_by_default(tokenizer_dir, tmp_path):
     assert_checks_passed(rec)
 
 
+@pytest.mark.parametrize("foreign", ['[1, 2]', '{"accuracy": 0.5, "pruned": 3}', '{"dense": "x"}'])
+def test_a_report_json_another_tool_wrote_is_ignored(foreign, tokenizer_dir, tmp_path, monkeypatch):
+    """A ``report.json`` without mptool's marker is not a pruning report: the export's card has
+    none (it crashed on it); `export .` names its output after the folder, not runs/-hf."""
+    src = save_tiny("llama", tokenizer_dir, tmp_path / "mine")
+    (src / "report.json").write_text(foreign)
+    monkeypatch.chdir(src)
+    cfg = ExportConfig(model=".", target="hf")
+    assert cfg.resolved_out() == Path("runs") / "mine-hf"
+    rec = export(ExportConfig(model=".", target="hf", out=str(tmp_path / "hf")))
+    assert_checks_passed(rec)
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert "## Pruning report" not in card and "structured-pruning" not in card
+
+
 @pytest.fixture
 def pruned_tiny(tokenizer_dir, text_file, tmp_path) -> Path:
     """A tiny Llama (8 heads on hidden 128) pruned to 3 KV groups x 2 heads: written as Mistral."""
