@@ -143,6 +143,7 @@ def settings_problems(cfg: CompressConfig) -> list[str]:
 _RANGES = (
     ("maskprune", "lr_mask", "[0, inf)"), ("maskprune", "mask_beta", "[0, 1)"),
     ("maskprune", "lr_lora", "(0, inf)"), ("maskprune", "lora_r", "[1, inf)"),
+    ("maskprune", "max_grad_norm", "(0, inf)"), ("recovery", "max_grad_norm", "(0, inf)"),
     ("maskprune", "lora_alpha", "(0, inf)"), ("maskprune", "temperature", "(0, inf)"),
     ("maskprune", "lm_weight", "[0, inf)"), ("maskprune", "rho", "[0, inf)"),
     ("maskprune", "fixed_multiplier", "[0, inf)"), ("maskprune", "lr_target", "[0, inf)"),

@@ -95,6 +95,19 @@ def average_grads(tensors: Iterable[torch.Tensor]) -> None:
         offset += g.numel()
 
 
+def clip_grads(params: Iterable[torch.Tensor], max_norm: float | None) -> float:
+    """The global L2 norm of ``params``' gradients, which are scaled down to ``max_norm`` when it
+    is exceeded (None: measured only). Called after the gradients are averaged over ranks, so every
+    rank clips alike; under FSDP the sharded gradients' norm is the whole gradient's."""
+    grads = [p for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    norm = torch.nn.utils.clip_grad_norm_(grads, max_norm if max_norm is not None else float("inf"))
+    if hasattr(norm, "full_tensor"):  # a DTensor under FSDP
+        norm = norm.full_tensor()
+    return float(norm)
+
+
 def mean(value: float) -> float:
     """Mean of a scalar over ranks (for logging)."""
     if world_size() == 1:

@@ -77,6 +77,10 @@ class MaskPruneConfig:
     """Momentum of the mask gradient (EMA, bias-corrected) before the step: averages the noise of
     small batches so that masks move on consistent evidence only. 0: the raw gradient."""
     lr_lora: float = 2e-3
+    max_grad_norm: float | None = 1.0
+    """LoRA gradients are scaled down to this global L2 norm before each AdamW step (None: never).
+    A guard, as fine-tuning recipes have: without it, 128 steps of recovery at the constant rate
+    diverged (docs/maskprune.md, "Gradient clipping")."""
     lora_r: int = 16
     lora_alpha: int = 32
     """LoRA of mask learning, the same rank as recovery's. Rank 8 (α 16, the default before) measured
@@ -516,6 +520,7 @@ class MaskPrune:
                       st.zf.clone().requires_grad_(True))
         self._effective(zg, zh, zf)
         loss, kd, lm = self._lora_step(ids, cfg.kd_distill, cfg.bf16, cfg.temperature, cfg.lm_weight, cfg.kd_chunk,
+                                       cfg.max_grad_norm,
                                        masks=(zg, zh, zf))
 
         with torch.no_grad():
@@ -556,6 +561,7 @@ class MaskPrune:
         hard_v = self._hard_violation()
         return {
             "step": st.step, "tokens": st.tokens, "loss": loss, "kd": D.mean(kd.item()), "lm": D.mean(lm.item()),
+            "grad_norm": self.grad_norm,
             "viol_kv": float(vg.clamp_min(0).max()), "viol_heads": float(vh.clamp_min(0).max()),
             "viol_ffn": float(vf.clamp_min(0).max()), "hard_violation": hard_v,
             "y_kv": float(st.yg.mean()), "y_heads": float(st.yh.mean()), "y_ffn": float(st.yf.mean()),
@@ -567,10 +573,12 @@ class MaskPrune:
         }
 
     def _lora_step(self, ids: torch.Tensor, distil: bool, bf16: bool, temperature: float, lm_weight: float,
-                   chunk: int | None, masks: tuple[torch.Tensor, ...] = ()) -> tuple[torch.Tensor, ...]:
+                   chunk: int | None, max_norm: float | None,
+                   masks: tuple[torch.Tensor, ...] = ()) -> tuple[torch.Tensor, ...]:
         """Teacher logits (adapters off, masks at 1) when ``distil``, the student with the masks set
         for this step, KD (+ LM) loss, backward, gradients averaged over ranks (LoRA's unless FSDP
-        did it, and ``masks``), one AdamW step. Returns (loss averaged over ranks, kd, lm)."""
+        did it, and ``masks``), LoRA's clipped to ``max_norm``, one AdamW step. Returns (loss
+        averaged over ranks, kd, lm); the LoRA gradient norm before clipping is ``self.grad_norm``."""
         teacher = None
         if distil:
             self._masks_on = False
@@ -590,6 +598,7 @@ class MaskPrune:
             D.average_grads(grads)
         mean_loss = D.mean(loss.item())
         check_finite(mean_loss, [*masks], f"step {self.state.step + 1}")
+        self.grad_norm = D.clip_grads(self.lora_params, max_norm)
         self.opt.step()
         return mean_loss, kd, lm
 
@@ -913,11 +922,12 @@ class MaskPrune:
 
         for group in self.opt.param_groups:
             group["lr"] = scheduled_lr(rec, st.step - st.frozen_at, global_ids.shape[1])
-        loss, kd, lm = self._lora_step(ids, rec.kd, rec.bf16, rec.temperature, rec.lm_weight, rec.kd_chunk)
+        loss, kd, lm = self._lora_step(ids, rec.kd, rec.bf16, rec.temperature, rec.lm_weight, rec.kd_chunk,
+                                       rec.max_grad_norm)
         st.step += 1
         st.tokens += global_ids.numel()
         return {"phase": "recovery", "step": st.step - st.frozen_at, "tokens": st.tokens - st.frozen_tokens,
-                "loss": loss, "kd": D.mean(kd.item()), "lm": D.mean(lm.item())}
+                "loss": loss, "kd": D.mean(kd.item()), "lm": D.mean(lm.item()), "grad_norm": self.grad_norm}
 
 
 def _marginal(importance: torch.Tensor, s: float) -> float:

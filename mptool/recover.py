@@ -37,6 +37,9 @@ class RecoveryConfig:
     """Token budget: stop once this many training tokens were seen."""
     batch_size: int = 4
     lr: float = 2e-3
+    max_grad_norm: float | None = 1.0
+    """LoRA gradients are scaled down to this global L2 norm before each step (None: never); see
+    MaskPruneConfig.max_grad_norm."""
     lr_schedule: str = "constant"
     """LoRA learning rate over recovery's steps: "constant", or decayed from ``lr`` towards 0 by
     "linear" or "cosine" (the step's rate is a function of the step alone, so resume is exact)."""
@@ -186,12 +189,13 @@ def recover(student: Any, blocks: torch.Tensor, cfg: RecoveryConfig, teacher: An
             D.average_grads(params)
         mean_loss = D.mean(loss.item())  # one all-reduce: the check and the row
         check_finite(mean_loss, [], f"recovery step {step + 1}")
+        grad_norm = D.clip_grads(params, cfg.max_grad_norm)
         for group in opt.param_groups:
             group["lr"] = scheduled_lr(cfg, step, blocks.shape[1])
         opt.step()
         tokens += ids.numel() * D.world_size()
         row = {"phase": "recovery", "step": step + 1, "tokens": tokens, "loss": mean_loss,
-               "kd": D.mean(loss_kd.item()), "lm": D.mean(loss_lm.item()), "step_s": round(time.perf_counter() - t0, 3)}
+               "kd": D.mean(loss_kd.item()), "lm": D.mean(loss_lm.item()), "grad_norm": grad_norm, "step_s": round(time.perf_counter() - t0, 3)}
         history.append(row)
         if metrics_path is not None and D.is_main():
             with metrics_path.open("a") as f:

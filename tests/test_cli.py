@@ -884,6 +884,7 @@ def test_unknown_recipe_key(tiny_dir, tmp_path):
     (["--eval-tokens", "-5"], "", "ppl.max_tokens (--eval-tokens) -5 must be >= 2"),
     (["--data-order", "random"], "", "data.order (--data-order) 'random' is not one of sequential, shuffled"),
     ([], "recovery:\n  lr: -1\n", "recovery.lr -1.0 must be a finite number in (0, inf)"),
+    ([], "maskprune:\n  max_grad_norm: 0\n", "maskprune.max_grad_norm 0.0 must be a finite number in (0, inf)"),
     ([], "maskprune:\n  lr_mask: .nan\n", "maskprune.lr_mask nan must be a finite number in [0, inf)"),
     ([], "maskprune:\n  temperature: 0\n", "maskprune.temperature 0.0 must be a finite number in (0, inf)"),
     ([], "maskprune:\n  mask_beta: 1\n", "maskprune.mask_beta 1.0 must be a finite number in [0, 1)"),

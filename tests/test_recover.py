@@ -55,3 +55,40 @@ def test_fresh_recovery_follows_the_lr_schedule(monkeypatch):
     cfg = RecoveryConfig(steps=3, batch_size=2, lr=3e-3, lr_schedule="linear", bf16=False, kd_chunk=None)
     recover(tiny_model("llama", seed=1), blocks, cfg, teacher=tiny_model("llama", seed=0))
     assert seen == pytest.approx([3e-3, 2e-3, 1e-3])
+
+
+def test_clip_grads_scales_to_the_norm_and_returns_the_norm_before():
+    from mptool.distributed import clip_grads
+
+    a, b, c = torch.zeros(2, requires_grad=True), torch.zeros(1, requires_grad=True), torch.zeros(3, requires_grad=True)
+    a.grad, b.grad = torch.tensor([3.0, 0.0]), torch.tensor([4.0])  # global norm 5; c has no gradient
+    assert clip_grads([a, b, c], 1.0) == pytest.approx(5.0)
+    assert torch.allclose(a.grad, torch.tensor([0.6, 0.0]), atol=1e-6) and torch.allclose(b.grad, torch.tensor([0.8]))
+    assert clip_grads([a, b], None) == pytest.approx(1.0, rel=1e-5)  # measured only, nothing changes
+    assert torch.allclose(b.grad, torch.tensor([0.8]))
+    assert clip_grads([a, b], 10.0) == pytest.approx(1.0, rel=1e-5) and torch.allclose(a.grad, torch.tensor([0.6, 0.0]))
+    assert clip_grads([c], 1.0) == 0.0
+
+
+def test_recovery_clips_each_step_to_max_grad_norm_and_records_the_norm(monkeypatch):
+    """Every AdamW step sees gradients of global norm <= max_grad_norm; the history holds the
+    norm before clipping (a guard: 128 constant-rate steps diverged without it)."""
+    seen = []
+    original = torch.optim.AdamW.step
+
+    def recording_step(self, *a, **kw):
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        seen.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+        return original(self, *a, **kw)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    blocks = torch.randint(3, 320, (6, 16), generator=torch.Generator().manual_seed(0))
+    cfg = RecoveryConfig(steps=3, batch_size=2, lr=3e-3, bf16=False, kd_chunk=None, max_grad_norm=1e-3)
+    _, history = recover(tiny_model("llama", seed=1), blocks, cfg, teacher=tiny_model("llama", seed=0))
+    norms = [row["grad_norm"] for row in history]
+    assert len(norms) == 3 and all(n > 1e-3 for n in norms)  # a random student is far from its teacher
+    assert seen == pytest.approx([1e-3] * 3, rel=1e-3)
+    seen.clear()
+    _, history = recover(tiny_model("llama", seed=1), blocks, RecoveryConfig(
+        steps=1, batch_size=2, bf16=False, kd_chunk=None, max_grad_norm=None), teacher=tiny_model("llama", seed=0))
+    assert seen == pytest.approx([history[0]["grad_norm"]], rel=1e-4)  # None: unclipped
