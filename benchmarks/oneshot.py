@@ -76,8 +76,9 @@ def main(argv: list[str] | None = None) -> dict:
         "wall_s": round(time.perf_counter() - started, 1),
         "torch_threads": torch.get_num_threads(),
     }
-    write_results(Path(args.out), result, markdown(result))
-    console.print(markdown(result))
+    table = markdown(result)
+    write_results(Path(args.out), result, table)
+    console.print(table)
     return result
 
 

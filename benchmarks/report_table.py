@@ -78,8 +78,9 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(row(json.loads(path.read_text()), name))
         except (json.JSONDecodeError, MptoolError) as e:
             raise SystemExit(f"error: {e}") from None
-    write_results(Path(args.out), {"rows": rows}, markdown(rows))
-    print(markdown(rows))
+    table = markdown(rows)
+    write_results(Path(args.out), {"rows": rows}, table)
+    print(table)
 
 
 if __name__ == "__main__":

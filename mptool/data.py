@@ -300,7 +300,7 @@ def _read_hub_dataset(name: str, role: str) -> list[str]:
 
     from mptool.models import hub_unreachable
 
-    if (why := hub_unreachable()) and why != "HF_HUB_OFFLINE is set":  # offline mode reads datasets' cache
+    if why := hub_unreachable(reads_cache=True):
         raise MptoolError(f"data {name} is no local path, and {why} to load it as a hub dataset "
                           f"(HF_HUB_OFFLINE=1 reads a cached copy); give {ACCEPTED_DATA}")
     try:

@@ -134,7 +134,7 @@ def resolve_tasks(tasks: Sequence[str]) -> tuple[Any, list[str]]:
     if registered:  # their data sets come from the hub: say so at once, not after the perplexity run
         from mptool.models import hub_unreachable
 
-        if (why := hub_unreachable()) and why != "HF_HUB_OFFLINE is set":  # offline mode reads the cache
+        if why := hub_unreachable(reads_cache=True):
             raise MptoolError(f"lm-eval task {', '.join(map(repr, registered))} loads its data set from the hub, "
                               f"and {why} (HF_HUB_OFFLINE=1 reads a cached copy); offline, give a local task "
                               "YAML (see tests/data/tasks/austen_mc.yaml)")

@@ -519,9 +519,8 @@ class MaskPrune:
         zg, zh, zf = (st.zg.clone().requires_grad_(True), st.zh.clone().requires_grad_(True),
                       st.zf.clone().requires_grad_(True))
         self._effective(zg, zh, zf)
-        loss, kd, lm = self._lora_step(ids, cfg.kd_distill, cfg.bf16, cfg.temperature, cfg.lm_weight, cfg.kd_chunk,
-                                       cfg.max_grad_norm,
-                                       masks=(zg, zh, zf))
+        loss, kd, lm, grad_norm = self._lora_step(ids, cfg.kd_distill, cfg.bf16, cfg.temperature, cfg.lm_weight,
+                                                  cfg.kd_chunk, cfg.max_grad_norm, masks=(zg, zh, zf))
 
         with torch.no_grad():
             grads = [zg.grad, zh.grad, zf.grad]
@@ -561,7 +560,7 @@ class MaskPrune:
         hard_v = self._hard_violation()
         return {
             "step": st.step, "tokens": st.tokens, "loss": loss, "kd": D.mean(kd.item()), "lm": D.mean(lm.item()),
-            "grad_norm": self.grad_norm,
+            "grad_norm": grad_norm,
             "viol_kv": float(vg.clamp_min(0).max()), "viol_heads": float(vh.clamp_min(0).max()),
             "viol_ffn": float(vf.clamp_min(0).max()), "hard_violation": hard_v,
             "y_kv": float(st.yg.mean()), "y_heads": float(st.yh.mean()), "y_ffn": float(st.yf.mean()),
@@ -578,7 +577,7 @@ class MaskPrune:
         """Teacher logits (adapters off, masks at 1) when ``distil``, the student with the masks set
         for this step, KD (+ LM) loss, backward, gradients averaged over ranks (LoRA's unless FSDP
         did it, and ``masks``), LoRA's clipped to ``max_norm``, one AdamW step. Returns (loss
-        averaged over ranks, kd, lm); the LoRA gradient norm before clipping is ``self.grad_norm``."""
+        averaged over ranks, kd, lm, the LoRA gradient norm before clipping)."""
         teacher = None
         if distil:
             self._masks_on = False
@@ -598,9 +597,9 @@ class MaskPrune:
             D.average_grads(grads)
         mean_loss = D.mean(loss.item())
         check_finite(mean_loss, [*masks], f"step {self.state.step + 1}")
-        self.grad_norm = D.clip_grads(self.lora_params, max_norm)
+        grad_norm = D.clip_grads(self.lora_params, max_norm)
         self.opt.step()
-        return mean_loss, kd, lm
+        return mean_loss, kd, lm, grad_norm
 
     def _multipliers(self) -> dict[str, torch.Tensor]:
         st, fixed = self.state, self.cfg.fixed_multiplier
@@ -922,12 +921,12 @@ class MaskPrune:
 
         for group in self.opt.param_groups:
             group["lr"] = scheduled_lr(rec, st.step - st.frozen_at, global_ids.shape[1])
-        loss, kd, lm = self._lora_step(ids, rec.kd, rec.bf16, rec.temperature, rec.lm_weight, rec.kd_chunk,
-                                       rec.max_grad_norm)
+        loss, kd, lm, grad_norm = self._lora_step(ids, rec.kd, rec.bf16, rec.temperature, rec.lm_weight,
+                                                  rec.kd_chunk, rec.max_grad_norm)
         st.step += 1
         st.tokens += global_ids.numel()
         return {"phase": "recovery", "step": st.step - st.frozen_at, "tokens": st.tokens - st.frozen_tokens,
-                "loss": loss, "kd": D.mean(kd.item()), "lm": D.mean(lm.item()), "grad_norm": self.grad_norm}
+                "loss": loss, "kd": D.mean(kd.item()), "lm": D.mean(lm.item()), "grad_norm": grad_norm}
 
 
 def _marginal(importance: torch.Tensor, s: float) -> float:

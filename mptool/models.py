@@ -396,18 +396,19 @@ def resolve_model(spec: str | os.PathLike | None, config_only: bool = False) -> 
     return text
 
 
-def hub_unreachable() -> str | None:
+def hub_unreachable(reads_cache: bool = False) -> str | None:
     """Why the Hugging Face hub cannot be asked for anything from here, or None when it may be.
 
     Offline mode, or a hub host whose name does not resolve: said at once, instead of after
-    the half minute of retries a download makes before giving up."""
+    the half minute of retries a download makes before giving up. ``reads_cache``: the caller
+    reads a cached copy in offline mode (datasets, lm-eval tasks), so offline mode is no reason."""
     import socket
     from urllib.parse import urlparse
 
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:
-        return "HF_HUB_OFFLINE is set"
+        return None if reads_cache else "HF_HUB_OFFLINE is set"
     if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
         return None  # the proxy resolves the host; a local lookup may fail where a download works
     host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"

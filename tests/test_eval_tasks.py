@@ -97,7 +97,7 @@ def test_registered_task_without_the_hub_fails_before_the_model_loads(tmp_path, 
     res = CliRunner().invoke(app, ["eval", str(model), "--tasks", "hellaswag", "--out", str(tmp_path / "e.json")])
     assert res.exit_code == 2 and "lm-eval cannot build task 'hellaswag'" in res.output, res.output
     assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "e.json").exists()
-    monkeypatch.setattr(models, "hub_unreachable", lambda: "the hub (huggingface.co) cannot be reached from here")
+    monkeypatch.setattr(models, "hub_unreachable", lambda reads_cache=False: "the hub (huggingface.co) cannot be reached from here")
     res = CliRunner().invoke(app, ["eval", str(model), "--tasks", "hellaswag"])
     assert res.exit_code == 2, res.output
     assert "loads its data set from the hub, and the hub (huggingface.co) cannot be reached" in res.output
