@@ -343,9 +343,13 @@ def _register_bench() -> None:
 _register_bench()
 
 
+_SIGNALLED: list[int] = []
+
+
 def _terminated(signum: int, frame: object) -> None:
     # SIGTERM (timeout, a job scheduler, torchrun stopping its workers) unwinds like Ctrl-C, so
     # every temporary output folder is removed on the way out
+    _SIGNALLED.append(signum)
     raise SystemExit(128 + signum)
 
 
@@ -354,7 +358,16 @@ def main() -> None:
     import signal
 
     signal.signal(signal.SIGTERM, _terminated)
-    app()
+    try:
+        app()
+    except BaseException:
+        # The handler's SystemExit can surface as another exception: raised while an extension
+        # module initialises, pybind11 turns it into "ImportError: initialization failed" (seen in
+        # CI, SIGTERM during the onnxruntime_genai import). The run was still stopped by the signal,
+        # and its exit status says so.
+        if _SIGNALLED:
+            raise SystemExit(128 + _SIGNALLED[0]) from None
+        raise
 
 
 if __name__ == "__main__":
