@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from mptool.io import write_json
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -117,8 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
         "peak_memory_ratio_without_compensation": runs["mask-plain"]["peak_rss_mb"] / runs["lora"]["peak_rss_mb"],
         "environment": {"python": platform.python_version(), "machine": platform.machine()},
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"cost_{args.tag}.json").write_text(json.dumps(result, indent=2))
+    write_json(RESULTS / f"cost_{args.tag}.json", result)
     print(json.dumps(result, indent=2))
     return result
 

@@ -29,7 +29,6 @@ error over the calibration sequences. Writes ``benchmarks/results/saliency_<tag>
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -41,6 +40,7 @@ from mptool import masks as M
 from mptool.baselines import Scores, select
 from mptool.benchmarks.quality import RESULTS, Bench, add_data_order, recorded_command
 from mptool.hooks import apply_masks
+from mptool.io import write_json
 from mptool.maskprune import autocast, kd_loss, lm_loss
 from mptool.progress import console, step
 from mptool.shapes import Target, describe
@@ -179,8 +179,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                            "data_order": args.data_order},
               "seconds": round(time.perf_counter() - started, 1),
               "command": recorded_command("mptool.benchmarks.saliency", argv, args)}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    write_json(out, result, indent=1)
     return result
 
 

@@ -156,6 +156,14 @@ def atomic_files(paths: list[Path]) -> Iterator[list[Path]]:
         raise
 
 
+def write_json(path: Path, doc: dict, indent: int = 2) -> None:
+    """``doc`` as ``path``, whole or not at all (a result a benchmark writes alone)."""
+    import json
+
+    with atomic_files([path]) as (tmp,):
+        tmp.write_text(json.dumps(doc, indent=indent) + "\n")
+
+
 def write_results(stem: Path, doc: dict, markdown: str) -> None:
     """A benchmark's ``<stem>.json`` and ``<stem>.md``, both or neither (a ``stem`` given as
     ``x.json`` or ``x.md`` means ``x``)."""

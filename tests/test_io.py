@@ -173,3 +173,16 @@ def test_write_results_writes_both_or_neither(tmp_path):
     with pytest.raises(TypeError):
         write_results(tmp_path / "bad", {"x": object()}, "never")
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["t.json", "t.md"]
+
+
+def test_write_json_is_whole_or_absent(tmp_path):
+    import json
+
+    from mptool.io import write_json
+
+    write_json(tmp_path / "new" / "cost.json", {"a": [1, 2]})
+    assert json.loads((tmp_path / "new" / "cost.json").read_text()) == {"a": [1, 2]}
+    with pytest.raises(TypeError):  # the earlier result stays as it was, and no temporary is left
+        write_json(tmp_path / "new" / "cost.json", {"x": object()})
+    assert [p.name for p in (tmp_path / "new").iterdir()] == ["cost.json"]
+    assert json.loads((tmp_path / "new" / "cost.json").read_text()) == {"a": [1, 2]}
