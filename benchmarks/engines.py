@@ -40,7 +40,7 @@ import numpy as np
 
 from mptool import package_version
 from mptool.errors import MptoolError
-from mptool.io import cache_lock, kill_session
+from mptool.io import cache_lock, kill_session, remove_vllm_shared_memory
 
 
 DEFAULT_DTYPE = {"torch": "float32", "onnxruntime": "float32", "vllm": "bfloat16"}
@@ -388,10 +388,13 @@ class ChildRunner(Runner):
         self.log_path = Path(tempfile.mkstemp(prefix=f"mptool-bench-{engine}-", suffix=".log")[1])
         self._log = open(self.log_path, "w")
         self.timeout_s = spec.timeout_s
+        # the child's TMPDIR: what the engine leaves there (vLLM's vllm_dist_* rendezvous files)
+        # goes with this folder when the runner closes
+        self._tmp = tempfile.TemporaryDirectory(prefix=f"mptool-bench-{engine}-")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mptool.benchmarks.engines", engine],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True,
-            env={**os.environ, **env}, start_new_session=True,
+            env={**os.environ, **env, "TMPDIR": self._tmp.name}, start_new_session=True,
         )
         self._start_reader()
         self._info = self._call({"model_dir": model_dir, "spec": asdict(spec)})["info"]
@@ -466,6 +469,10 @@ class ChildRunner(Runner):
             except subprocess.TimeoutExpired:
                 self._kill()
         self._log.close()
+        tmp = getattr(self, "_tmp", None)
+        if tmp is not None:
+            remove_vllm_shared_memory(Path(tmp.name))
+            tmp.cleanup()
         if not self.failed:  # the log is kept only to explain a failure
             self.log_path.unlink(missing_ok=True)
 

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mptool.errors import MptoolError
-from mptool.io import kill_session
+from mptool.io import kill_session, remove_vllm_shared_memory
 from mptool.exporters.common import (Tolerance, compare_tokens, greedy_agreement, logprob_diff,
                                      reference_greedy, special_ids)
 from mptool.exporters.hf import TOLERANCE, read_report, reload_and_compare, rounded_reference, save_checkpoint
@@ -150,19 +150,6 @@ def engine_env(tp: int, kv_cache_gib: int = 1) -> dict[str, str]:
     return env
 
 
-def _remove_shared_memory(work: Path) -> None:
-    """Remove the /dev/shm segments of this run's vLLM, should its exit have left them.
-
-    vLLM's CPU tensor parallelism shares tensors through ``/dev/shm/vllm_dist_<id>-...`` and
-    names its rendezvous file ``$TMPDIR/vllm_dist_<id>``; with TMPDIR pointing here, the ids
-    found here are exactly this run's (seen: two 4 MiB segments left after some TP 2 exits).
-    """
-    shm = Path("/dev/shm")
-    for store in work.glob("vllm_dist_*"):
-        for segment in shm.glob(f"{store.name}-*") if shm.is_dir() else []:
-            segment.unlink(missing_ok=True)
-
-
 def engine_generate(model_dir: Path, prompts: list[list[int]], new_tokens: int, tp: int = 1,
                     dtype: str = ENGINE_DTYPE, max_model_len: int = 256, kv_cache_gib: int = 1,
                     timeout_s: int = 900, seed: int = 0) -> dict[str, Any]:
@@ -191,7 +178,7 @@ def engine_generate(model_dir: Path, prompts: list[list[int]], new_tokens: int, 
                                   f"within {timeout_s} s (vllm.timeout_s)") from None
             raise
         finally:
-            _remove_shared_memory(Path(work))
+            remove_vllm_shared_memory(Path(work))
         out = json.loads(result.read_text()) if result.exists() else {}
         out["process_s"] = round(time.perf_counter() - started, 2)
     if proc.returncode != 0 or "tokens" not in out:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -309,9 +310,14 @@ def test_onnxruntime_needs_a_tokenizer(tmp_path):
 
 
 @pytest.mark.slow
-def test_vllm_engine_end_to_end(tmp_path, tokenizer_dir):
-    """vLLM's CPU backend needs head_dim 64; eager mode keeps the two start-ups short."""
+def test_vllm_engine_end_to_end(tmp_path, tokenizer_dir, monkeypatch):
+    """vLLM's CPU backend needs head_dim 64; eager mode keeps the two start-ups short. What the
+    engine leaves in its temporary folder (vllm_dist_* rendezvous files) goes with the run."""
     pytest.importorskip("vllm")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     dense = save(tokenizer_dir, tmp_path / "d64", num_attention_heads=4, num_key_value_heads=2, head_dim=64)
     pruned = save(tokenizer_dir, tmp_path / "p64", num_attention_heads=2, num_key_value_heads=1,
                   head_dim=64, intermediate_size=128)
@@ -325,6 +331,7 @@ def test_vllm_engine_end_to_end(tmp_path, tokenizer_dir):
     assert [r["batch_size"] for r in doc["results"]] == [1, 2]
     for r in doc["results"]:
         _check_stats(r["pruned"]["tpot_s"], 1)
+    assert sorted(p.name for p in scratch.iterdir()) == []
 
 
 def test_a_silent_child_engine_is_stopped_at_its_deadline(tmp_path):

@@ -34,7 +34,7 @@ def test_two_gloo_processes_match_one(tmp_path, tokenizer_dir, text_file, shardi
     args = ["compress", str(model), "--data", str(text_file), "--eval-data", str(text_file),
             "--calib-tokens", "512", "--seq-len", "64", "--eval-tokens", "256", "--ratio", "0.5",
             "--ffn-multiple", "32", "--config", str(recipe)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MPTOOL_QUIET": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MPTOOL_QUIET": "1", "TMPDIR": str(tmp_path)}  # torchrun's torchelastic_* go with it
     one = subprocess.run([sys.executable, "-m", "mptool.cli", *args, "--out", str(tmp_path / "one")],
                          env=env, capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
@@ -65,7 +65,7 @@ def test_resume_across_process_counts_and_sharding(tmp_path, tokenizer_dir):
 
     model = save_tiny("llama", tokenizer_dir, tmp_path / "m")
     worker = os.path.join(os.path.dirname(__file__), "dist_worker.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}  # torchrun's torchelastic_* go with it
 
     def go(*args: str, procs: int = 1) -> None:
         launch = ([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(procs),
