@@ -432,7 +432,12 @@ class MaskPrune:
             fmask = self._ffn_topk(zf.detach(), ffn)
             st_fn = M.straight_through_binary if self.cfg.forward == "binary" else M.straight_through
             g = st_fn(zg, gmask)
-            h = st_fn(zh, (hmask > 0).float())
+            # the heads' straight-through base ignores the group choice (the top heads of every
+            # group): the forward is the same (a dropped group's gate is 0), and a dropped group's
+            # gate receives the gradient of adding it back with its best heads — on hmask, which
+            # is 0 there, it would get none and could never win its place back
+            within = M.group_topk(zg.detach(), zh.detach(), d.num_kv_heads, hpg)[1]
+            h = st_fn(zh, within)
             f = st_fn(zf, fmask)
             kept = ((hmask > 0).reshape(d.num_layers, d.num_heads), fmask > 0)
             prev = self._prev_hard or kept  # first hard step: nothing to compare with, churn 0

@@ -140,6 +140,41 @@ def test_both_forwards_finish_equal_to_the_masked_model(forward):
     assert finish_against_masked(mp, blocks(d.vocab_size, 2, 9))[2] <= 1e-5
 
 
+@pytest.mark.parametrize("forward", ["binary", "scaled"])
+def test_a_dropped_kv_group_gets_the_gradient_of_adding_it_back(forward):
+    """A KV group outside the top-k runs as 0, yet its gate gets the gradient of running it again
+    with its best heads (binary forward: exactly d loss / d s of those heads at scale s = 0), so
+    it can win its place back; built on the zeroed head mask it got exactly 0."""
+    from mptool import masks as M
+
+    model = tiny_model("llama")  # 4 KV groups of 2 heads
+    d = Dims.from_config(model.config)
+    mp = MaskPrune(model, blocks(d.vocab_size), cfg(forward=forward), target=Target(2, 1, 128), ffn_multiple=16)
+    st = mp.state
+    torch.manual_seed(0)
+    st.zg, st.zh = torch.rand_like(st.zg) * 0.5 + 0.5, torch.rand_like(st.zh) * 0.5 + 0.5
+    ids = blocks(d.vocab_size, 2, 16)
+
+    def loss() -> torch.Tensor:
+        return mp.model(ids).logits.float().log_softmax(-1)[..., :50].mean()
+
+    zg, zh, zf = (t.clone().requires_grad_(True) for t in (st.zg, st.zh, st.zf))
+    mp._effective(zg, zh, zf)
+    gmask, hmask = M.group_topk(st.zg, st.zh, 2, 1)
+    dropped = gmask == 0
+    assert int(dropped.sum()) == 2 * d.num_layers
+    heads = torch.stack(mp._heads).reshape(d.num_layers, d.num_kv_heads, -1)
+    assert torch.equal(heads[dropped], torch.zeros_like(heads[dropped]))  # the forward runs without them
+    loss().backward()
+    assert zg.grad[dropped].abs().min() > 0 and zh.grad[dropped].abs().max() == 0
+    if forward == "binary":
+        within = M.group_topk(st.zg, st.zh, d.num_kv_heads, 1)[1]
+        s = torch.zeros_like(st.zg, requires_grad=True)
+        mp._set_masks(gmask + s, within, mp._ffn_topk(st.zf, 128))
+        loss().backward()
+        assert torch.allclose(zg.grad[dropped], s.grad[dropped], rtol=1e-4, atol=1e-9)
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_grad_checkpointing_gives_the_same_training(family):
     """Recomputing layer activations in backward (masks applied by hooks inside the recomputed
