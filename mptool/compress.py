@@ -574,10 +574,11 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
 
                 shape = trainer.keeps()[0].target()
                 model = load_dense()  # the trainer's model carries LoRA; this one is also recovery's teacher
-                keeps = select(protect(scored[mask_cfg.select], protected), shape)
+                # the protected set the run began with (a resumed trainer restored it from its checkpoint)
+                keeps = select(protect(scored[mask_cfg.select], trainer.protected), shape)
                 pruned = materialize(model.cpu(), keeps)
                 if grams is not None:
-                    compensate(model, keeps, *grams, into=pruned, protected=protected)
+                    compensate(model, keeps, *grams, into=pruned, protected=trainer.protected)
             else:
                 pruned, keeps = trainer.finish(reload=load_dense)
                 model = None  # LoRA was merged into these weights: recovery reloads the dense teacher

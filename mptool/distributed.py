@@ -229,6 +229,11 @@ def load_full_state(model: torch.nn.Module, opt: torch.optim.Optimizer | None,
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                          set_optimizer_state_dict)
 
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    missing = sorted(trainable - params.keys())
+    if missing:  # strict=False below would keep their fresh initialisation without a word
+        raise MptoolError(f"checkpoint lacks {len(missing)} of this model's {len(trainable)} trainable tensors "
+                          f"(e.g. {missing[0]}); was it written for another model or recipe, or damaged?")
     result = set_model_state_dict(model, params, options=StateDictOptions(full_state_dict=True, strict=False))
     if result.unexpected_keys:  # strict=False is for the frozen base weights, not for unknown tensors
         raise MptoolError(f"checkpoint holds {len(result.unexpected_keys)} tensors this model does not have "

@@ -763,7 +763,9 @@ class MaskPrune:
                         opt_meta["state"][name][key] = val
             save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
             scalars = {k: v for k, v in asdict(st).items() if k not in st.tensors()}
-            rng = {"python": _jsonable_rng(random.getstate()), "torch": torch.get_rng_state().tolist()}
+            rng = {"python": _jsonable_rng(random.getstate()), "torch": torch.get_rng_state().tolist(),
+                   "cuda": ([t.tolist() for t in torch.cuda.get_rng_state_all()]
+                            if torch.cuda.is_available() else None)}
             for name, text in self.extra_files.items():
                 (tmp / name).write_text(text)
             (tmp / "trainer.json").write_text(json.dumps(
@@ -808,6 +810,9 @@ class MaskPrune:
                               f"({_one_line(e)}); resume it with the model and recipe it was made with") from None
         random.setstate(_tuple_rng(meta["rng"]["python"]))
         torch.set_rng_state(torch.tensor(meta["rng"]["torch"], dtype=torch.uint8))
+        cuda = meta["rng"].get("cuda")  # absent before it was saved, None from a run without CUDA
+        if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all([torch.tensor(t, dtype=torch.uint8) for t in cuda])
         if self.comp is not None:
             self.comp.clear()  # recomputed from the restored masks at the next forward
 
@@ -912,9 +917,12 @@ class MaskPrune:
         self._compensate((gmask.unsqueeze(-1) * (hmask > 0)).reshape(self.d.num_layers, -1), fmask)
 
     def _scaled(self) -> bool:
-        """Whether kept units run at their mask value (folded into the weights at the end)."""
+        """Whether kept units run at their mask value (folded into the weights at the end): with
+        the scaled forward, or when every step taken ran soft (``hard_frac`` > 0 and the run ended
+        at or before the first hard step, ``hard_frac`` 1 included)."""
         end = self.state.step if self.state.frozen_at is None else self.state.frozen_at
-        return self.cfg.forward == "scaled" or end < int(self.cfg.hard_frac * self.planned_steps())
+        first_hard = int(self.cfg.hard_frac * self.planned_steps())
+        return self.cfg.forward == "scaled" or 0 < first_hard >= end
 
     def _recovery_step(self) -> dict[str, float]:
         """One LoRA + KD step on the frozen structure (no mask, multiplier or target update)."""

@@ -175,6 +175,28 @@ def test_a_dropped_kv_group_gets_the_gradient_of_adding_it_back(forward):
         assert torch.allclose(zg.grad[dropped], s.grad[dropped], rtol=1e-4, atol=1e-9)
 
 
+@pytest.mark.parametrize("hard_frac, scaled", [(0.5, False), (1.0, True)])
+def test_a_run_that_never_went_hard_keeps_its_learned_scales(hard_frac, scaled):
+    """hard_frac 0.5: the last half ran the binary top-k, finish keeps units at scale 1; hard_frac
+    1: every step ran soft, so finish folds the learned scales (it dropped them at this boundary)
+    and equals the masked model with the kept units at their mask values."""
+    model = tiny_model("llama")
+    d = Dims.from_config(model.config)
+    mp = MaskPrune(model, blocks(d.vocab_size), cfg(hard_frac=hard_frac, init="wanda-sp"),
+                   target=Target(2, 1, 128), ffn_multiple=16)
+    mp.run()
+    assert mp._scaled() is scaled
+    ids = blocks(d.vocab_size, 2, 9)
+    mp.model.eval()
+    with torch.no_grad():
+        mp._set_final_masks()
+        masked = mp.model(ids).logits
+    sliced, _ = mp.finish()
+    with torch.no_grad():
+        out = sliced(ids).logits
+    assert ((out - masked).norm() / masked.norm()).item() <= 1e-5
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_grad_checkpointing_gives_the_same_training(family):
     """Recomputing layer activations in backward (masks applied by hooks inside the recomputed
@@ -412,3 +434,30 @@ def test_a_checkpoint_keeps_the_protected_set_it_began_with(tmp_path):
     save_file(state, str(tmp_path / "ckpt" / "state.safetensors"))
     again.load_checkpoint(tmp_path / "ckpt")
     assert not again.protected.any()
+
+
+def test_a_checkpoint_missing_or_adding_an_adapter_tensor_is_refused(tmp_path):
+    """A LoRA tensor missing from the checkpoint would keep its fresh initialisation (the load is
+    non-strict for the frozen base weights); one the model lacks would be dropped. Both refuse."""
+    from safetensors.torch import load_file, save_file
+
+    from mptool.errors import MptoolError
+
+    model = tiny_model("llama")
+    d = Dims.from_config(model.config)
+    mp = MaskPrune(model, blocks(d.vocab_size), cfg(steps=2), target=Target(2, 1, 64), ffn_multiple=32)
+    mp.run()
+    mp.save_checkpoint(tmp_path / "ckpt")
+    path = tmp_path / "ckpt" / "state.safetensors"
+    state = load_file(str(path))
+    lora = sorted(k for k in state if k.startswith("lora."))
+    assert lora
+    fresh = lambda: MaskPrune(tiny_model("llama"), blocks(d.vocab_size), cfg(steps=2), target=Target(2, 1, 64),  # noqa: E731
+                              ffn_multiple=32)
+    fresh().load_checkpoint(tmp_path / "ckpt")  # intact: loads
+    save_file({k: v for k, v in state.items() if k != lora[0]}, str(path))
+    with pytest.raises(MptoolError, match=f"lacks 1 of this model's {len(lora)} trainable tensors"):
+        fresh().load_checkpoint(tmp_path / "ckpt")
+    save_file({**state, "lora.base_model.model.extra.weight": state[lora[0]].clone()}, str(path))
+    with pytest.raises(MptoolError, match="1 tensors this model does not have"):
+        fresh().load_checkpoint(tmp_path / "ckpt")
