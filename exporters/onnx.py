@@ -147,7 +147,9 @@ def build(source: Path, out: Path, dtype: str, provider: str) -> dict[str, Any]:
 
     ep = "cpu" if dtype == "float32" else "cuda"
     precision = {"float32": "fp32", "float16": "fp16"}[dtype]
-    extra = ["fuse_qk_norm_gqa=false"] if ep == "cuda" else []
+    # full-length KV buffers on sliding-window layers too: the window is still applied by the
+    # attention op (local_window_size), and the cache has the layout every other layer has
+    extra = (["fuse_qk_norm_gqa=false"] if ep == "cuda" else []) + ["windowed_kv_cache=false"]
     cache = out / ".builder-cache"
     log = io.StringIO()
     start = time.perf_counter()
@@ -180,6 +182,27 @@ def _attention_op(path: Path) -> str | None:
     model = onnx.load(str(path), load_external_data=False)
     ops = {n.op_type for n in model.graph.node}
     return next((op for op in ("GroupQueryAttention", "MultiHeadAttention", "Attention") if op in ops), None)
+
+
+def sliding_window(config: Any) -> int | None:
+    """The attention window the PyTorch model applies, or None (full attention in every layer)."""
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if not window or (types is not None and "sliding_attention" not in types):
+        return None
+    return int(window)
+
+
+def mark_sliding_layers(folder: Path, config: Any) -> None:
+    """Write ``layer_types`` into the builder's source config where the model has none but applies
+    its window everywhere (Mistral): the builder sets the attention op's window only on layers
+    ``layer_types`` marks, so without it the ONNX model attends past the window."""
+    if sliding_window(config) is None or getattr(config, "layer_types", None) is not None:
+        return
+    path = folder / "config.json"
+    raw = json.loads(path.read_text())
+    raw["layer_types"] = ["sliding_attention"] * config.num_hidden_layers
+    path.write_text(json.dumps(raw, indent=2) + "\n")
 
 
 def onnx_logits(folder: Path, ids: torch.Tensor, providers: list[str],
@@ -255,6 +278,7 @@ def export(src: Any, tmp: Path, dtype: str, cfg: Any, advance: Callable[..., Non
     staging = tmp / ".hf-source"
     staging.mkdir()
     save_checkpoint(src.model, src.tokenizer, staging, "float32", cfg.max_shard_size, None)
+    mark_sliding_layers(staging, src.model.config)
     advance(1, info=PHASES[1])
     built = build(staging, tmp, dtype, cfg.onnx.provider)
     shutil.rmtree(staging)
@@ -272,6 +296,22 @@ def export(src: Any, tmp: Path, dtype: str, cfg: Any, advance: Callable[..., Non
         "onnxruntime_decode_logits": compare_logits(logits[:, prefill:], src.ref_logits[:, prefill:],
                                                     tol, what + " decode steps with KV cache"),
     }
+    window = sliding_window(src.model.config)
+    context = getattr(src.model.config, "max_position_embeddings", None)
+    if window is not None and (context is None or window + 16 + DECODE_STEPS <= context):
+        # the probes above are shorter than any real window: one sequence that runs past it, its
+        # prefill ending beyond the window and its decode steps further on
+        from mptool.exporters.common import probe_ids, reference_logits
+
+        length = window + 16 + DECODE_STEPS  # the prefill ends 16 tokens past the window
+        stream = src.stream if src.stream is not None and len(src.stream) >= length else None  # else random ids
+        long = probe_ids(src.tokenizer, src.model.config, (1, length), cfg.parity.seed + 2, stream)
+        with torch.no_grad():
+            ref = reference_logits(src.model, long)
+        got = onnx_logits(tmp, long, providers)[0]
+        checks["onnxruntime_beyond_window_logits"] = compare_logits(
+            got, ref, tol, what + f" logits past the {window}-token sliding window")
+        checks["onnxruntime_beyond_window_logits"]["tokens"] = int(long.shape[1])
     advance(1, info=PHASES[3])
     p = cfg.parity
     prompts = src.probe((p.prompts, p.prompt_len), p.seed + 1).tolist()

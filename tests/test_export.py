@@ -202,6 +202,31 @@ def test_onnx_export_matches_torch_prefill_decode_and_greedy(family, tokenizer_d
     assert genai["model"]["decoder"]["session_options"]["provider_options"] == []
 
 
+def test_onnx_export_applies_mistrals_sliding_window(tokenizer_dir, tmp_path):
+    """Mistral applies its window in every layer without saying so in ``layer_types``; the
+    builder windows only the layers that list marks, so the ONNX model attended past the window
+    and the short probes could not tell. The export now marks them and checks a sequence that
+    runs past the window (prefill and decode), against an independent run of both models."""
+    from transformers import AutoModelForCausalLM
+
+    from mptool.exporters.onnx import DECODE_STEPS, onnx_logits
+
+    src = save_tiny("mistral", tokenizer_dir, tmp_path / "src", sliding_window=16)
+    out = tmp_path / "onnx"
+    rec = export(ExportConfig(model=str(src), target="onnx", out=str(out)))
+    assert_checks_passed(rec)
+    beyond = rec["parity"]["onnxruntime_beyond_window_logits"]
+    assert beyond["tokens"] == 16 + 16 + DECODE_STEPS and beyond["max_abs_diff"] <= beyond["bound"]
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    full = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, sliding_window=None).eval()
+    ids = torch.randint(3, model.config.vocab_size, (1, 60), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref, unwindowed = model(ids).logits, full(ids).logits
+    got = onnx_logits(out, ids, ["CPUExecutionProvider"])[0]
+    assert (ref - unwindowed).abs().max() > 100 * (got - ref).abs().max()  # the window matters here
+    assert torch.allclose(got, ref, atol=1e-4, rtol=1e-3)
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_onnx_fp16_runs_on_the_cpu_provider(family, tokenizer_dir, tmp_path):
     src = save_tiny(family, tokenizer_dir, tmp_path / "src")
