@@ -108,7 +108,23 @@ def validate(cfg: Any, spec: Any) -> list[str]:
     except MptoolError as e:
         return [str(e)]
     report = read_report(spec if isinstance(spec, Path) else None)
-    return legality(d, sorted(set(cfg.tp) | set(_engine_sizes(cfg))), report)
+    return dropped_by_vllm(spec, cfg.trust_remote_code) + legality(d, sorted(set(cfg.tp) | set(_engine_sizes(cfg))),
+                                                                    report)
+
+
+def dropped_by_vllm(spec: Any, trust_remote_code: bool = False) -> list[str]:
+    """Weights this checkpoint has that vLLM's implementation of its architecture has no place for
+    (it would load without them and compute another function). vLLM 0.32's Qwen3 builds o_proj
+    without a bias whatever ``attention_bias`` says; its Llama (and Mistral) and Qwen2 follow the
+    config."""
+    from mptool.models import read_config
+
+    config = read_config(spec, trust_remote_code)
+    if getattr(config, "model_type", None) == "qwen3" and getattr(config, "attention_bias", False):
+        return ["this Qwen3 checkpoint has attention_bias true, so its o_proj has a bias, and vLLM's Qwen3 "
+                "builds o_proj without one (it would drop the bias and compute another model); accepted for "
+                "--target vllm: Qwen3 with attention_bias false (--target hf and onnx carry the bias)"]
+    return []
 
 
 def _on_cuda() -> bool:

@@ -482,6 +482,23 @@ def test_vllm_refuses_an_illegal_tp_with_the_reason_and_the_nearest_legal_shapes
     assert_nothing_left(out)
 
 
+def test_vllm_refuses_a_qwen3_o_proj_bias_it_would_drop(tokenizer_dir, tmp_path):
+    """vLLM's Qwen3 has no o_proj bias: such a checkpoint loaded, lost the bias and failed greedy
+    parity only after the engine start, with a hint about random ids. Now one line, up front."""
+    src = save_tiny("qwen3", tokenizer_dir, tmp_path / "src", attention_bias=True)
+    out = tmp_path / "o"
+    res = run("export", src, "--target", "vllm", "--out", out)
+    assert res.exit_code == 2, res.output
+    text = " ".join(res.output.split())
+    assert "vLLM's Qwen3 builds o_proj without one" in text and "Traceback" not in res.output
+    assert "accepted for --target vllm: Qwen3 with attention_bias false" in text
+    assert_nothing_left(out)
+    plain = save_tiny("qwen3", tokenizer_dir, tmp_path / "plain")
+    from mptool.exporters.vllm import dropped_by_vllm
+
+    assert dropped_by_vllm(plain) == []
+
+
 def test_vllm_export_without_the_engine_writes_the_serve_command(tokenizer_dir, tmp_path):
     src = save_tiny("qwen3", tokenizer_dir, tmp_path / "src", **VLLM_TINY)
     out = tmp_path / "v"
