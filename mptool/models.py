@@ -348,7 +348,9 @@ def _convert_default_model(console: Any = None) -> Path:
 
 def _validate_model_folder(folder: Path, config_only: bool = False) -> None:
     if not (folder / "config.json").is_file():
-        raise MptoolError(f"model folder {folder} has no config.json; give {ACCEPTED_MODELS}")
+        onnx = (" (it is an ONNX Runtime folder: mptool reads the Hugging Face folder it was exported from)"
+                if (folder / "genai_config.json").is_file() else "")
+        raise MptoolError(f"model folder {folder} has no config.json{onnx}; give {ACCEPTED_MODELS}")
     if config_only or any(folder.glob("*.safetensors")) or any(folder.glob("*.safetensors.index.json")):
         return
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)

@@ -660,6 +660,17 @@ def test_folder_without_weights(tmp_path, text_file, tiny_dir):
     assert_clean_failure(res, out, "safetensors")
 
 
+def test_an_onnx_export_folder_is_named_as_such(tmp_path, text_file):
+    """eval/compress take Hugging Face folders; an ONNX Runtime folder (genai_config.json, no
+    config.json) is named as one instead of only 'has no config.json'."""
+    onnx = tmp_path / "model-onnx"
+    onnx.mkdir()
+    (onnx / "genai_config.json").write_text("{}")
+    out = tmp_path / "o"
+    res = run("compress", onnx, *small(text_file), "--out", out)
+    assert_clean_failure(res, out, "has no config.json (it is an ONNX Runtime folder")
+
+
 def test_a_tokenizer_larger_than_the_embedding_is_refused(tmp_path, text_file, tokenizer_dir):
     """A tokenizer from another model: its ids past the embedding table would crash mid-run."""
     src = save_tiny("llama", tokenizer_dir, tmp_path / "small-vocab", vocab_size=200)
