@@ -205,6 +205,15 @@ def model_dims(model: str | None, trust_remote_code: bool = False, config_only: 
     return Dims.from_config(read_config(path, trust_remote_code))
 
 
+def source_weights_dtype(cfg: CompressConfig) -> str | None:
+    """The dtype the source checkpoint's config declares (``dtype``, formerly ``torch_dtype``), or None."""
+    from mptool.models import read_config, resolve_model
+
+    config = read_config(resolve_model(cfg.model), cfg.trust_remote_code)
+    declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return None if declared is None else str(declared).removeprefix("torch.")
+
+
 def context_check(cfg: CompressConfig, context: int | None) -> None:
     """Training blocks and evaluation windows must fit the positions the model was built for."""
     problems = cfg.ppl.context_problems(context)
@@ -451,6 +460,10 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
     overlap = held_out_overlap(cfg.data, texts, eval_text)
     dims = model_dims(cfg.model, cfg.trust_remote_code)
     context_check(cfg, dims.context)
+    source_dtype = source_weights_dtype(cfg)
+    if main and source_dtype not in (None, cfg.dtype):
+        console.print(f"note: the source weights are {source_dtype}; training runs and the result is written in "
+                      f"{cfg.dtype} (--dtype {source_dtype} keeps the source's)")
     if cfg.compensate is None:  # auto: on where the Gram matrices fit the host (recorded as decided)
         from mptool.compensate import fits, gram_bytes
 
@@ -649,7 +662,7 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
         timings["peak_rss_mb"] = round(peak_rss_mb(), 1)
 
         report = build_report(cfg, d, target, dense_count, pruned, dense_ppl, pruned_ppl, timings)
-        report.update(extra, data_used=data_used)
+        report.update(extra, data_used=data_used, dtype={"source": source_dtype, "written": cfg.dtype})
         if not cfg.target.is_set():  # what --ratio (or its default) asked, against what the grid allows
             largest = candidates(d, cfg.ratio_or_default, cfg.tp, cfg.ffn_multiple)[0]
             report["ratio"] = {"asked": cfg.ratio_or_default, "largest_legal_removes": round(

@@ -660,6 +660,27 @@ def test_folder_without_weights(tmp_path, text_file, tiny_dir):
     assert_clean_failure(res, out, "safetensors")
 
 
+def test_a_bf16_source_written_as_float32_says_so(tmp_path, text_file, tokenizer_dir):
+    """compress trains and writes in --dtype (float32 by default): a bf16 source doubles in size,
+    which the run now says and the report records."""
+    import torch
+
+    src = tmp_path / "bf16"
+    model = tiny_model("llama").to(torch.bfloat16)
+    model.save_pretrained(src)
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(src)
+    out = tmp_path / "o"
+    res = run("compress", src, "--method", "magnitude", "--ratio", "0.5", *small(text_file), "--out", out)
+    assert res.exit_code == 0, res.output
+    assert "the source weights are bfloat16; training runs and the result is written in float32" in " ".join(res.output.split())
+    assert json.loads((out / "report.json").read_text())["dtype"] == {"source": "bfloat16", "written": "float32"}
+    res = run("compress", src, "--method", "magnitude", "--ratio", "0.5", *small(text_file), "--dtype", "bfloat16",
+              "--out", tmp_path / "o16")
+    assert res.exit_code == 0 and "the source weights are" not in res.output, res.output
+
+
 def test_an_onnx_export_folder_is_named_as_such(tmp_path, text_file):
     """eval/compress take Hugging Face folders; an ONNX Runtime folder (genai_config.json, no
     config.json) is named as one instead of only 'has no config.json'."""
