@@ -133,13 +133,14 @@ class Bench:
 
     def maskprune(self, ratio: float, tokens: int, scores: str | None = None, seed: int = 0,
                   rec_tokens: int = 0, rec_kw: dict[str, Any] | None = None,
-                  **kw: Any) -> tuple[Any, Target, dict]:
+                  metrics_path: Path | None = None, **kw: Any) -> tuple[Any, Target, dict]:
         """MaskPrune with ``tokens`` of mask learning, masks initialised from the one-shot ``scores``
         (``kw``: MaskPruneConfig overrides; ``seed``: LoRA initialisation), then ``rec_tokens`` of
         recovery (``rec_kw``: RecoveryConfig overrides; with ``adapter: "continue"``, the default,
         it continues mask learning's adapter on the frozen masks, else a fresh adapter after the
         cut). Returns (sliced model, target, run info); ``info["ppl_before_recovery"]`` is the
-        perplexity at the cut when there was recovery."""
+        perplexity at the cut when there was recovery. ``metrics_path``: every step's metrics row
+        (mask learning, then a continued recovery) appended there as JSONL."""
         model, _ = load_model(self.args.model)
         model.to(self.dev)
         cfg = MaskPruneConfig(steps=self.steps(tokens), batch_size=self.args.batch_size,
@@ -153,7 +154,7 @@ class Bench:
         if continued:
             trainer.continue_with(rec)
         with step(f"mask learning @ {ratio}", total=cfg.steps) as adv:
-            hist = trainer.run(progress=adv)
+            hist = trainer.run(metrics_path=metrics_path, progress=adv)
         info = {"final_violation": hist[-1]["hard_violation"], "binarity": hist[-1]["binarity"],
                 "step_s_median": sorted(r["step_s"] for r in hist)[len(hist) // 2],
                 "mask_blocks": trainer.state.step * cfg.batch_size,
@@ -164,7 +165,7 @@ class Bench:
             trainer.freeze()
             info["ppl_before_recovery"] = self.ppl(trainer.model, "maskprune, before recovery")
             with step("recovery (mask learning's adapter continued)", total=rec.steps) as adv:
-                trainer.run_recovery(progress=adv)
+                trainer.run_recovery(metrics_path=metrics_path, progress=adv)
         pruned, keeps = trainer.finish()
         if rec is not None and not continued:
             info["ppl_before_recovery"] = self.ppl(pruned, "maskprune, before recovery")

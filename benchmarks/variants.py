@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -77,7 +78,8 @@ def run_oneshot(bench: Bench, ratio: float, variant: dict[str, Any]) -> dict[str
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
-def run_variant(bench: Bench, ratio: float, variant: dict[str, Any]) -> dict[str, Any]:
+def run_variant(bench: Bench, ratio: float, variant: dict[str, Any],
+                metrics_path: Path | None = None) -> dict[str, Any]:
     if "oneshot" in variant:
         return run_oneshot(bench, ratio, variant)
     a = bench.args
@@ -97,7 +99,8 @@ def run_variant(bench: Bench, ratio: float, variant: dict[str, Any]) -> dict[str
     t0 = time.perf_counter()
     rec_tokens = a.tokens - mask_tokens
     pruned, target, info = bench.maskprune(ratio, mask_tokens, scores=init, seed=seed, rec_tokens=rec_tokens,
-                                           rec_kw={"adapter": adapter, **variant.get("recovery", {})}, **overrides)
+                                           rec_kw={"adapter": adapter, **variant.get("recovery", {})},
+                                           metrics_path=metrics_path, **overrides)
     before = info.get("ppl_before_recovery")
     if before is None:
         before = bench.ppl(pruned, variant["name"])
@@ -122,6 +125,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     add_data_order(ap)
     ap.add_argument("--tag", default="smollm2")
     ap.add_argument("--out", default=None, help="JSONL file (default benchmarks/results/variants_<tag>.jsonl)")
+    ap.add_argument("--metrics-dir", default=None,
+                    help="write each MaskPrune variant's per-step metrics (mask learning, then a continued "
+                         "recovery) to DIR/<name>.jsonl, the rows `mptool compress` writes to metrics.jsonl")
     args = ap.parse_args(argv)
     problem = budget_problem(args)
     if problem:
@@ -142,10 +148,17 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                                                     ("calib_tokens", args.calib_tokens),
                                                     ("eval_tokens", args.eval_tokens),
                                                     ("data_order", args.data_order)))
+    metrics_dir = Path(args.metrics_dir) if args.metrics_dir else None
+    if metrics_dir is not None:
+        metrics_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for v in variants:
-        row = {**run_variant(bench, args.ratio, dict(v)), "dense_ppl": bench.dense_ppl, "data_order": args.data_order,
-               "command": command}
+        metrics = None
+        if metrics_dir is not None:
+            metrics = metrics_dir / (re.sub(r"[^A-Za-z0-9.]+", "_", v["name"]).strip("_") + ".jsonl")
+            metrics.unlink(missing_ok=True)  # a rerun of the same name replaces, never appends
+        row = {**run_variant(bench, args.ratio, dict(v), metrics_path=metrics), "dense_ppl": bench.dense_ppl,
+               "data_order": args.data_order, "command": command}
         rows.append(row)
         console.print(f"[bold]{row['name']}[/bold]: ({row['kv_heads']}, {row['heads_per_group']}, {row['ffn']}) "
                       f"ppl {row['ppl_before_recovery']:.2f} -> {row['ppl']:.2f}")

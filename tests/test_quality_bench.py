@@ -83,10 +83,19 @@ def test_default_variant_reproduces_the_table_row(table, model_dir, tmp_path):
     from mptool.benchmarks import variants
 
     out = tmp_path / "v.jsonl"
+    metrics = tmp_path / "metrics"
     rows = variants.main(["--model", str(model_dir), "--ratio", "0.5", "--out", str(out), *ARGS,
+                          "--metrics-dir", str(metrics),
                           "--variants", '[{"name": "default"}, {"name": "frozen", "lr_mask": 0.0}, '
                                         '{"name": "fresh", "adapter": "fresh"}]'])
     assert [json.loads(ln)["name"] for ln in out.read_text().splitlines()] == ["default", "frozen", "fresh"]
+    # per-step metrics: 4 mask steps + 4 continued recovery steps (512 tokens of 2 x 32); a fresh
+    # adapter's recovery runs outside the trainer and writes none
+    steps = {p.stem: [json.loads(ln) for ln in p.read_text().splitlines()] for p in metrics.glob("*.jsonl")}
+    assert sorted(steps) == ["default", "fresh", "frozen"]
+    assert [(r.get("phase", "mask"), r["step"]) for r in steps["default"]] == \
+        [("mask", i) for i in range(1, 5)] + [("recovery", i) for i in range(1, 5)]
+    assert len(steps["fresh"]) == 4 and all("kd" in r for r in steps["default"])
     mp = next(r for r in table["rows"] if r["method"] == "maskprune + recovery")
     assert rows[0]["ppl"] == pytest.approx(mp["ppl"], rel=1e-6)
     assert rows[0]["ppl_before_recovery"] == pytest.approx(mp["ppl_before_recovery"], rel=1e-6)
