@@ -214,6 +214,13 @@ def source_weights_dtype(cfg: CompressConfig) -> str | None:
     return None if declared is None else str(declared).removeprefix("torch.")
 
 
+def bf16_use(cfg: CompressConfig, native: bool) -> dict[str, bool]:
+    """Whether bf16 autocast was asked (mask learning or recovery), whether the device runs it
+    natively, and so whether training used it (:func:`mptool.maskprune.autocast`)."""
+    asked = bool(cfg.maskprune.bf16 or cfg.recovery.bf16)
+    return {"asked": asked, "native": native, "used": asked and native}
+
+
 def context_check(cfg: CompressConfig, context: int | None) -> None:
     """Training blocks and evaluation windows must fit the positions the model was built for."""
     problems = cfg.ppl.context_problems(context)
@@ -529,6 +536,17 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
         history: list[dict] = []
         extra: dict[str, Any] = {}
 
+        from mptool.maskprune import native_bf16
+
+        bf16 = bf16_use(cfg, native_bf16(dev.type))
+        # said here, after every input check (an error stays one line), where training starts
+        if main and bf16["asked"] and not bf16["native"] and (cfg.method == "maskprune" or rec_cfg.steps > 0):
+            console.print(f"note: this {dev.type.upper()} "
+                          f"({torch.backends.cpu.get_cpu_capability() if dev.type == 'cpu' else dev}) "
+                          "has no native bf16 matrix products, where bf16 runs many times slower than fp32: "
+                          "training computes in float32 instead of bf16 autocast"
+                          + (" (--dtype bfloat16 weights still multiply in bf16: --dtype float32 is faster here)"
+                             if cfg.dtype == "bfloat16" else ""))
         t0 = time.perf_counter()
         data_offset = 0  # blocks consumed before recovery
         # recovery after MaskPrune continues mask learning's adapter on the frozen masks (one LoRA
@@ -662,7 +680,8 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
         timings["peak_rss_mb"] = round(peak_rss_mb(), 1)
 
         report = build_report(cfg, d, target, dense_count, pruned, dense_ppl, pruned_ppl, timings)
-        report.update(extra, data_used=data_used, dtype={"source": source_dtype, "written": cfg.dtype})
+        report.update(extra, data_used=data_used, dtype={"source": source_dtype, "written": cfg.dtype},
+                      bf16_autocast=bf16)
         if not cfg.target.is_set():  # what --ratio (or its default) asked, against what the grid allows
             largest = candidates(d, cfg.ratio_or_default, cfg.tp, cfg.ffn_multiple)[0]
             report["ratio"] = {"asked": cfg.ratio_or_default, "largest_legal_removes": round(

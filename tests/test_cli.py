@@ -1325,3 +1325,26 @@ def test_a_short_evaluation_text_is_said_and_recorded(tiny_dir, text_file, tmp_p
     assert f"the evaluation text holds {used['eval_tokens']} tokens of the 512 asked" in " ".join(res.output.split())
     res = run("eval", tiny_dir, "--data", short, "--eval-tokens", "300", "--out", tmp_path / "e.json")
     assert res.exit_code == 0 and "too few to compare models by" in " ".join(res.output.split()), res.output
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_autocast_only_where_the_device_runs_it_natively(native, monkeypatch, tiny_dir, text_file, tmp_path):
+    """bf16 on a CPU without AVX512/AMX runs PyTorch's reference kernels (a MaskPrune step took
+    400-1,170 s there against ~3.5 s): training falls back to fp32 autocast-free, says so, and the
+    report records what was asked and used."""
+    import torch
+
+    from mptool import maskprune
+
+    monkeypatch.setattr(maskprune, "native_bf16", lambda kind: native)
+    with maskprune.autocast(True, "cpu"):
+        assert torch.is_autocast_enabled("cpu") is native
+    with maskprune.autocast(False, "cpu"):
+        assert not torch.is_autocast_enabled("cpu")
+    out = tmp_path / "o"
+    res = run("compress", tiny_dir, *small(text_file), "--max-steps", "2", "--out", out)
+    assert res.exit_code == 0, res.output
+    said = "no native bf16 matrix products" in " ".join(res.output.split())
+    assert said is not native, res.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["bf16_autocast"] == {"asked": True, "native": native, "used": native}
