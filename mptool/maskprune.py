@@ -74,6 +74,12 @@ class MaskPruneConfig:
     ranking, monotonically (50%: 0 / 0.003 / 0.01 / 0.03 gave 79.7 / 82.0 / 86.3 / 90.2 after
     recovery); 0.003 lets the masks refine the ranking near the top-k boundary (a few ranks per
     step) without the thrashing of larger steps. docs/maskprune.md has the table."""
+    mask_norm: str = "shared"
+    """What the mask gradient is divided by before the step. "shared": one running RMS over all
+    masks (dominated by the FFN channels, so each type's relative importance survives, and a KV
+    group, whose gradient sums over its heads, moves far per step). "per_type": a running RMS per
+    unit type (KV groups, heads, FFN channels), so each type moves at the same pace in its own
+    units. docs/maskprune.md, "Dropped KV groups get a gradient", has the measurement."""
     mask_beta: float = 0.9
     """Momentum of the mask gradient (EMA, bias-corrected) before the step: averages the noise of
     small batches so that masks move on consistent evidence only. 0: the raw gradient."""
@@ -175,6 +181,7 @@ class MaskState:
     s: list[float]  # continuous targets (kv_heads, heads_per_group, ffn)
     mu: float = 0.0
     grad_sq: float = 0.0
+    grad_sq_type: list[float] | None = None  # running mean squares per unit type (mask_norm "per_type")
     step: int = 0
     tokens: int = 0
     snapped: list[int] | None = None  # the legal target once fixed
@@ -329,6 +336,8 @@ class MaskPrune:
             raise ValueError(f"unknown multiplier update {cfg.dual!r}: exact or ascent")
         if cfg.forward not in ("binary", "scaled"):
             raise ValueError(f"unknown mask forward {cfg.forward!r}: binary or scaled")
+        if cfg.mask_norm not in ("shared", "per_type"):
+            raise ValueError(f"unknown mask gradient normalisation {cfg.mask_norm!r}: shared or per_type")
         if cfg.init not in INITS:
             raise ValueError(f"unknown mask init {cfg.init!r}: one of {', '.join(INITS)}")
         if cfg.init != "ones" and init_scores is not None:
@@ -555,7 +564,13 @@ class MaskPrune:
             st.if_ = beta * st.if_ + (1 - beta) * (zf * zf.grad).abs()
             sq = sum(float((g * g).sum()) for g in grads) / sum(g.numel() for g in grads)
             st.grad_sq = sq if st.step == 0 else 0.9 * st.grad_sq + 0.1 * sq
-            rms = math.sqrt(st.grad_sq) + 1e-12
+            sq_type = [float((g * g).mean()) for g in grads]
+            st.grad_sq_type = (sq_type if st.step == 0 or st.grad_sq_type is None
+                               else [0.9 * a + 0.1 * b for a, b in zip(st.grad_sq_type, sq_type)])
+            if cfg.mask_norm == "per_type":
+                rg, rh, rf = (math.sqrt(v) + 1e-12 for v in st.grad_sq_type)
+            else:
+                rg = rh = rf = math.sqrt(st.grad_sq) + 1e-12
             s_kv, s_h, s_f = self.current_targets()
             lr = cfg.lr_mask
             b = cfg.mask_beta
@@ -563,7 +578,8 @@ class MaskPrune:
                                    b * st.mf + (1 - b) * zf.grad)
             unbias = 1.0 - b ** (st.step + 1)
             # masks after the gradient step, before the proximal step of the penalty
-            pg, ph, pf = (z - lr * m / (unbias * rms) for z, m in ((st.zg, st.mg), (st.zh, st.mh), (st.zf, st.mf)))
+            pg, ph, pf = (z - lr * m / (unbias * r)
+                          for z, m, r in ((st.zg, st.mg, rg), (st.zh, st.mh, rh), (st.zf, st.mf, rf)))
             if cfg.fixed_multiplier is None and cfg.dual == "exact" and lr > 0:
                 st.yg, st.yh, st.yf = (M.exact_multiplier(pg, s_kv, lr), M.exact_multiplier(ph, s_h, lr),
                                        M.exact_multiplier(pf, s_f, lr))
@@ -592,6 +608,9 @@ class MaskPrune:
             "y_max": float(max(st.yg.max(), st.yh.max(), st.yf.max())), "mu": st.mu,
             "s_kv": s_kv, "s_heads": s_h, "s_ffn": s_f,
             "binarity": M.binarity(torch.cat([st.zg.flatten(), st.zh.flatten(), st.zf.flatten()])),
+            # running RMS of each type's mask gradient, relative to the one over all masks
+            **{f"grad_rms_{k}": math.sqrt(v / st.grad_sq) if st.grad_sq > 0 else 0.0
+               for k, v in zip(("kv", "heads", "ffn"), st.grad_sq_type or (0.0, 0.0, 0.0))},
             **self._churn,
             "hard": self._hard(),
         }

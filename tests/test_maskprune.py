@@ -106,6 +106,41 @@ def test_fixed_multipliers_ablation_keeps_them_fixed():
     assert float(mp.state.yf.abs().max()) == 0.0  # dual ascent never ran
 
 
+@pytest.mark.parametrize("norm", ["shared", "per_type"])
+def test_mask_step_is_normalised_by_one_rms_or_one_per_unit_type(norm):
+    """One step from masks at 0.5, no momentum and no penalty shift: each type moves by
+    lr * its gradient / the RMS it is divided by, so the step's RMS is lr per type ("per_type") or
+    lr over all masks together, each type in proportion to its own gradient ("shared")."""
+    model = tiny_model("llama")
+    d = Dims.from_config(model.config)
+    lr = 0.01
+    mp = MaskPrune(model, blocks(d.vocab_size), cfg(steps=1, lr_mask=lr, mask_beta=0.0, fixed_multiplier=0.0,
+                                                    mask_norm=norm), target=Target(1, 1, 64), ffn_multiple=16)
+    st = mp.state
+    st.zg, st.zh, st.zf = (torch.full_like(z, 0.5) for z in (st.zg, st.zh, st.zf))
+    before = [z.clone() for z in (st.zg, st.zh, st.zf)]
+    row = mp.run()[0]
+    moved = [(z - b) for z, b in zip((st.zg, st.zh, st.zf), before)]
+    rms = [float(m.pow(2).mean().sqrt()) for m in moved]
+    assert all(r > 0 for r in rms), rms
+    assert float(max(m.abs().max() for m in moved)) < 0.5  # nothing reached a clamp
+    ratios = [row[f"grad_rms_{k}"] for k in ("kv", "heads", "ffn")]
+    if norm == "per_type":
+        assert rms == pytest.approx([lr] * 3, rel=1e-4)
+    else:
+        assert rms == pytest.approx([lr * r for r in ratios], rel=1e-4)
+        n = [m.numel() for m in moved]
+        assert sum(k * r * r for k, r in zip(n, rms)) / sum(n) == pytest.approx(lr * lr, rel=1e-4)
+    assert ratios[0] != pytest.approx(1.0, rel=1e-3)  # the types' gradients differ in scale
+
+
+def test_an_unknown_mask_norm_is_refused():
+    model = tiny_model("llama")
+    d = Dims.from_config(model.config)
+    with pytest.raises(ValueError, match="shared or per_type"):
+        MaskPrune(model, blocks(d.vocab_size), cfg(mask_norm="typewise"), target=Target(1, 1, 64), ffn_multiple=16)
+
+
 def test_resume_gives_the_same_masks_and_weights(tmp_path):
     def trainer():
         model = tiny_model("mistral", seed=3)
