@@ -109,6 +109,8 @@ def settings_problems(cfg: CompressConfig) -> list[str]:
         problems.append(f"maskprune.dual {mp.dual!r} is not one of ascent, exact")
     if mp.forward not in ("binary", "scaled"):
         problems.append(f"maskprune.forward {mp.forward!r} is not one of binary, scaled")
+    if mp.lr_mask_schedule not in LR_SCHEDULES:
+        problems.append(f"maskprune.lr_mask_schedule {mp.lr_mask_schedule!r} is not one of {', '.join(LR_SCHEDULES)}")
     if mp.mask_norm not in ("shared", "per_type"):
         problems.append(f"maskprune.mask_norm {mp.mask_norm!r} is not one of shared, per_type")
     if rec.teacher not in ("memory", "cache"):

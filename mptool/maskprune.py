@@ -80,6 +80,10 @@ class MaskPruneConfig:
     group, whose gradient sums over its heads, moves far per step). "per_type": a running RMS per
     unit type (KV groups, heads, FFN channels), so each type moves at the same pace in its own
     units. docs/maskprune.md, "Dropped KV groups get a gradient", has the measurement."""
+    lr_mask_schedule: str = "constant"
+    """The mask step over mask learning: "constant", or decaying to 0 at the last step ("linear",
+    "cosine") so that the last unit swaps (KV groups trade places until the end at a constant step)
+    come early enough for LoRA to adapt to them. The proximal shift decays with it."""
     mask_beta: float = 0.9
     """Momentum of the mask gradient (EMA, bias-corrected) before the step: averages the noise of
     small batches so that masks move on consistent evidence only. 0: the raw gradient."""
@@ -200,6 +204,22 @@ def budgeted_steps(steps: int, max_tokens: int | None, tokens_per_step: int) -> 
     if max_tokens is None:
         return steps
     return min(steps, math.ceil(max_tokens / tokens_per_step))
+
+
+LR_SCHEDULES = ("constant", "linear", "cosine")
+
+
+def schedule_factor(schedule: str, step: int, total: int) -> float:
+    """The fraction of the base rate at step ``step`` (0-based) of ``total``: 1 throughout
+    ("constant"), or decaying toward 0 at the end ("linear", "cosine")."""
+    frac = min(step / max(total, 1), 1.0)
+    if schedule == "constant":
+        return 1.0
+    if schedule == "linear":
+        return 1.0 - frac
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * frac))
+    raise ValueError(f"lr schedule must be one of {', '.join(LR_SCHEDULES)}, got {schedule!r}")
 
 
 def check_finite(loss: float, grads: list[torch.Tensor], where: str) -> None:
@@ -336,6 +356,8 @@ class MaskPrune:
             raise ValueError(f"unknown multiplier update {cfg.dual!r}: exact or ascent")
         if cfg.forward not in ("binary", "scaled"):
             raise ValueError(f"unknown mask forward {cfg.forward!r}: binary or scaled")
+        if cfg.lr_mask_schedule not in LR_SCHEDULES:
+            raise ValueError(f"unknown mask step schedule {cfg.lr_mask_schedule!r}: one of {', '.join(LR_SCHEDULES)}")
         if cfg.mask_norm not in ("shared", "per_type"):
             raise ValueError(f"unknown mask gradient normalisation {cfg.mask_norm!r}: shared or per_type")
         if cfg.init not in INITS:
@@ -572,7 +594,7 @@ class MaskPrune:
             else:
                 rg = rh = rf = math.sqrt(st.grad_sq) + 1e-12
             s_kv, s_h, s_f = self.current_targets()
-            lr = cfg.lr_mask
+            lr = cfg.lr_mask * schedule_factor(cfg.lr_mask_schedule, st.step, self.planned_steps())
             b = cfg.mask_beta
             st.mg, st.mh, st.mf = (b * st.mg + (1 - b) * zg.grad, b * st.mh + (1 - b) * zh.grad,
                                    b * st.mf + (1 - b) * zf.grad)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +22,8 @@ import torch.nn.functional as F
 
 from mptool import distributed as D
 from mptool.families import get_adapter
-from mptool.maskprune import (LORA_TARGETS, MaskPruneConfig, autocast, budgeted_steps, check_finite,
-                              enable_grad_checkpointing, kd_loss, lm_loss)
+from mptool.maskprune import (LORA_TARGETS, LR_SCHEDULES, MaskPruneConfig, autocast, budgeted_steps,
+                              check_finite, enable_grad_checkpointing, kd_loss, lm_loss, schedule_factor)
 
 
 @dataclass
@@ -70,21 +69,11 @@ class RecoveryConfig:
     """Recompute decoder-layer activations in the backward pass (see MaskPruneConfig)."""
 
 
-LR_SCHEDULES = ("constant", "linear", "cosine")
-
-
 def scheduled_lr(cfg: RecoveryConfig, step: int, seq_len: int) -> float:
     """The learning rate of recovery step ``step`` (0-based) under ``cfg.lr_schedule``, decaying
     over the steps recovery will run: ``cfg.steps``, or fewer where ``cfg.max_tokens`` ends it."""
     total = budgeted_steps(cfg.steps, cfg.max_tokens, cfg.batch_size * seq_len)
-    frac = min(step / max(total, 1), 1.0)
-    if cfg.lr_schedule == "constant":
-        return cfg.lr
-    if cfg.lr_schedule == "linear":
-        return cfg.lr * (1.0 - frac)
-    if cfg.lr_schedule == "cosine":
-        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * frac))
-    raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {cfg.lr_schedule!r}")
+    return cfg.lr * schedule_factor(cfg.lr_schedule, step, total)
 
 
 def _topk_kd(student: torch.Tensor, values: torch.Tensor, index: torch.Tensor, t: float) -> torch.Tensor:

@@ -909,6 +909,7 @@ def test_unknown_recipe_key(tiny_dir, tmp_path):
     ([], "maskprune:\n  dual: exactt\n", "maskprune.dual 'exactt' is not one of ascent, exact"),
     ([], "maskprune:\n  forward: bin\n", "maskprune.forward 'bin' is not one of binary, scaled"),
     ([], "maskprune:\n  mask_norm: typewise\n", "maskprune.mask_norm 'typewise' is not one of shared, per_type"),
+    ([], "maskprune:\n  lr_mask_schedule: step\n", "maskprune.lr_mask_schedule 'step' is not one of constant, linear"),
     ([], "recovery:\n  teacher: disk\n", "recovery.teacher 'disk' is not one of memory, cache"),
     ([], "recovery:\n  batch_size: 0\n", "recovery.batch_size 0 must be a positive multiple of the 1 processes"),
     (["--seq-len", "64"], "data: corpus.txt\n", "data in the recipe must be a mapping of data keys"),

@@ -134,6 +134,36 @@ def test_mask_step_is_normalised_by_one_rms_or_one_per_unit_type(norm):
     assert ratios[0] != pytest.approx(1.0, rel=1e-3)  # the types' gradients differ in scale
 
 
+def test_a_decaying_mask_step_moves_the_masks_by_its_fraction_of_the_constant_step():
+    """Same seed, data and masks: the first step is the constant one; at the second of two,
+    "linear" is at half the rate, "cosine" at cos^2(pi/4) = half too, and the masks move half as far."""
+    from mptool.maskprune import schedule_factor
+
+    assert [schedule_factor("linear", i, 4) for i in range(4)] == pytest.approx([1, 0.75, 0.5, 0.25])
+    assert [schedule_factor("cosine", i, 2) for i in range(2)] == pytest.approx([1, 0.5])
+    moves = {}
+    for schedule in ("constant", "linear", "cosine"):
+        torch.manual_seed(0)
+        model = tiny_model("llama")
+        d = Dims.from_config(model.config)
+        mp = MaskPrune(model, blocks(d.vocab_size), cfg(steps=2, lr_mask=0.01, mask_beta=0.0, fixed_multiplier=0.0,
+                                                        lr_mask_schedule=schedule), target=Target(1, 1, 64),
+                       ffn_multiple=16)
+        st = mp.state
+        st.zg, st.zh, st.zf = (torch.full_like(z, 0.5) for z in (st.zg, st.zh, st.zf))
+        mp.step()
+        first = torch.cat([z.flatten().clone() for z in (st.zg, st.zh, st.zf)])
+        mp.step()
+        moves[schedule] = (first, torch.cat([z.flatten() for z in (st.zg, st.zh, st.zf)]) - first)
+    assert float(moves["constant"][1].abs().max()) > 1e-3
+    for schedule in ("linear", "cosine"):
+        assert torch.allclose(moves[schedule][0], moves["constant"][0])
+        assert torch.allclose(moves[schedule][1], 0.5 * moves["constant"][1], atol=1e-7)
+    with pytest.raises(ValueError, match="one of constant, linear, cosine"):
+        MaskPrune(tiny_model("llama"), blocks(d.vocab_size), cfg(lr_mask_schedule="step"), target=Target(1, 1, 64),
+                  ffn_multiple=16)
+
+
 def test_an_unknown_mask_norm_is_refused():
     model = tiny_model("llama")
     d = Dims.from_config(model.config)

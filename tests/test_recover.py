@@ -37,7 +37,7 @@ def test_lr_schedules_decay_over_the_steps_recovery_runs():
     # a token budget of 3 steps of 4 x 16 tokens ends recovery first: the decay spans those 3
     short = RecoveryConfig(steps=10, batch_size=4, max_tokens=3 * 64, lr=1.0, lr_schedule="linear")
     assert [scheduled_lr(short, i, 16) for i in range(3)] == pytest.approx([1.0, 2 / 3, 1 / 3])
-    with pytest.raises(ValueError, match="lr_schedule must be one of constant, linear, cosine"):
+    with pytest.raises(ValueError, match="lr schedule must be one of constant, linear, cosine"):
         scheduled_lr(RecoveryConfig(lr_schedule="step"), 0, 16)
 
 
