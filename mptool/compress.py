@@ -25,9 +25,8 @@ from mptool.data import DATA_ORDERS
 from mptool.errors import MptoolError
 from mptool.evaluate import PplProtocol, perplexity
 from mptool.io import atomic_dir, output_problems
-from mptool.maskprune import INITS
+from mptool.maskprune import INITS, LR_SCHEDULES, MASK_NORMS
 from mptool.models import check_token_ids, looks_like_path
-from mptool.recover import LR_SCHEDULES
 from mptool.progress import console, step
 from mptool.shapes import (Dims, Target, balanced_target, candidates, check_ratio, describe, no_target_message,
                            option_problems, prunable_params, validate_target)
@@ -111,8 +110,8 @@ def settings_problems(cfg: CompressConfig) -> list[str]:
         problems.append(f"maskprune.forward {mp.forward!r} is not one of binary, scaled")
     if mp.lr_mask_schedule not in LR_SCHEDULES:
         problems.append(f"maskprune.lr_mask_schedule {mp.lr_mask_schedule!r} is not one of {', '.join(LR_SCHEDULES)}")
-    if mp.mask_norm not in ("shared", "per_type"):
-        problems.append(f"maskprune.mask_norm {mp.mask_norm!r} is not one of shared, per_type")
+    if mp.mask_norm not in MASK_NORMS:
+        problems.append(f"maskprune.mask_norm {mp.mask_norm!r} is not one of {', '.join(MASK_NORMS)}")
     if rec.teacher not in ("memory", "cache"):
         problems.append(f"recovery.teacher {rec.teacher!r} is not one of memory, cache")
     if rec.lr_schedule not in LR_SCHEDULES:
