@@ -81,12 +81,12 @@ class MaskPruneConfig:
     unit type (KV groups, heads, FFN channels), so each type moves at the same pace in its own
     units; it stopped every KV-group swap and measured worse at 50% (63.32 against 59.53, one seed).
     docs/maskprune.md, "The KV groups' step", has the measurement."""
-    lr_mask_schedule: str = "constant"
-    """The mask step over mask learning: "constant", or decaying to 0 at the last step ("linear",
-    "cosine") so that the last unit swaps (KV groups trade places until the end at a constant step)
-    come early enough for LoRA to adapt to them. The proximal shift decays with it. At 50% cosine
-    measured 59.23 against the constant step's 60.70 (mean of three seeds), level at 20%; the
-    default stays constant until the quality table is rerun with it (docs/maskprune.md)."""
+    lr_mask_schedule: str = "cosine"
+    """The mask step over mask learning: decaying to 0 at the last step ("cosine", "linear") so
+    that the last unit swaps (KV groups trade places until the end at a constant step) come early
+    enough for LoRA to adapt to them, or "constant". The proximal shift decays with it. At 50%
+    cosine measured 59.23 against the constant step's 60.70 (mean of three seeds), level at 20%
+    (docs/maskprune.md, "The KV groups' step")."""
     mask_beta: float = 0.9
     """Momentum of the mask gradient (EMA, bias-corrected) before the step: averages the noise of
     small batches so that masks move on consistent evidence only. 0: the raw gradient."""
