@@ -79,11 +79,13 @@ def usage_line(e: click_errors.ClickException, command: str = "mptool") -> str:
 
 
 def _print_error(message: str) -> None:
+    from rich.console import Console
     from rich.markup import escape
 
     from mptool.progress import console
 
-    console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+    out = Console(stderr=True) if console.quiet else console  # MPTOOL_QUIET silences progress, never an error
+    out.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def _quiet_libraries() -> None:
