@@ -26,6 +26,11 @@ weights replicated) or FSDP (weights, LoRA and optimiser states sharded) workers
   device; the input Gram matrices it is computed from stay in host memory
   (``layers x ((heads x head_dim)^2 + intermediate^2) x 8`` bytes, reported as
   ``host_gram_bytes``, not in the per-device sum);
+* host memory (``host_weights``, not in the per-device sum): the process that loads the weights
+  holds the whole dense model in the weight dtype, and at the end the sliced copy beside it (the
+  dense weights are reloaded to merge LoRA into); under FSDP only rank 0 loads them and the
+  others take their shards one tensor at a time (about the largest tensor in transit); under DDP
+  every process loads them;
 * teacher: mask learning reuses the student's weights with adapters disabled (no copy); recovery
   with a fresh adapter (``recovery.adapter: fresh``) keeps the dense model too
   (``teacher="memory"``) unless its logits are cached. The default recovery after MaskPrune
@@ -106,6 +111,15 @@ def estimate(d: Dims, p: PlanInput, phase: str = "mask", target: Target | None =
             "host_gram_bytes": gram_bytes(d) if p.compensate else 0}
 
 
+def host_weights(d: Dims, p: PlanInput, target: Target | None = None) -> dict[str, float]:
+    """Host bytes of weights per process (see the module notes): rank 0's (the dense model and the
+    sliced copy at the end) and every other rank's, under ``p.sharding``."""
+    dense = total_params(d) * p.dtype_bytes
+    rank0 = dense + total_params(d, target or d.dense_target()) * p.dtype_bytes
+    largest = max(d.vocab_size * d.hidden_size, d.intermediate_size * d.hidden_size) * p.dtype_bytes
+    return {"rank0": rank0, "other": largest if p.sharding == "fsdp" else rank0}
+
+
 def plan_table(d: Dims, gpu_counts: list[int], gpu_mem_gib: float, base: PlanInput,
                target: Target | None = None) -> list[dict[str, Any]]:
     rows = []
@@ -159,7 +173,9 @@ def print_plan(model: str | None, gpus: list[int], gpu_mem_gib: float, base: Pla
     if as_json:
         print(json.dumps({"model": model or "embedded:SmolLM2-135M-Instruct", "input": asdict(base),
                           "gpu_mem_gib": gpu_mem_gib, "recovery_student": shape, "rows": rows,
-                          "host_gram_gib": round(gram_bytes(d) / GIB, 2) if base.compensate else 0.0},
+                          "host_gram_gib": round(gram_bytes(d) / GIB, 2) if base.compensate else 0.0,
+                          "host_weights_gib": {s: {k: round(v / GIB, 2) for k, v in host_weights(
+                              d, replace(base, sharding=s), student).items()} for s in ("ddp", "fsdp")}},
                          indent=2))
         return rows
     table = Table(title=f"per-GPU memory (GiB), global batch {base.batch_size} x {base.seq_len} tokens per step "
@@ -178,6 +194,11 @@ def print_plan(model: str | None, gpus: list[int], gpu_mem_gib: float, base: Pla
                       "yes" if r["fits"] else "no")
     console = Console(width=140)
     console.print(table)
+    fsdp = host_weights(d, replace(base, sharding="fsdp"), student)
+    console.print(f"host memory of weights per process: the loading process holds the dense model and, at the "
+                  f"end, the sliced copy ({fsdp['rank0'] / GIB:.1f} GiB); under FSDP only rank 0 loads, the others "
+                  f"take their shards a tensor at a time (~{fsdp['other'] / GIB:.1f} GiB in transit); under DDP "
+                  "every process loads the whole model")
     if base.compensate:
         console.print(f"compensation (the default; --no-compensate in compress: none) also holds the input Gram "
                       f"matrices of every o_proj/down_proj in host memory while pruning: "
