@@ -320,29 +320,42 @@ def measure_ppl(model: Any, ids: torch.Tensor, protocol: PplProtocol, label: str
         return perplexity(model, ids, protocol, progress=advance)
 
 
+def trainer_ppl(trainer: Any, ids: torch.Tensor, protocol: PplProtocol, label: str,
+                dense: bool = False) -> dict[str, Any]:
+    """Held-out perplexity of a MaskPrune trainer's model (``dense``: its teacher), every process
+    of the run taking a share of the windows."""
+    with step(f"perplexity ({label})", total=min(ids.numel(), protocol.max_tokens)) as advance:
+        return trainer.perplexity(ids, protocol, dense=dense, progress=advance)
+
+
 def one_shot_scores(model: Any, methods: tuple[str, ...], blocks: torch.Tensor, protect: float = 0.0,
                     gram: bool = False) -> tuple[dict[str, Any], torch.Tensor, tuple[list, list] | None]:
     """Unit scores of one-shot methods, from one calibration pass where the model's weights are
     (none when only magnitude is asked for and nothing is protected or compensated), the FFN
     channels that ``protect`` keeps (:func:`mptool.baselines.massive_channels`; none with
     ``protect`` 0), and with ``gram`` the input Gram matrices of every o_proj and down_proj
-    (for :mod:`mptool.compensate`; else None)."""
-    from mptool.baselines import calibrate, massive_channels, score
+    (for :mod:`mptool.compensate`; else None).
 
-    o_stats = d_stats = None
-    if gram or protect > 0 or any(m != "magnitude" for m in methods):
-        with step(f"calibrate ({len(blocks)} x {blocks.shape[1]} tokens)", total=len(blocks)) as advance:
-            o_stats, d_stats = calibrate(model, blocks, progress=advance, gram=gram)
-    grams = grams_of(o_stats, d_stats) if gram else None
-    scored = {m: score(model, m, o_stats, d_stats) for m in dict.fromkeys(methods)}
-    # every rank calibrated on its own device: rank 0's scores and Gram matrices for all, so a
-    # kernel's rounding on one GPU cannot give one rank other units or other deltas
-    for s in scored.values():
-        for t in (s.heads, s.groups, s.ffn):
-            D.broadcast_(t)
-    for g in (*grams[0], *grams[1]) if grams else ():
-        D.broadcast_(g)
-    return scored, massive_channels(model, d_stats, protect), grams
+    Under several processes rank 0 alone calibrates and every rank takes its results (the
+    others may hold a weightless skeleton; and one set of numbers for all, so a kernel's rounding
+    on one GPU cannot give one rank other units or other deltas)."""
+    from mptool.baselines import Scores, calibrate, massive_channels, score
+
+    methods = tuple(dict.fromkeys(methods))
+    if D.is_main():
+        o_stats = d_stats = None
+        if gram or protect > 0 or any(m != "magnitude" for m in methods):
+            with step(f"calibrate ({len(blocks)} x {blocks.shape[1]} tokens)", total=len(blocks)) as advance:
+                o_stats, d_stats = calibrate(model, blocks, progress=advance, gram=gram)
+        grams = grams_of(o_stats, d_stats) if gram else None
+        scored = {m: score(model, m, o_stats, d_stats) for m in methods}
+        protected = massive_channels(model, d_stats, protect)
+        flat = [t for s in scored.values() for t in (s.heads, s.groups, s.ffn)] + [protected]
+        flat += [*grams[0], *grams[1]] if grams else []
+    flat = D.from_rank0(flat if D.is_main() else None)
+    scored = {m: Scores(*flat[3 * i:3 * i + 3]) for i, m in enumerate(methods)}
+    protected, g = flat[3 * len(methods)].bool(), flat[3 * len(methods) + 1:]
+    return scored, protected, (g[:len(g) // 2], g[len(g) // 2:]) if gram else None
 
 
 def check_protected(protected: torch.Tensor, factor: float) -> None:
@@ -456,11 +469,29 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
     main = D.is_main()
     weights_dtype = getattr(torch, cfg.dtype)
 
-    def load_dense() -> Any:
-        return load_model(cfg.model, dtype=weights_dtype, trust_remote_code=cfg.trust_remote_code)[0]
-
     dev = D.device(cfg.device)
     sharded = D.sharded(cfg.sharding)
+    # under FSDP, MaskPrune with its learned selection needs the whole weights on rank 0 only (to
+    # calibrate, evaluate and write): the other ranks hold meta-device skeletons and take their
+    # shards of rank 0's tensors when FSDP wraps a model (mptool.distributed.fsdp_wrap)
+    rank0_load = sharded and cfg.method == "maskprune" and cfg.maskprune.select == "learned"
+    weights_here = main or not rank0_load
+
+    def load(what: str) -> tuple[Any, Any]:
+        """The model (a skeleton where this rank loads no weights) and tokenizer; one outcome for all."""
+        error, loaded = None, (None, None)
+        try:
+            with console.status(what) if main else contextlib.nullcontext():
+                loaded = load_model(cfg.model, dtype=weights_dtype, trust_remote_code=cfg.trust_remote_code,
+                                    weights=weights_here)
+        except MptoolError as exc:
+            error = exc
+        if not D.every(error is None):  # the others stop too instead of waiting at a collective
+            raise error or MptoolError("another process of this run could not load the model (rank 0 says why)")
+        return loaded
+
+    def load_dense() -> Any:
+        return load("loading the dense model again")[0]
     # under FSDP the weights stay on the CPU until FSDP moves each process's shard to the device;
     # rank 0 still evaluates with the whole model on its device
     torch.manual_seed(cfg.seed)
@@ -485,15 +516,15 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
                           f"host memory ({local} process(es) on this host), more than half of what is available "
                           "(--compensate forces it)")
     fixed, budget = plan_target(cfg, dims)
-    with console.status("loading model"):
-        model, tokenizer = load_model(cfg.model, dtype=weights_dtype, trust_remote_code=cfg.trust_remote_code)
+    model, tokenizer = load("loading model")
     if not sharded:
         model.to(dev)
     d = Dims.from_config(model.config)
     dense_count = param_count(model)
-    console.print(f"dense {d.dense_target()} -> " + (f"target {fixed}" if fixed else
-                  f"{'learned' if cfg.method == 'maskprune' else 'KD-chosen'} target within "
-                  f"{budget:,.0f} prunable parameters"))
+    if main:
+        console.print(f"dense {d.dense_target()} -> " + (f"target {fixed}" if fixed else
+                      f"{'learned' if cfg.method == 'maskprune' else 'KD-chosen'} target within "
+                      f"{budget:,.0f} prunable parameters"))
     eval_ids = eval_token_stream(tokenizer, eval_text, cfg.ppl.max_tokens)
     check_token_ids(eval_ids, model, tokenizer, "evaluation text")
     protocol = cfg.ppl.protocol(eval_name, d.context)
@@ -522,7 +553,10 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
         short.append(f"training passes over {len(blocks)} distinct blocks {train_blocks / len(blocks):.1f} times")
     if main and short:  # the report's data_used records the same
         console.print(f"note: the training text holds {len(cut)} blocks of {cfg.data.seq_len} tokens: {'; '.join(short)}")
-    dense_ppl = measure_ppl(model, eval_ids, protocol, "dense", dev) if main else {}
+    # several processes run MaskPrune: the dense perplexity is measured on the wrapped model
+    # (adapters off, masks at 1), each process a share of the windows, where the shards are
+    spread = D.world_size() > 1 and cfg.method == "maskprune"
+    dense_ppl = measure_ppl(model, eval_ids, protocol, "dense", dev) if main and not spread else {}
     if sharded and main:
         model.cpu()
 
@@ -562,7 +596,6 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
             scored, protected, grams = one_shot_scores(model, tuple(m for m in (mask_cfg.init, mask_cfg.select)
                                                                      if m in ONE_SHOT), calib, mask_cfg.protect,
                                                        gram=cfg.compensate)
-            protected = D.union(protected)  # every rank keeps the same channels
             check_protected(protected, mask_cfg.protect)
             trainer = MaskPrune(model, blocks, mask_cfg, target=fixed, budget=budget, tp=tuple(cfg.tp),
                                 ffn_multiple=cfg.ffn_multiple, init_scores=scored.get(mask_cfg.init), seed=cfg.seed,
@@ -576,9 +609,12 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
                     kept = [r for r in _read_jsonl(metrics) if _before_resume(r, trainer.state)]
                     metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))
                 D.barrier()
-                console.print(f"resumed from {ckpt} at step {trainer.state.step}")
+                if main:
+                    console.print(f"resumed from {ckpt} at step {trainer.state.step}")
             elif main:
                 metrics.unlink(missing_ok=True)
+            if spread:
+                dense_ppl = trainer_ppl(trainer, eval_ids, protocol, "dense", dense=True)
             if trainer.protected.any():
                 extra["protected_ffn"] = protected_report(trainer.protected)
                 if main:
@@ -591,11 +627,10 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
             if continued:
                 trainer.freeze()  # the masked model now computes exactly what the sliced one will
                 saved = ckpt / BEFORE_RECOVERY
-                if main and st.step > st.frozen_at and saved.is_file():  # resumed mid-recovery: measured then
+                if st.step > st.frozen_at and D.every(saved.is_file()):  # resumed mid-recovery: measured then
                     extra["before_recovery"] = json.loads(saved.read_text())
-                elif main and not trainer.sharded:
-                    extra["before_recovery"] = measure_ppl(trainer.model, eval_ids, protocol,
-                                                           "pruned, before recovery", dev)
+                else:  # the masked model computes what the sliced one will; every process takes part
+                    extra["before_recovery"] = trainer_ppl(trainer, eval_ids, protocol, "pruned, before recovery")
                 if "before_recovery" in extra:  # kept in recovery's checkpoints for a resumed run's report
                     trainer.extra_files[BEFORE_RECOVERY] = json.dumps(extra["before_recovery"])
                 t1 = time.perf_counter()
@@ -675,12 +710,17 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
                                  "first_block": data_offset % len(blocks), "blocks": len(blocks),
                                  "step_s_median": _median([r["step_s"] for r in rec_history])}
         del model
+        rss = D.gather_floats(peak_rss_mb())  # the other ranks' peaks: they do nothing more
         if not main:  # rank 0 evaluates and writes
             D.barrier()
             return {}
         pruned_ppl = measure_ppl(pruned, eval_ids, protocol, "pruned", dev)
         timings["total_s"] = round(time.perf_counter() - started, 1)
         timings["peak_rss_mb"] = round(peak_rss_mb(), 1)
+        if len(rss) > 1:
+            extra["processes"] = {"count": len(rss), "sharding": cfg.sharding,
+                                  "weights_loaded_by": "rank 0" if rank0_load else "every rank",
+                                  "peak_rss_mb": [timings["peak_rss_mb"], *(round(r, 1) for r in rss[1:])]}
 
         report = build_report(cfg, d, target, dense_count, pruned, dense_ppl, pruned_ppl, timings)
         report.update(extra, data_used=data_used, dtype={"source": source_dtype, "written": cfg.dtype},

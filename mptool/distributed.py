@@ -108,6 +108,15 @@ def clip_grads(params: Iterable[torch.Tensor], max_norm: float | None) -> float:
     return float(norm)
 
 
+def sum_(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over ranks (a new CPU tensor)."""
+    if world_size() == 1:
+        return t.clone()
+    buf = t.to(_comm_device()).clone()
+    dist.all_reduce(buf)
+    return buf.cpu()
+
+
 def mean(value: float) -> float:
     """Mean of a scalar over ranks (for logging)."""
     if world_size() == 1:
@@ -167,19 +176,77 @@ def sharded(sharding: str) -> bool:
     return sharding == "fsdp" and world_size() > 1
 
 
+def on_meta(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is a skeleton on the meta device (shapes, no weights): what the ranks
+    other than 0 hold when only rank 0 loads the weights (:func:`fsdp_wrap` fills them in)."""
+    return any(p.is_meta for p in model.parameters())
+
+
 def fsdp_wrap(model: torch.nn.Module, layers: Iterable[torch.nn.Module]) -> None:
     """Shard ``model`` in place with FSDP2: each decoder layer is one unit, the rest is the root's.
 
     Hooks registered on submodules before (the masks) keep working: FSDP2 changes no module
     structure, it only gathers each layer's parameters around its forward and backward.
+
+    Where some rank holds only a meta-device skeleton (the weights were loaded on rank 0
+    alone), the skeletons are sharded as they are, given storage, and every rank takes its
+    shard of rank 0's tensors, one tensor at a time: no rank but 0 ever holds the whole model.
+    Buffers that are not in the state dict (rotary frequencies) and the CPU RNG state are
+    rank 0's too, so every rank goes on exactly as if it had loaded the weights itself.
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    empty = on_meta(model)
+    from_rank0 = not every(not empty)
+    if from_rank0 and is_main() and empty:
+        raise MptoolError("rank 0 must hold the weights that the other ranks take their shards of")
+    full = model.state_dict() if from_rank0 and is_main() else {}
     mesh = init_device_mesh(_comm_device().type, (world_size(),))
     for layer in layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
+    if from_rank0:
+        _fill_from_rank0(model, full, empty)
+
+
+def _fill_from_rank0(model: torch.nn.Module, full: dict[str, torch.Tensor], empty: bool) -> None:
+    """Every rank's shards of rank 0's ``full`` state dict (empty elsewhere), its buffers and RNG."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if empty:
+        model.to_empty(device=_comm_device())
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    full.clear()  # rank 0's whole tensors go as soon as the shards are taken
+    with torch.no_grad():
+        for _, buf in sorted(model.named_buffers()):
+            broadcast_(buf)
+    torch.set_rng_state(broadcast_(torch.get_rng_state()))
+
+
+def from_rank0(tensors: list[torch.Tensor] | None) -> list[torch.Tensor]:
+    """Rank 0's ``tensors`` on every rank (the others pass None: shapes and dtypes come with them).
+
+    One small object broadcast for the shapes, then one tensor broadcast each; on the CPU.
+    """
+    if world_size() == 1:
+        return list(tensors or [])
+    spec = [[(tuple(t.shape), str(t.dtype).removeprefix("torch.")) for t in tensors] if is_main() else None]
+    dist.broadcast_object_list(spec, src=0, device=_comm_device())
+    out = list(tensors) if is_main() else [torch.empty(shape, dtype=getattr(torch, dtype)) for shape, dtype in spec[0]]
+    for t in out:
+        broadcast_(t)
+    return out
+
+
+def gather_floats(value: float) -> list[float]:
+    """``value`` of every rank, in rank order, on every rank."""
+    if world_size() == 1:
+        return [value]
+    t = torch.zeros(world_size(), dtype=torch.float64, device=_comm_device())
+    t[rank()] = value
+    dist.all_reduce(t)
+    return t.cpu().tolist()
 
 
 def place(model: torch.nn.Module, layers: Iterable[torch.nn.Module], is_sharded: bool,
@@ -194,15 +261,16 @@ def place(model: torch.nn.Module, layers: Iterable[torch.nn.Module], is_sharded:
 def unsharded_lora(sharded_model: torch.nn.Module, plain: torch.nn.Module, lora_config: Any) -> Any:
     """``plain`` (whole base weights) with the LoRA weights gathered from ``sharded_model``.
 
-    A collective under FSDP: every rank calls it and gets the same peft model, ready to merge.
-    The throwaway LoRA initialisation does not move the RNG streams on.
+    A collective under FSDP: every rank calls it and gets the same peft model, ready to merge
+    (a rank that holds a meta-device skeleton for ``plain`` gets the skeleton with LoRA). The throwaway LoRA initialisation does not move the RNG streams on.
     """
     from peft import get_peft_model
 
     lora = full_trainable(sharded_model)
     with torch.random.fork_rng(devices=[]):
         model = get_peft_model(plain, lora_config)
-    load_full_state(model, None, lora, None)
+    if not on_meta(plain):  # a skeleton (this rank loaded no weights) gets the structure only
+        load_full_state(model, None, lora, None)
     return model
 
 

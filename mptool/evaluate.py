@@ -33,14 +33,32 @@ class PplProtocol:
     text: str = "austen:persuasion"
 
 
+def windows(n: int, protocol: PplProtocol) -> list[tuple[int, int, int]]:
+    """The forward passes of ``protocol`` over ``n`` tokens: (begin, end, tokens newly scored)."""
+    out, prev_end = [], 0
+    for begin in range(0, n, protocol.stride):
+        end = min(begin + protocol.window, n)
+        out.append((begin, end, end - prev_end))  # tokens not scored by an earlier window
+        prev_end = end
+        if end == n:
+            break
+    return out
+
+
 @torch.no_grad()
 def perplexity(model: Any, ids: torch.Tensor, protocol: PplProtocol,
-               progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+               progress: Callable[[int], None] | None = None, split: bool = False) -> dict[str, Any]:
     """Perplexity of ``model`` on the 1-D token stream ``ids`` under ``protocol``.
+
+    ``split``: every process of a multi-process run calls this, runs a share of the windows
+    (round-robin; one that runs out repeats a window, unscored, so that an FSDP model's
+    collectives stay in step) and gets the total: the whole model never has to fit one device.
 
     Returns a JSON-able dict: ``ppl``, ``nll`` (mean per scored token), ``tokens`` (scored),
     the protocol, and the wall time.
     """
+    from mptool import distributed as D
+
     if protocol.stride > protocol.window or protocol.stride < 1:
         raise MptoolError(f"stride {protocol.stride} must be in [1, window={protocol.window}]")
     ids = ids[: protocol.max_tokens]
@@ -48,22 +66,25 @@ def perplexity(model: Any, ids: torch.Tensor, protocol: PplProtocol,
         raise MptoolError("evaluation text has fewer than 2 tokens")
     device = next(model.parameters()).device
     start_time = time.perf_counter()
-    nll_sum, scored, prev_end = 0.0, 0, 0
-    for begin in range(0, ids.numel(), protocol.stride):
-        end = min(begin + protocol.window, ids.numel())
-        new = end - prev_end  # tokens not scored by an earlier window
+    ranks, rank = (D.world_size(), D.rank()) if split else (1, 0)
+    todo = windows(ids.numel(), protocol)
+    nll_sum, scored = 0.0, 0
+    for first in range(0, len(todo), ranks):
+        turn = todo[first:first + ranks]
+        begin, end, new = turn[rank] if rank < len(turn) else todo[0]
         chunk = ids[begin:end].unsqueeze(0).to(device)
         logits = model(chunk).logits[0, :-1].float()
-        targets = chunk[0, 1:]
-        losses = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
-        take = losses[-new:] if begin else losses  # the first token has no prediction
-        nll_sum += take.double().sum().item()
-        scored += take.numel()
-        prev_end = end
+        if rank < len(turn):
+            losses = torch.nn.functional.cross_entropy(logits, chunk[0, 1:], reduction="none")
+            take = losses[-new:] if begin else losses  # the first token has no prediction
+            nll_sum += take.double().sum().item()
+            scored += take.numel()
         if progress:
-            progress(new)
-        if end == ids.numel():
-            break
+            progress(sum(w[2] for w in turn))
+    if ranks > 1:
+        total = torch.tensor([nll_sum, scored], dtype=torch.float64)
+        nll_sum, scored = D.sum_(total).tolist()
+        scored = int(scored)
     nll = nll_sum / scored
     return {"ppl": math.exp(nll), "nll": nll, "tokens": scored, "protocol": asdict(protocol),
             "seconds": round(time.perf_counter() - start_time, 2)}

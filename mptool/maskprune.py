@@ -33,6 +33,7 @@ Finish: binarise top-k per layer, merge LoRA, fold the kept mask values into ``o
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -410,6 +411,24 @@ class MaskPrune:
         self.rec: Any = None
         """Recovery that continues this trainer's LoRA (``continue_with``), or None."""
 
+    def perplexity(self, ids: torch.Tensor, protocol: Any, dense: bool = False,
+                   progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+        """Held-out perplexity of this model as it stands (the masks as last set), or with
+        ``dense`` of the teacher (adapters off, masks at 1: the dense model). Every process of a
+        multi-process run calls it and runs a share of the windows, so a sharded model is evaluated
+        where its shards are (:func:`mptool.evaluate.perplexity`)."""
+        from mptool.evaluate import perplexity
+
+        masks_on, training = self._masks_on, self.model.training
+        self.model.eval()
+        try:
+            with self.model.disable_adapter() if dense else contextlib.nullcontext():
+                self._masks_on = masks_on and not dense
+                return perplexity(self.model, ids, protocol, progress=progress, split=True)
+        finally:
+            self._masks_on = masks_on
+            self.model.train(training)
+
     def _base_weight(self, layer: int, j: int) -> torch.Tensor:
         """The frozen dense weight of o_proj (j 0) / down_proj (j 1), under LoRA and FSDP too."""
         from mptool.hooks import _projections
@@ -753,7 +772,9 @@ class MaskPrune:
 
         The sliced model is on the CPU. A sharded trainer holds only a shard of the weights, so it
         needs ``reload()`` (a fresh dense model: the base weights are frozen, so this is exact)
-        and merges the gathered LoRA into that; every rank gets the same plain model.
+        and merges the gathered LoRA into that; every rank gets the same plain model, except a rank
+        whose ``reload()`` gives a meta-device skeleton (rank 0 alone loads weights), which gets the
+        sliced skeleton: recovery's FSDP wrap fills it from rank 0.
         """
         from mptool.surgery import materialize
 
@@ -765,7 +786,10 @@ class MaskPrune:
         if self.sharded:
             if reload is None:
                 raise ValueError("a sharded trainer needs reload() to rebuild the dense weights")
-            self.model = D.unsharded_lora(self.model, reload().cpu(), self.lora_config)
+            plain = reload()
+            self.model = D.unsharded_lora(self.model, plain if D.on_meta(plain) else plain.cpu(), self.lora_config)
+            if D.on_meta(plain):  # this rank loaded no weights (rank 0 did): the sliced skeleton only
+                return materialize(self.model.unload(), keeps), keeps
         base = self.model.merge_and_unload().cpu()
         projections = _projections(base)
         with torch.no_grad():

@@ -473,6 +473,7 @@ def load_model(
     spec: str | os.PathLike | None,
     dtype: torch.dtype = torch.float32,
     trust_remote_code: bool = False,
+    weights: bool = True,
 ) -> tuple[Any, Any]:
     """Load a supported causal LM and its tokenizer, in eval mode.
 
@@ -483,6 +484,9 @@ def load_model(
         spec: as for :func:`resolve_model`.
         dtype: torch dtype of the loaded weights.
         trust_remote_code: passed to transformers (hub models with custom code).
+        weights: False builds the model from its config on the meta device (shapes, no
+            storage, nothing read but config and tokenizer): the skeleton a rank holds when rank 0
+            alone loads the weights and FSDP hands out the shards.
 
     Returns:
         ``(model, tokenizer)``.
@@ -500,9 +504,14 @@ def load_model(
     config = None
     try:
         config = read_config(path, trust_remote_code)  # refuses an unsupported family
-        model, info = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, output_loading_info=True
-        )
+        if weights:
+            model, info = AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, output_loading_info=True
+            )
+        else:
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+            info = {}
         if Path(path).is_dir() and not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
             raise MptoolError(f"model folder {path} has no tokenizer (tokenizer.json, tokenizer.model or vocab.json); "
                               "copy the tokenizer files of the model it was made from into it")

@@ -146,7 +146,8 @@ def recover(student: Any, blocks: torch.Tensor, cfg: RecoveryConfig, teacher: An
         cached = load_file(str(cache_path))
         if not sharded:
             teacher.cpu()  # its logits are cached: free the device for the student
-    cpu_copy = copy.deepcopy(student).cpu() if sharded else None  # a sharded student holds a shard only
+    # a sharded student holds a shard only: LoRA is merged into a copy (a skeleton stays one)
+    cpu_copy = (copy.deepcopy(student) if D.on_meta(student) else copy.deepcopy(student).cpu()) if sharded else None
     model = _with_lora(student, lora_config, seed)
     D.place(model, adapter.decoder_layers(model.base_model.model), sharded, dev)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -194,7 +195,7 @@ def recover(student: Any, blocks: torch.Tensor, cfg: RecoveryConfig, teacher: An
     model.eval()
     if sharded:
         model = D.unsharded_lora(model, cpu_copy, lora_config)
-    merged = model.merge_and_unload().cpu()
+    merged = model.unload() if D.on_meta(model) else model.merge_and_unload().cpu()
     for p in merged.parameters():
         p.requires_grad_(False)
     return merged, history

@@ -151,14 +151,19 @@ def pruned_config(config: Any, t: Target) -> Any:
 
 
 def materialize(model: Any, keeps: Sequence[LayerKeep]) -> Any:
-    """Return a new model of the right class, sliced to ``keeps`` (the input is not modified)."""
+    """Return a new model of the right class, sliced to ``keeps`` (the input is not modified).
+
+    A meta-device skeleton (a rank that holds no weights) gives the sliced skeleton."""
     from transformers import AutoModelForCausalLM
 
     d = Dims.from_config(model.config)
     target = check_keeps(d, keeps)
     config = pruned_config(model.config, target)
-    state = slice_state_dict(model.state_dict(), d, get_adapter(model.config), keeps)
     dtype = next(model.parameters()).dtype
+    if next(model.parameters()).is_meta:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    state = slice_state_dict(model.state_dict(), d, get_adapter(model.config), keeps)
     new = AutoModelForCausalLM.from_config(config, dtype=dtype)
     new.load_state_dict(state, strict=True)
     new.tie_weights()

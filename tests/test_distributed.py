@@ -56,6 +56,37 @@ def test_two_gloo_processes_match_one(tmp_path, tokenizer_dir, text_file, shardi
     assert r1["recovery"]["adapter"] == r2["recovery"]["adapter"] == ("continued" if adapter == "continue" else "fresh")
     assert r1["recovery"]["tokens"] == r2["recovery"]["tokens"] == 2 * 4 * 64
     assert abs(r1["pruned"]["perplexity"]["ppl"] - r2["pruned"]["perplexity"]["ppl"]) <= 1e-3 * r1["pruned"]["perplexity"]["ppl"]
+    # with several processes the dense (and before-recovery) perplexity is measured on the wrapped
+    # model, each process a share of the windows: the same numbers as one process's whole model
+    assert abs(r1["dense"]["perplexity"]["nll"] - r2["dense"]["perplexity"]["nll"]) <= 1e-5 * r1["dense"]["perplexity"]["nll"]
+    assert r1["dense"]["perplexity"]["tokens"] == r2["dense"]["perplexity"]["tokens"]
+    assert abs(r1["before_recovery"]["nll"] - r2["before_recovery"]["nll"]) <= 1e-3 * r1["before_recovery"]["nll"]
+    # under FSDP rank 1 held a weightless skeleton and took its shards of rank 0's tensors: the
+    # matching weights above are the proof that it got them
+    assert "processes" not in r1
+    assert r2["processes"]["count"] == 2 and r2["processes"]["sharding"] == sharding
+    assert r2["processes"]["weights_loaded_by"] == ("rank 0" if sharding == "fsdp" else "every rank")
+    assert len(r2["processes"]["peak_rss_mb"]) == 2 and min(r2["processes"]["peak_rss_mb"]) > 0
+
+
+def test_a_model_rank_0_cannot_load_stops_every_process(tmp_path, tokenizer_dir, text_file):
+    """Under FSDP only rank 0 reads the weights; when they do not match the config, the other
+    ranks (whose skeletons built fine from it) stop too, in seconds, instead of waiting at a
+    collective, and rank 0's one-line error names the problem; nothing is written."""
+    model = save_tiny("llama", tokenizer_dir, tmp_path / "m")
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "intermediate_size": 2 * config["intermediate_size"]}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MPTOOL_QUIET": "1", "TMPDIR": str(tmp_path)}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-port", str(free_port()), "-m", "mptool.cli", "compress", str(model),
+                          "--data", str(text_file), "--eval-data", str(text_file), "--seq-len", "64",
+                          "--max-steps", "2", "--sharding", "fsdp", "--out", str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    said = " ".join((two.stdout + two.stderr).split())  # a narrow terminal wraps the lines
+    assert two.returncode != 0, said[-3000:]
+    assert "its weights do not match its config.json" in said, said[:3000]
+    assert "another process of this run could not load the model" in said, said[:3000]
+    assert not (tmp_path / "two").exists()
 
 
 def test_resume_across_process_counts_and_sharding(tmp_path, tokenizer_dir):
@@ -110,6 +141,14 @@ def _union_worker(rank: int, port: int, out: str) -> None:
         view[:, 0] = 7.0 + rank
         D.broadcast_(view.T[0])
         agreed.append(view[:, 0].tolist() == [7.0, 7.0, 7.0] and view[0, 1].item() == rank + 1)
+        # rank 0's tensors, any shape and dtype, on ranks that know nothing of them beforehand
+        mine = [torch.arange(6, dtype=torch.float64).reshape(2, 3), torch.tensor([True, False]),
+                torch.ones(2, 2, 2, dtype=torch.bfloat16)] if rank == 0 else None
+        got = D.from_rank0(mine)
+        agreed.append([(t.dtype, tuple(t.shape)) for t in got] == [(torch.float64, (2, 3)), (torch.bool, (2,)),
+                                                                    (torch.bfloat16, (2, 2, 2))]
+                      and got[0].sum().item() == 15 and got[1].tolist() == [True, False])
+        agreed.append(D.gather_floats(10.0 + rank) == [10.0, 11.0])
         with open(os.path.join(out, f"{rank}.every.json"), "w") as f:
             json.dump(agreed, f)
     finally:
@@ -117,13 +156,58 @@ def _union_worker(rank: int, port: int, out: str) -> None:
 
 
 def test_ranks_agree_on_protected_channels_and_on_compensation(tmp_path):
-    """compress takes the protected FFN channels' union over ranks, so no rank keeps different units,
-    compensates only when every rank's host memory allows it (one decision for all), and every rank
-    takes rank 0's calibration scores and Gram matrices."""
+    """The collectives compress relies on: a union over ranks, one decision for all (compensation
+    only when every rank's host memory allows it), rank 0's values broadcast in place, rank 0's
+    calibration results handed to ranks that know nothing of their shapes, and every rank's peak
+    memory gathered for the report."""
     import torch.multiprocessing as mp
 
     mp.spawn(_union_worker, args=(free_port(), str(tmp_path)), nprocs=2)
     expected = torch.tensor([[True, False, False, False], [False, True, False, False]])
     for rank in (0, 1):
         assert torch.equal(torch.load(tmp_path / f"{rank}.pt", weights_only=True), expected)
-        assert json.loads((tmp_path / f"{rank}.every.json").read_text()) == [True, False, False, True, True]
+        assert json.loads((tmp_path / f"{rank}.every.json").read_text()) == [True, False, False, True, True, True, True]
+
+
+def _rank0_worker(rank: int, port: int, folder: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from mptool import distributed as D
+    from mptool.evaluate import PplProtocol, perplexity
+    from mptool.families import get_adapter
+    from mptool.models import load_model
+
+    dist.init_process_group("gloo", rank=rank, world_size=2, init_method=f"tcp://127.0.0.1:{port}")
+    try:
+        model, _ = load_model(folder, weights=rank == 0)  # rank 1: a skeleton on the meta device
+        result = {"skeleton": D.on_meta(model)}
+        ids = torch.randint(0, 300, (70,), generator=torch.Generator().manual_seed(0))
+        protocol = PplProtocol(window=16, stride=10, max_tokens=70, text="random")  # 7 overlapping windows
+        if rank == 0:
+            result["whole"] = perplexity(model, ids, protocol)
+        D.fsdp_wrap(model, get_adapter(model.config).decoder_layers(model))
+        result["sharded"] = perplexity(model, ids, protocol, split=True)
+        result["rope"] = [b.sum().item() for _, b in sorted(model.named_buffers())]
+        result["rng"] = torch.get_rng_state().sum().item()
+        with open(os.path.join(out, f"{rank}.json"), "w") as f:
+            json.dump(result, f)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_rank0_weights_reach_skeletons_and_evaluation_splits_over_ranks(tmp_path, tokenizer_dir, family):
+    """Rank 1 builds the model from its config on the meta device; FSDP shards the skeletons and
+    fills them from rank 0 (weights, rotary buffers, RNG state): the sharded model, evaluated with
+    the windows split over both ranks (an odd count, so one rank repeats one unscored), gives the
+    perplexity of rank 0's whole model."""
+    import torch.multiprocessing as mp
+
+    folder = save_tiny(family, tokenizer_dir, tmp_path / "m")
+    mp.spawn(_rank0_worker, args=(free_port(), str(folder), str(tmp_path)), nprocs=2)
+    r0, r1 = (json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1))
+    assert (r0["skeleton"], r1["skeleton"]) == (False, True)
+    assert r0["whole"]["tokens"] == r0["sharded"]["tokens"] == r1["sharded"]["tokens"] == 69
+    assert abs(r0["sharded"]["nll"] - r0["whole"]["nll"]) <= 1e-6 * r0["whole"]["nll"]
+    assert r1["sharded"]["nll"] == r0["sharded"]["nll"]
+    assert r1["rope"] == r0["rope"] and r1["rng"] == r0["rng"]
