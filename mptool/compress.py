@@ -352,6 +352,8 @@ def one_shot_scores(model: Any, methods: tuple[str, ...], blocks: torch.Tensor, 
         protected = massive_channels(model, d_stats, protect)
         flat = [t for s in scored.values() for t in (s.heads, s.groups, s.ffn)] + [protected]
         flat += [*grams[0], *grams[1]] if grams else []
+        if D.world_size() > 1:  # every rank the same numbers on the same device
+            flat = [t.cpu() for t in flat]
     flat = D.from_rank0(flat if D.is_main() else None)
     scored = {m: Scores(*flat[3 * i:3 * i + 3]) for i, m in enumerate(methods)}
     protected, g = flat[3 * len(methods)].bool(), flat[3 * len(methods) + 1:]
@@ -493,7 +495,7 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
     def load_dense() -> Any:
         return load("loading the dense model again")[0]
     # under FSDP the weights stay on the CPU until FSDP moves each process's shard to the device;
-    # rank 0 still evaluates with the whole model on its device
+    # rank 0 still calibrates on the CPU and evaluates the written model whole on its device
     torch.manual_seed(cfg.seed)
     timings: dict[str, float] = {}
     started = time.perf_counter()
