@@ -48,13 +48,18 @@ def _per_head(col_scores: torch.Tensor, d: Dims) -> torch.Tensor:
     return col_scores.reshape(d.num_kv_heads, d.heads_per_group, d.head_dim).sum(-1)
 
 
+def _whole(w: torch.Tensor) -> torch.Tensor:
+    """A weight as one tensor: an FSDP shard is gathered (a collective: every rank, same order)."""
+    return w.full_tensor() if hasattr(w, "full_tensor") else w
+
+
 def _layer_weights(model: Any):
+    """Per decoder layer, the q, k, v, o, gate, up, down weights (whole, one layer at a time)."""
     a = get_adapter(model.config)
     for layer in a.decoder_layers(model):
         attn, mlp = a.attention(layer), a.ffn(layer)
-        yield (getattr(attn, a.q).weight, getattr(attn, a.k).weight, getattr(attn, a.v).weight,
-               getattr(attn, a.o).weight, getattr(mlp, a.gate).weight, getattr(mlp, a.up).weight,
-               getattr(mlp, a.down).weight)
+        yield tuple(_whole(getattr(mod, name).weight) for mod, name in (
+            (attn, a.q), (attn, a.k), (attn, a.v), (attn, a.o), (mlp, a.gate), (mlp, a.up), (mlp, a.down)))
 
 
 @torch.no_grad()
@@ -70,6 +75,38 @@ def calibrate(model: Any, blocks: torch.Tensor, batch_size: int = 4,
             model(blocks[start:start + batch_size].to(dev))
             if progress:
                 progress(min(batch_size, len(blocks) - start))
+    return o_stats, d_stats
+
+
+@torch.no_grad()
+def calibrate_split(model: Any, blocks: torch.Tensor, batch_size: int = 4,
+                    progress: Callable[[int], None] | None = None,
+                    gram: bool = False, run: Any = None) -> tuple[list[InputStats], list[InputStats]]:
+    """:func:`calibrate` with the blocks shared out over the processes of a run (contiguous,
+    in batch order) and the statistics summed (maxima: the maximum) over them, so every process
+    gets those of all blocks. Every process calls it; under FSDP each forward is a collective, so
+    a process whose share ran out runs the others' last batches unrecorded. ``run``: the module
+    to call (a wrapper of ``model``, such as the FSDP root; default ``model``)."""
+    from mptool import distributed as D
+
+    ranks, rank = D.world_size(), D.rank()
+    batches = [blocks[i:i + batch_size] for i in range(0, len(blocks), batch_size)]
+    turns = -(-len(batches) // ranks)
+    mine = batches[rank * turns:(rank + 1) * turns]
+    hooks, o_stats, d_stats = collect_stats(model, gram)
+    dev = next(model.parameters()).device
+    with hooks:
+        for i in range(turns):
+            if i == len(mine):
+                hooks.remove()  # the rest keep the collectives in step and are not counted
+            (run or model)((mine[i] if i < len(mine) else batches[-1]).to(dev))
+            if progress:
+                progress(sum(len(b) for b in batches[i::turns]))
+    if ranks > 1:
+        d = Dims.from_config(model.config)
+        for stats, width in ((o_stats, d.num_heads * d.head_dim), (d_stats, d.intermediate_size)):
+            for s in stats:
+                D.merge_stats_(s, width, dev)
     return o_stats, d_stats
 
 

@@ -495,7 +495,7 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
     def load_dense() -> Any:
         return load("loading the dense model again")[0]
     # under FSDP the weights stay on the CPU until FSDP moves each process's shard to the device;
-    # rank 0 still calibrates on the CPU and evaluates the written model whole on its device
+    # rank 0 still evaluates the written model whole on its device
     torch.manual_seed(cfg.seed)
     timings: dict[str, float] = {}
     started = time.perf_counter()
@@ -594,14 +594,24 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
         if cfg.method == "maskprune":
             from mptool.maskprune import MaskPrune
 
-            # the dense model's scores for the initialisation and a one-shot selection, one calibration
-            scored, protected, grams = one_shot_scores(model, tuple(m for m in (mask_cfg.init, mask_cfg.select)
-                                                                     if m in ONE_SHOT), calib, mask_cfg.protect,
-                                                       gram=cfg.compensate)
-            check_protected(protected, mask_cfg.protect)
+            # the dense model's scores for the initialisation and a one-shot selection, one calibration:
+            # under FSDP on the wrapped model, each process a share of the blocks where its shards are
+            methods = tuple(m for m in (mask_cfg.init, mask_cfg.select) if m in ONE_SHOT)
+            if not sharded:
+                scored, protected, grams = one_shot_scores(model, methods, calib, mask_cfg.protect, gram=cfg.compensate)
+                check_protected(protected, mask_cfg.protect)
             trainer = MaskPrune(model, blocks, mask_cfg, target=fixed, budget=budget, tp=tuple(cfg.tp),
-                                ffn_multiple=cfg.ffn_multiple, init_scores=scored.get(mask_cfg.init), seed=cfg.seed,
-                                sharding=cfg.sharding, device=dev, protected=protected, grams=grams)
+                                ffn_multiple=cfg.ffn_multiple, seed=cfg.seed, sharding=cfg.sharding, device=dev,
+                                defer=True)
+            if sharded:
+                needed = cfg.compensate or mask_cfg.protect > 0 or any(m != "magnitude" for m in methods)
+                with step(f"calibrate ({len(calib)} x {calib.shape[1]} tokens over {D.world_size()} processes)",
+                          total=len(calib) if needed else 0) as advance:
+                    scored, protected, grams = trainer.calibrate(methods, calib if needed else calib[:0],
+                                                                 mask_cfg.protect, gram=cfg.compensate,
+                                                                 progress=advance)
+                check_protected(protected, mask_cfg.protect)
+            trainer.start(scored.get(mask_cfg.init), protected, grams)
             if continued:
                 trainer.continue_with(rec_cfg)
             trainer.extra_files = {"compress-config.yaml": yaml.safe_dump(to_dict(cfg), sort_keys=False)}

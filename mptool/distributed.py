@@ -117,6 +117,23 @@ def sum_(t: torch.Tensor) -> torch.Tensor:
     return buf.cpu()
 
 
+def merge_stats_(stats: Any, width: int, dev: torch.device) -> None:
+    """Sum one projection's input statistics (:class:`mptool.hooks.InputStats`) over ranks in
+    place: counts, sums, sums of squares and Gram matrices add, per-column maxima take the
+    maximum; a rank that saw no token contributes zeros of ``width`` columns."""
+    zeros = torch.zeros(width, dtype=torch.float64, device=dev)
+    stats.n = int(sum_(torch.tensor([float(stats.n)], dtype=torch.float64))[0])
+    for name in ("sum", "sumsq", "amax"):
+        t = getattr(stats, name)
+        t = zeros.clone() if t is None else t
+        buf = t.to(_comm_device())
+        dist.all_reduce(buf, op=dist.ReduceOp.MAX if name == "amax" else dist.ReduceOp.SUM)
+        setattr(stats, name, buf.to(dev))
+    if stats.track_gram:  # summed on the host, like the hooks keep it
+        g = stats.gram if stats.gram is not None else torch.zeros(width, width, dtype=torch.float64)
+        stats.gram = sum_(g)
+
+
 def mean(value: float) -> float:
     """Mean of a scalar over ranks (for logging)."""
     if world_size() == 1:

@@ -322,7 +322,7 @@ class MaskPrune:
                  tp: tuple[int, ...] = (1,), ffn_multiple: int = 64,
                  init_scores: Any = None, seed: int = 0, sharding: str = "ddp",
                  device: torch.device | None = None, protected: torch.Tensor | None = None,
-                 grams: tuple[Any, Any] | None = None) -> None:
+                 grams: tuple[Any, Any] | None = None, defer: bool = False) -> None:
         """Wrap ``model`` with LoRA and mask hooks.
 
         ``grams``: per layer, the input Gram matrices of ``o_proj`` and ``down_proj`` of the dense
@@ -337,6 +337,9 @@ class MaskPrune:
         Under ``sharding="fsdp"`` with several processes the LoRA model is sharded with FSDP2
         (weights may still be on the CPU: FSDP moves each shard to this process's device);
         otherwise it runs on the device its weights are on.
+
+        ``defer``: ``init_scores``, ``protected`` and ``grams`` come later, through
+        :meth:`start` (after :meth:`calibrate` on the wrapped model).
         """
         from peft import LoraConfig, get_peft_model
 
@@ -356,7 +359,6 @@ class MaskPrune:
         if cfg.grad_checkpointing:
             enable_grad_checkpointing(model)
         self.model = get_peft_model(model, self.lora_config)
-        L, G, R, I = d.num_layers, d.num_kv_heads, d.heads_per_group, d.intermediate_size
         if cfg.dual not in ("exact", "ascent"):
             raise ValueError(f"unknown multiplier update {cfg.dual!r}: exact or ascent")
         if cfg.forward not in ("binary", "scaled"):
@@ -367,6 +369,35 @@ class MaskPrune:
             raise ValueError(f"unknown mask gradient normalisation {cfg.mask_norm!r}: {' or '.join(MASK_NORMS)}")
         if cfg.init not in INITS:
             raise ValueError(f"unknown mask init {cfg.init!r}: one of {', '.join(INITS)}")
+        self._masks_on = True
+        # hard masks of the previous step and the churn between them (a diagnostic, not state:
+        # the first step after a resume reports 0)
+        self._prev_hard: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._churn = {"churn_heads": 0.0, "churn_ffn": 0.0}
+        self.extra_files: dict[str, str] = {}
+        """Text files written into every checkpoint (the caller's resolved config)."""
+        self._heads: list[torch.Tensor] = []
+        self._ffn: list[torch.Tensor] = []
+        self.hooks = apply_masks(self.model.base_model.model, self._head_mask, self._ffn_mask)
+        self.sharded = D.sharded(sharding)
+        if self.sharded:
+            D.fsdp_wrap(self.model, adapter.decoder_layers(self.model.base_model.model))
+        self.device = device or (D.device() if self.sharded else next(model.parameters()).device)
+        self.lora_params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.lora_params, lr=cfg.lr_lora, weight_decay=0.0)
+        self.rec: Any = None
+        """Recovery that continues this trainer's LoRA (``continue_with``), or None."""
+        self.grams, self.comp = None, None
+        if not defer:
+            self.start(init_scores, protected, grams)
+
+    def start(self, init_scores: Any = None, protected: torch.Tensor | None = None,
+              grams: tuple[Any, Any] | None = None) -> None:
+        """The initial masks (from ``init_scores`` unless ``init`` is "ones"), the protected FFN
+        channels and the compensation (see :meth:`__init__`): given to the constructor, or here
+        after :meth:`calibrate` when it was built with ``defer=True``."""
+        cfg, d, target = self.cfg, self.d, self.target
+        L, G, R, I = d.num_layers, d.num_kv_heads, d.heads_per_group, d.intermediate_size
         if cfg.init != "ones" and init_scores is not None:
             zg, zh, zf = (M.init_from_scores(init_scores.groups).cpu(), M.init_from_scores(init_scores.heads).cpu(),
                           M.init_from_scores(init_scores.ffn).cpu())
@@ -382,22 +413,7 @@ class MaskPrune:
                                mg=torch.zeros(L, G), mh=torch.zeros(L, G, R), mf=torch.zeros(L, I),
                                s=[float(final.kv_heads), float(final.heads_per_group), float(final.ffn)],
                                snapped=[final.kv_heads, final.heads_per_group, final.ffn] if target else None)
-        self._masks_on = True
-        # hard masks of the previous step and the churn between them (a diagnostic, not state:
-        # the first step after a resume reports 0)
-        self._prev_hard: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._churn = {"churn_heads": 0.0, "churn_ffn": 0.0}
-        self.extra_files: dict[str, str] = {}
-        """Text files written into every checkpoint (the caller's resolved config)."""
-        self._heads: list[torch.Tensor] = []
-        self._ffn: list[torch.Tensor] = []
-        self.hooks = apply_masks(self.model.base_model.model, self._head_mask, self._ffn_mask)
         self.grams = grams
-        self.sharded = D.sharded(sharding)
-        if self.sharded:
-            D.fsdp_wrap(self.model, adapter.decoder_layers(self.model.base_model.model))
-        self.device = device or (D.device() if self.sharded else next(model.parameters()).device)
-        self.comp = None
         if grams is not None:
             from mptool.compensate import Compensator
             from mptool.hooks import _projections
@@ -406,10 +422,32 @@ class MaskPrune:
                                     weight=self._base_weight, gate=lambda: self._masks_on,
                                     device=self.device, frozen=self._frozen)
             self.hooks.handles.extend(self.comp.handles)
-        self.lora_params = [p for p in self.model.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(self.lora_params, lr=cfg.lr_lora, weight_decay=0.0)
-        self.rec: Any = None
-        """Recovery that continues this trainer's LoRA (``continue_with``), or None."""
+
+    @torch.no_grad()
+    def calibrate(self, methods: tuple[str, ...], blocks: torch.Tensor, protect: float = 0.0,
+                  gram: bool = False, batch_size: int = 4,
+                  progress: Callable[[int], None] | None = None) -> tuple[dict[str, Any], torch.Tensor, Any]:
+        """:func:`mptool.compress.one_shot_scores` on this trainer's model as the dense teacher
+        (adapters off, masks at 1), every process a share of the blocks on its device and the
+        statistics summed over them: under FSDP the calibration runs where the shards are and no
+        process needs the whole model. Returns (scores by method, protected FFN channels, Gram
+        matrices or None), the same on every process. Call it before :meth:`start`."""
+        from mptool.baselines import calibrate_split, massive_channels, score
+
+        model = self.model.base_model.model
+        masks_on, training = self._masks_on, self.model.training
+        self.model.eval()
+        self._masks_on = False
+        try:
+            with self.model.disable_adapter():
+                o_stats, d_stats = calibrate_split(model, blocks, batch_size, progress, gram, run=self.model)
+        finally:
+            self._masks_on = masks_on
+            self.model.train(training)
+        scored = {m: score(model, m, o_stats, d_stats) for m in dict.fromkeys(methods)}
+        protected = massive_channels(model, d_stats, protect)
+        grams = ([s.gram for s in o_stats], [s.gram for s in d_stats]) if gram else None
+        return scored, protected, grams
 
     def perplexity(self, ids: torch.Tensor, protocol: Any, dense: bool = False,
                    progress: Callable[[int], None] | None = None) -> dict[str, Any]:

@@ -173,6 +173,7 @@ def _rank0_worker(rank: int, port: int, folder: str, out: str) -> None:
     import torch.distributed as dist
 
     from mptool import distributed as D
+    from mptool.baselines import calibrate, calibrate_split, score
     from mptool.evaluate import PplProtocol, perplexity
     from mptool.families import get_adapter
     from mptool.models import load_model
@@ -183,10 +184,20 @@ def _rank0_worker(rank: int, port: int, folder: str, out: str) -> None:
         result = {"skeleton": D.on_meta(model)}
         ids = torch.randint(0, 300, (70,), generator=torch.Generator().manual_seed(0))
         protocol = PplProtocol(window=16, stride=10, max_tokens=70, text="random")  # 7 overlapping windows
+        blocks = torch.randint(0, 300, (9, 12), generator=torch.Generator().manual_seed(1))  # 5 batches of 2
+
+        def summary(o_stats, d_stats) -> list[float]:
+            flap = score(model, "flap", o_stats, d_stats)
+            return [sorted({s.n for s in o_stats + d_stats}),
+                    *(sum(getattr(s, k).sum().item() for s in o_stats + d_stats) for k in ("sum", "sumsq", "amax", "gram")),
+                    flap.heads.sum().item(), flap.ffn.sum().item()]
+
         if rank == 0:
             result["whole"] = perplexity(model, ids, protocol)
+            result["calibrated"] = summary(*calibrate(model, blocks, batch_size=2, gram=True))
         D.fsdp_wrap(model, get_adapter(model.config).decoder_layers(model))
         result["sharded"] = perplexity(model, ids, protocol, split=True)
+        result["calibrated_split"] = summary(*calibrate_split(model, blocks, batch_size=2, gram=True))
         result["rope"] = [b.sum().item() for _, b in sorted(model.named_buffers())]
         result["rng"] = torch.get_rng_state().sum().item()
         with open(os.path.join(out, f"{rank}.json"), "w") as f:
@@ -200,7 +211,8 @@ def test_rank0_weights_reach_skeletons_and_evaluation_splits_over_ranks(tmp_path
     """Rank 1 builds the model from its config on the meta device; FSDP shards the skeletons and
     fills them from rank 0 (weights, rotary buffers, RNG state): the sharded model, evaluated with
     the windows split over both ranks (an odd count, so one rank repeats one unscored), gives the
-    perplexity of rank 0's whole model."""
+    perplexity of rank 0's whole model, and calibrated with the blocks split over both ranks, its
+    statistics and scores."""
     import torch.multiprocessing as mp
 
     folder = save_tiny(family, tokenizer_dir, tmp_path / "m")
@@ -211,3 +223,10 @@ def test_rank0_weights_reach_skeletons_and_evaluation_splits_over_ranks(tmp_path
     assert abs(r0["sharded"]["nll"] - r0["whole"]["nll"]) <= 1e-6 * r0["whole"]["nll"]
     assert r1["sharded"]["nll"] == r0["sharded"]["nll"]
     assert r1["rope"] == r0["rope"] and r1["rng"] == r0["rng"]
+    # calibration on the sharded model, 3 batches on rank 0 and 2 on rank 1 (which runs one more,
+    # unrecorded), statistics summed over ranks: those of one process over all 9 blocks, and the
+    # scores made with the gathered weights too
+    for got in (r0["calibrated_split"], r1["calibrated_split"]):
+        assert got[0] == r0["calibrated"][0] == [9 * 12]  # every projection saw every token once
+        for a, b in zip(got[1:], r0["calibrated"][1:]):
+            assert abs(a - b) <= 1e-9 * max(1.0, abs(b)), (got, r0["calibrated"])
