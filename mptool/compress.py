@@ -588,6 +588,7 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
                              if cfg.dtype == "bfloat16" else ""))
         t0 = time.perf_counter()
         data_offset = 0  # blocks consumed before recovery
+        pruned_ppl = None
         # recovery after MaskPrune continues mask learning's adapter on the frozen masks (one LoRA
         # across the cut) unless asked for a fresh one; a one-shot selection has no adapter to continue
         continued = continues_adapter(cfg)
@@ -650,6 +651,12 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
                     advance(st.step - st.frozen_at)
                     trainer.run_recovery(metrics, ckpt, progress=advance)
                 timings["recovery_s"] = round(time.perf_counter() - t1, 1)
+                if spread and mask_cfg.select == "learned":
+                    # several processes: the final perplexity on the wrapped model, where the shards
+                    # are, before slicing (the same function: finish() folds the masks and merges
+                    # LoRA exactly), so the whole pruned model never has to fit rank 0's device
+                    pruned_ppl = {**trainer_ppl(trainer, eval_ids, protocol, "pruned"),
+                                  "measured_on": "the trained masked model before slicing, over the processes"}
             if mask_cfg.select != "learned":  # MaskPrune's shape only: the dense weights cut by a one-shot score
                 from mptool.baselines import protect, select
 
@@ -726,7 +733,8 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
         if not main:  # rank 0 evaluates and writes
             D.barrier()
             return {}
-        pruned_ppl = measure_ppl(pruned, eval_ids, protocol, "pruned", dev)
+        if pruned_ppl is None:
+            pruned_ppl = measure_ppl(pruned, eval_ids, protocol, "pruned", dev)
         timings["total_s"] = round(time.perf_counter() - started, 1)
         timings["peak_rss_mb"] = round(peak_rss_mb(), 1)
         if len(rss) > 1:
