@@ -712,7 +712,17 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
         if rec_cfg.steps > 0 and not continued:
             from mptool.recover import recover
 
-            if main:
+            measured: dict[str, dict] = {}
+
+            def evaluate(student: Any, when: str) -> None:
+                """Several processes: the student's perplexity where its shards are, before and after
+                (inside recovery's progress bar, so without one of its own)."""
+                from mptool.evaluate import perplexity
+
+                measured[when] = {**perplexity(student, eval_ids, protocol, split=True),
+                                  "measured_on": "the LoRA student before merging, over the processes"}
+
+            if main and not spread:
                 extra["before_recovery"] = measure_ppl(pruned, eval_ids, protocol, "pruned, before recovery", dev)
             t0 = time.perf_counter()
             if model is None:
@@ -722,7 +732,9 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
                                               cache_path=ckpt_parent / "teacher-topk.safetensors",
                                               metrics_path=metrics, progress=advance,
                                               sharding=cfg.sharding, device=dev, seed=cfg.seed,
-                                              offset=data_offset)
+                                              offset=data_offset, evaluate=evaluate if spread else None)
+            if spread:
+                extra["before_recovery"], pruned_ppl = measured["before"], measured["after"]
             history += rec_history
             timings["recovery_s"] = round(time.perf_counter() - t0, 1)
             extra["recovery"] = {"adapter": "fresh", "steps": len(rec_history), "tokens": rec_history[-1]["tokens"] if rec_history else 0,

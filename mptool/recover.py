@@ -104,8 +104,14 @@ def cache_teacher(teacher: Any, blocks: torch.Tensor, batch_size: int, k: int, p
 def recover(student: Any, blocks: torch.Tensor, cfg: RecoveryConfig, teacher: Any = None,
             cache_path: Path | None = None, metrics_path: Path | None = None,
             progress: Callable[..., None] | None = None, sharding: str = "ddp",
-            device: torch.device | None = None, seed: int = 0, offset: int = 0) -> tuple[Any, list[dict]]:
+            device: torch.device | None = None, seed: int = 0, offset: int = 0,
+            evaluate: Callable[[Any, str], None] | None = None) -> tuple[Any, list[dict]]:
     """Train LoRA on ``student`` against the teacher, merge, return ``(plain model, history)``.
+
+    ``evaluate(model, when)`` is called on the placed (under FSDP: sharded) LoRA student before
+    the first step (``when`` "before": LoRA starts at zero, so it is the sliced student) and after
+    the last (``"after"``: the function the merged model computes), on every process, so that
+    perplexity can be measured where the shards are.
 
     ``offset`` is the data position: the first block trained on (the blocks wrap around). After
     mask learning it is the number of blocks mask learning consumed, so that recovery trains on
@@ -151,6 +157,9 @@ def recover(student: Any, blocks: torch.Tensor, cfg: RecoveryConfig, teacher: An
     model = _with_lora(student, lora_config, seed)
     D.place(model, adapter.decoder_layers(model.base_model.model), sharded, dev)
     params = [p for p in model.parameters() if p.requires_grad]
+    if evaluate is not None:
+        model.eval()
+        evaluate(model, "before")
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     history, tokens = [], 0
     model.train()
@@ -193,6 +202,8 @@ def recover(student: Any, blocks: torch.Tensor, cfg: RecoveryConfig, teacher: An
         if progress:
             progress(1, info=f"loss {row['loss']:.4f}")
     model.eval()
+    if evaluate is not None:
+        evaluate(model, "after")
     if sharded:
         model = D.unsharded_lora(model, cpu_copy, lora_config)
     merged = model.unload() if D.on_meta(model) else model.merge_and_unload().cpu()
