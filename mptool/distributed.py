@@ -279,7 +279,8 @@ def unsharded_lora(sharded_model: torch.nn.Module, plain: torch.nn.Module, lora_
     """``plain`` (whole base weights) with the LoRA weights gathered from ``sharded_model``.
 
     A collective under FSDP: every rank calls it and gets the same peft model, ready to merge
-    (a rank that holds a meta-device skeleton for ``plain`` gets the skeleton with LoRA). The throwaway LoRA initialisation does not move the RNG streams on.
+    (a rank that holds a meta-device skeleton for ``plain`` gets the skeleton with LoRA). The
+    throwaway LoRA initialisation does not move the RNG streams on.
     """
     from peft import get_peft_model
 
