@@ -21,7 +21,7 @@ A KV group's score is the sum of its query heads' scores (plus its k/v norms for
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -65,31 +65,19 @@ def _layer_weights(model: Any):
 @torch.no_grad()
 def calibrate(model: Any, blocks: torch.Tensor, batch_size: int = 4,
               progress: Callable[[int], None] | None = None,
-              gram: bool = False) -> tuple[list[InputStats], list[InputStats]]:
+              gram: bool = False, split: bool = False, run: Any = None) -> tuple[list[InputStats], list[InputStats]]:
     """Run calibration blocks through the model; return input stats of o_proj and down_proj
-    (with their Gram matrices if ``gram``, for :mod:`mptool.compensate`)."""
-    hooks, o_stats, d_stats = collect_stats(model, gram)
-    dev = next(model.parameters()).device
-    with hooks:
-        for start in range(0, len(blocks), batch_size):
-            model(blocks[start:start + batch_size].to(dev))
-            if progress:
-                progress(min(batch_size, len(blocks) - start))
-    return o_stats, d_stats
+    (with their Gram matrices if ``gram``, for :mod:`mptool.compensate`).
 
-
-@torch.no_grad()
-def calibrate_split(model: Any, blocks: torch.Tensor, batch_size: int = 4,
-                    progress: Callable[[int], None] | None = None,
-                    gram: bool = False, run: Any = None) -> tuple[list[InputStats], list[InputStats]]:
-    """:func:`calibrate` with the blocks shared out over the processes of a run (contiguous,
-    in batch order) and the statistics summed (maxima: the maximum) over them, so every process
-    gets those of all blocks. Every process calls it; under FSDP each forward is a collective, so
-    a process whose share ran out runs the others' last batches unrecorded. ``run``: the module
-    to call (a wrapper of ``model``, such as the FSDP root; default ``model``)."""
+    ``split``: every process of a multi-process run calls this; the blocks are shared out
+    (contiguous, in batch order) and the statistics summed (maxima: the maximum) over the
+    processes, so every process gets those of all blocks. Under FSDP each forward is a
+    collective, so a process whose share ran out runs the others' last batches unrecorded.
+    ``run``: the module to call (a wrapper of ``model``, such as the FSDP root; default ``model``).
+    """
     from mptool import distributed as D
 
-    ranks, rank = D.world_size(), D.rank()
+    ranks, rank = (D.world_size(), D.rank()) if split else (1, 0)
     batches = [blocks[i:i + batch_size] for i in range(0, len(blocks), batch_size)]
     turns = -(-len(batches) // ranks)
     mine = batches[rank * turns:(rank + 1) * turns]
@@ -108,6 +96,23 @@ def calibrate_split(model: Any, blocks: torch.Tensor, batch_size: int = 4,
             for s in stats:
                 D.merge_stats_(s, width, dev)
     return o_stats, d_stats
+
+
+def needs_calibration(methods: Sequence[str], protect: float, gram: bool) -> bool:
+    """Whether the one-shot results asked for need a calibration pass (magnitude alone does not)."""
+    return gram or protect > 0 or any(m != "magnitude" for m in methods)
+
+
+def one_shot_results(model: Any, methods: Sequence[str], o_stats: list[InputStats] | None,
+                     d_stats: list[InputStats] | None, protect: float,
+                     gram: bool) -> tuple[dict[str, Scores], torch.Tensor, tuple[list, list] | None]:
+    """From a calibration pass's statistics (None where none was needed): the scores of each
+    method, the FFN channels ``protect`` keeps (:func:`massive_channels`) and, with ``gram``, the
+    Gram matrices of every o_proj and down_proj."""
+    from mptool.compensate import grams_of
+
+    return ({m: score(model, m, o_stats, d_stats) for m in dict.fromkeys(methods)},
+            massive_channels(model, d_stats, protect), grams_of(o_stats, d_stats) if gram else None)
 
 
 @torch.no_grad()

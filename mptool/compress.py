@@ -18,8 +18,8 @@ import torch
 import yaml
 
 from mptool import distributed as D
-from mptool.baselines import METHODS
-from mptool.compensate import compensate, grams_of
+from mptool.baselines import METHODS, needs_calibration
+from mptool.compensate import compensate
 from mptool.config import WEIGHT_DTYPE_BYTES, CompressConfig, save_config, seed_problems, to_dict
 from mptool.data import DATA_ORDERS
 from mptool.errors import MptoolError
@@ -339,17 +339,15 @@ def one_shot_scores(model: Any, methods: tuple[str, ...], blocks: torch.Tensor, 
     Under several processes rank 0 alone calibrates and every rank takes its results (the
     others may hold a weightless skeleton; and one set of numbers for all, so a kernel's rounding
     on one GPU cannot give one rank other units or other deltas)."""
-    from mptool.baselines import Scores, calibrate, massive_channels, score
+    from mptool.baselines import Scores, calibrate, one_shot_results
 
     methods = tuple(dict.fromkeys(methods))
     if D.is_main():
         o_stats = d_stats = None
-        if gram or protect > 0 or any(m != "magnitude" for m in methods):
+        if needs_calibration(methods, protect, gram):
             with step(f"calibrate ({len(blocks)} x {blocks.shape[1]} tokens)", total=len(blocks)) as advance:
                 o_stats, d_stats = calibrate(model, blocks, progress=advance, gram=gram)
-        grams = grams_of(o_stats, d_stats) if gram else None
-        scored = {m: score(model, m, o_stats, d_stats) for m in methods}
-        protected = massive_channels(model, d_stats, protect)
+        scored, protected, grams = one_shot_results(model, methods, o_stats, d_stats, protect, gram)
         flat = [t for s in scored.values() for t in (s.heads, s.groups, s.ffn)] + [protected]
         flat += [*grams[0], *grams[1]] if grams else []
         if D.world_size() > 1:  # every rank the same numbers on the same device
@@ -605,12 +603,11 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
                                 ffn_multiple=cfg.ffn_multiple, seed=cfg.seed, sharding=cfg.sharding, device=dev,
                                 defer=True)
             if sharded:
-                needed = cfg.compensate or mask_cfg.protect > 0 or any(m != "magnitude" for m in methods)
                 with step(f"calibrate ({len(calib)} x {calib.shape[1]} tokens over {D.world_size()} processes)",
-                          total=len(calib) if needed else 0) as advance:
-                    scored, protected, grams = trainer.calibrate(methods, calib if needed else calib[:0],
-                                                                 mask_cfg.protect, gram=cfg.compensate,
-                                                                 progress=advance)
+                          total=len(calib) if needs_calibration(methods, mask_cfg.protect, cfg.compensate) else 0
+                          ) as advance:
+                    scored, protected, grams = trainer.calibrate(methods, calib, mask_cfg.protect,
+                                                                 gram=cfg.compensate, progress=advance)
                 check_protected(protected, mask_cfg.protect)
             trainer.start(scored.get(mask_cfg.init), protected, grams)
             if continued:

@@ -41,7 +41,7 @@ import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -423,31 +423,37 @@ class MaskPrune:
                                     device=self.device, frozen=self._frozen)
             self.hooks.handles.extend(self.comp.handles)
 
+    @contextlib.contextmanager
+    def _evaluating(self, dense: bool) -> Iterator[None]:
+        """The model in eval mode, as it stands (the masks as last set) or with ``dense`` as the
+        teacher (adapters off, masks at 1: the dense model); restored afterwards."""
+        masks_on, training = self._masks_on, self.model.training
+        self.model.eval()
+        try:
+            with self.model.disable_adapter() if dense else contextlib.nullcontext():
+                self._masks_on = masks_on and not dense
+                yield
+        finally:
+            self._masks_on = masks_on
+            self.model.train(training)
+
     @torch.no_grad()
     def calibrate(self, methods: tuple[str, ...], blocks: torch.Tensor, protect: float = 0.0,
                   gram: bool = False, batch_size: int = 4,
                   progress: Callable[[int], None] | None = None) -> tuple[dict[str, Any], torch.Tensor, Any]:
-        """:func:`mptool.compress.one_shot_scores` on this trainer's model as the dense teacher
-        (adapters off, masks at 1), every process a share of the blocks on its device and the
-        statistics summed over them: under FSDP the calibration runs where the shards are and no
-        process needs the whole model. Returns (scores by method, protected FFN channels, Gram
-        matrices or None), the same on every process. Call it before :meth:`start`."""
-        from mptool.baselines import calibrate_split, massive_channels, score
+        """:func:`mptool.compress.one_shot_scores` on this trainer's model as the dense teacher,
+        every process a share of the blocks on its device and the statistics summed over them:
+        under FSDP the calibration runs where the shards are and no process needs the whole model.
+        Returns (scores by method, protected FFN channels, Gram matrices or None), the same on
+        every process. Call it before :meth:`start`."""
+        from mptool.baselines import calibrate, needs_calibration, one_shot_results
 
         model = self.model.base_model.model
-        masks_on, training = self._masks_on, self.model.training
-        self.model.eval()
-        self._masks_on = False
-        try:
-            with self.model.disable_adapter():
-                o_stats, d_stats = calibrate_split(model, blocks, batch_size, progress, gram, run=self.model)
-        finally:
-            self._masks_on = masks_on
-            self.model.train(training)
-        scored = {m: score(model, m, o_stats, d_stats) for m in dict.fromkeys(methods)}
-        protected = massive_channels(model, d_stats, protect)
-        grams = ([s.gram for s in o_stats], [s.gram for s in d_stats]) if gram else None
-        return scored, protected, grams
+        o_stats = d_stats = None
+        if needs_calibration(methods, protect, gram):
+            with self._evaluating(dense=True):
+                o_stats, d_stats = calibrate(model, blocks, batch_size, progress, gram, split=True, run=self.model)
+        return one_shot_results(model, methods, o_stats, d_stats, protect, gram)
 
     def perplexity(self, ids: torch.Tensor, protocol: Any, dense: bool = False,
                    progress: Callable[[int], None] | None = None) -> dict[str, Any]:
@@ -457,15 +463,8 @@ class MaskPrune:
         where its shards are (:func:`mptool.evaluate.perplexity`)."""
         from mptool.evaluate import perplexity
 
-        masks_on, training = self._masks_on, self.model.training
-        self.model.eval()
-        try:
-            with self.model.disable_adapter() if dense else contextlib.nullcontext():
-                self._masks_on = masks_on and not dense
-                return perplexity(self.model, ids, protocol, progress=progress, split=True)
-        finally:
-            self._masks_on = masks_on
-            self.model.train(training)
+        with self._evaluating(dense):
+            return perplexity(self.model, ids, protocol, progress=progress, split=True)
 
     def _base_weight(self, layer: int, j: int) -> torch.Tensor:
         """The frozen dense weight of o_proj (j 0) / down_proj (j 1), under LoRA and FSDP too."""
@@ -825,8 +824,9 @@ class MaskPrune:
             if reload is None:
                 raise ValueError("a sharded trainer needs reload() to rebuild the dense weights")
             plain = reload()
-            self.model = D.unsharded_lora(self.model, plain if D.on_meta(plain) else plain.cpu(), self.lora_config)
-            if D.on_meta(plain):  # this rank loaded no weights (rank 0 did): the sliced skeleton only
+            empty = D.on_meta(plain)  # this rank loaded no weights (rank 0 did): the sliced skeleton only
+            self.model = D.unsharded_lora(self.model, plain if empty else plain.cpu(), self.lora_config)
+            if empty:
                 return materialize(self.model.unload(), keeps), keeps
         base = self.model.merge_and_unload().cpu()
         projections = _projections(base)

@@ -177,7 +177,7 @@ def _rank0_worker(rank: int, port: int, folder: str, out: str) -> None:
     import torch.distributed as dist
 
     from mptool import distributed as D
-    from mptool.baselines import calibrate, calibrate_split, score
+    from mptool.baselines import calibrate, score
     from mptool.evaluate import PplProtocol, perplexity
     from mptool.families import get_adapter
     from mptool.models import load_model
@@ -201,7 +201,7 @@ def _rank0_worker(rank: int, port: int, folder: str, out: str) -> None:
             result["calibrated"] = summary(*calibrate(model, blocks, batch_size=2, gram=True))
         D.fsdp_wrap(model, get_adapter(model.config).decoder_layers(model))
         result["sharded"] = perplexity(model, ids, protocol, split=True)
-        result["calibrated_split"] = summary(*calibrate_split(model, blocks, batch_size=2, gram=True))
+        result["calibrated_split"] = summary(*calibrate(model, blocks, batch_size=2, gram=True, split=True))
         result["rope"] = [b.sum().item() for _, b in sorted(model.named_buffers())]
         result["rng"] = torch.get_rng_state().sum().item()
         with open(os.path.join(out, f"{rank}.json"), "w") as f:
