@@ -65,7 +65,8 @@ def _layer_weights(model: Any):
 @torch.no_grad()
 def calibrate(model: Any, blocks: torch.Tensor, batch_size: int = 4,
               progress: Callable[[int], None] | None = None,
-              gram: bool = False, split: bool = False, run: Any = None) -> tuple[list[InputStats], list[InputStats]]:
+              gram: bool = False, split: bool = False, run: Any = None,
+              share_grams: bool = False) -> tuple[list[InputStats], list[InputStats]]:
     """Run calibration blocks through the model; return input stats of o_proj and down_proj
     (with their Gram matrices if ``gram``, for :mod:`mptool.compensate`).
 
@@ -74,6 +75,9 @@ def calibrate(model: Any, blocks: torch.Tensor, batch_size: int = 4,
     processes, so every process gets those of all blocks. Under FSDP each forward is a
     collective, so a process whose share ran out runs the others' last batches unrecorded.
     ``run``: the module to call (a wrapper of ``model``, such as the FSDP root; default ``model``).
+    ``share_grams`` (with ``split``): each layer's Gram matrices end on one process only
+    (:func:`mptool.distributed.owner`; None elsewhere), summed onto it batch by batch, so a process
+    holds its share of the layers' Grams instead of all of them.
     """
     from mptool import distributed as D
 
@@ -81,12 +85,13 @@ def calibrate(model: Any, blocks: torch.Tensor, batch_size: int = 4,
     batches = [blocks[i:i + batch_size] for i in range(0, len(blocks), batch_size)]
     turns = -(-len(batches) // ranks)
     mine = batches[rank * turns:(rank + 1) * turns]
-    hooks, o_stats, d_stats = collect_stats(model, gram)
+    hooks, o_stats, d_stats = collect_stats(model, gram, share_grams=share_grams and ranks > 1)
     dev = next(model.parameters()).device
     with hooks:
         for i in range(turns):
-            if i == len(mine):
-                hooks.remove()  # the rest keep the collectives in step and are not counted
+            if i == len(mine):  # the rest keep the collectives in step and are not counted
+                for s in o_stats + d_stats:
+                    s.counting = False
             (run or model)((mine[i] if i < len(mine) else batches[-1]).to(dev))
             if progress:
                 progress(sum(len(b) for b in batches[i::turns]))

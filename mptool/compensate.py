@@ -35,16 +35,12 @@ stay at 1e-4."""
 
 
 @torch.no_grad()
-def delta(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, damp: float = DAMP[1],
-          frozen: torch.Tensor | None = None) -> torch.Tensor | None:
-    """``[out, len(kept)]``: what to add to ``weight[:, kept]`` so that the kept inputs stand in for
-    the dropped ones (None when nothing is dropped). ``kept``: ascending column indices;
-    ``gram``: ``[in, in]`` sum of ``x x^T`` over calibration inputs; ``frozen``: ``[in]`` bool,
-    kept columns that must not change (the channels that write massive activations: a small
-    coefficient on their huge inputs moves the residual stream by hundreds), so the dropped
-    units are predicted from the other kept ones only and their delta columns are 0."""
-    n = weight.shape[1]
-    drop = torch.ones(n, dtype=torch.bool)
+def regression(gram: torch.Tensor, kept: torch.Tensor, width: int, damp: float = DAMP[1],
+               frozen: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The weight-free part of :func:`delta` (its cost: a solve in the kept block of the Gram):
+    (which kept columns regress, the dropped columns, ``R^T`` ``[regressors, dropped]``), or None
+    when there is nothing to compensate. ``width``: the projection's input columns."""
+    drop = torch.ones(width, dtype=torch.bool)
     drop[kept.cpu()] = False
     if not drop.any() or len(kept) == 0:
         return None
@@ -63,9 +59,30 @@ def delta(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, damp: fl
     # FFN size (this solve is mask learning's cost whenever a layer's kept set changes)
     chol, info = torch.linalg.cholesky_ex(grr)
     coef = torch.cholesky_solve(grd, chol) if int(info) == 0 else torch.linalg.solve(grr, grd)  # [|r|, |D|]: R^T
-    out = torch.zeros(weight.shape[0], len(k), dtype=torch.float64)
-    out[:, use] = weight.detach()[:, d.to(weight.device)].double().cpu() @ coef.T
+    return use, d, coef
+
+
+@torch.no_grad()
+def apply_regression(weight: torch.Tensor, kept: torch.Tensor, use: torch.Tensor, dropped: torch.Tensor,
+                     coef: torch.Tensor) -> torch.Tensor:
+    """:func:`delta` from its :func:`regression`: ``W_D R`` on the regressing kept columns, 0 on
+    the frozen ones."""
+    out = torch.zeros(weight.shape[0], len(kept), dtype=torch.float64)
+    out[:, use] = weight.detach()[:, dropped.to(weight.device)].double().cpu() @ coef.T
     return out.to(weight.dtype)
+
+
+@torch.no_grad()
+def delta(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, damp: float = DAMP[1],
+          frozen: torch.Tensor | None = None) -> torch.Tensor | None:
+    """``[out, len(kept)]``: what to add to ``weight[:, kept]`` so that the kept inputs stand in for
+    the dropped ones (None when nothing is dropped). ``kept``: ascending column indices;
+    ``gram``: ``[in, in]`` sum of ``x x^T`` over calibration inputs; ``frozen``: ``[in]`` bool,
+    kept columns that must not change (the channels that write massive activations: a small
+    coefficient on their huge inputs moves the residual stream by hundreds), so the dropped
+    units are predicted from the other kept ones only and their delta columns are 0."""
+    fit = regression(gram, kept, weight.shape[1], damp, frozen)
+    return None if fit is None else apply_regression(weight, kept, *fit)
 
 
 def frozen_columns(protected: torch.Tensor | None, layer: int, j: int) -> torch.Tensor | None:
@@ -135,12 +152,14 @@ def available_bytes() -> int | None:
     return None
 
 
-def fits(d: Dims, processes: int = 1, available: int | None = None) -> bool:
-    """Whether ``processes`` copies of the Gram matrices take at most half the available host
-    memory (where that is unknown: yes). The automatic ``compensate`` choice: SmolLM2-135M needs
-    0.6 GB, Llama-3-8B 57 GB, Llama-3-70B 569 GB."""
+def fits(d: Dims, processes: int = 1, available: int | None = None, shares: int = 1) -> bool:
+    """Whether the Gram matrices of ``processes`` processes on this host take at most half the
+    available host memory (where that is unknown: yes), each process holding all of them or, with
+    ``shares``, its share of the layers (:func:`mptool.shapes.gram_bytes`). The automatic
+    ``compensate`` choice: all of them are 0.6 GB at SmolLM2-135M, 57 GB at Llama-3-8B, 569 GB at
+    Llama-3-70B."""
     available = available_bytes() if available is None else available
-    return available is None or processes * gram_bytes(d) <= available / 2
+    return available is None or processes * gram_bytes(d, shares) <= available / 2
 
 
 class Compensator:
@@ -151,14 +170,21 @@ class Compensator:
     (:func:`mptool.hooks.apply_masks`). :meth:`set` gives the kept units; a layer's delta is
     recomputed only when its kept set changes (it depends on nothing else). ``gate()`` False (a
     teacher pass with the masks off) or :meth:`set` never called: the plain forward.
+
+    With ``owner`` (several processes, each holding the Gram matrices of its own layers only:
+    :func:`mptool.distributed.owner`), a changed layer's solve runs on its owner and the delta is
+    broadcast, so every process ends with every delta and the solves are shared out; every
+    process must call :meth:`set` with the same masks.
     """
 
     def __init__(self, projections: Sequence[tuple[Any, Any]], grams: tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]],
                  head_dim: int, weight: Any = None, gate: Any = None, device: torch.device | None = None,
-                 frozen: Any = None) -> None:
+                 frozen: Any = None, owner: Any = None) -> None:
         """``projections``: per layer, (o_proj, down_proj) modules; ``weight(layer, j)``: the dense
         weight of projection j (0: o_proj, 1: down_proj) of a layer (default: the module's own);
-        ``frozen(layer, j)``: input columns kept out of the regression (:func:`delta`), or None."""
+        ``frozen(layer, j)``: input columns kept out of the regression (:func:`delta`), or None;
+        ``owner(layer)``: the rank holding that layer's Grams (None where this one holds all)."""
+        self.owner = owner
         self.frozen = frozen or (lambda layer, j: None)
         self.projections, self.grams, self.head_dim = projections, grams, head_dim
         self.weight = weight or (lambda layer, j: projections[layer][j].weight)
@@ -185,7 +211,10 @@ class Compensator:
     def set(self, heads: torch.Tensor, ffn: torch.Tensor) -> None:
         """Run with the compensation of these kept units: ``heads`` ``[layers, num_heads]``,
         ``ffn`` ``[layers, intermediate]``, nonzero where kept."""
+        from mptool import distributed as D
+
         self.on = True
+        changed = []  # (layer, projection, kept set, kept columns, input width): alike on every rank
         for layer in range(len(self.projections)):
             for j, kept in enumerate((heads[layer].detach() != 0, ffn[layer].detach() != 0)):
                 kept = kept.cpu()
@@ -195,9 +224,26 @@ class Compensator:
                     continue
                 idx = kept.nonzero().squeeze(1)
                 cols = head_columns(idx, self.head_dim) if j == 0 else idx
-                dw = delta(self.weight(layer, j), self.grams[j][layer], cols, DAMP[j], frozen=self.frozen(layer, j))
-                dev = self.device or self.projections[layer][j].weight.device
-                self.entries[(layer, j)] = (key, cols.to(dev), None if dw is None else dw.to(dev))
+                changed.append((layer, j, key, cols, len(kept) * (self.head_dim if j == 0 else 1)))
+        if not changed:
+            return
+        # the solves first, each on the process holding its Gram (all of them without owners)
+        mine = [self.owner is None or self.owner(layer) == D.rank() for layer, *_ in changed]
+        fits = [regression(self.grams[j][layer], cols, width, DAMP[j], frozen=self.frozen(layer, j)) if m else None
+                for m, (layer, j, _, cols, width) in zip(mine, changed)]
+        found = [f is not None for f in fits]
+        if self.owner is not None:  # which deltas exist: their owners know, now every rank does
+            found = (D.sum_(torch.tensor(found, dtype=torch.float64)) > 0).tolist()
+        for m, fit, has, (layer, j, key, cols, _) in zip(mine, fits, found, changed):
+            dw = None
+            if has or self.owner is None:
+                w = self.weight(layer, j)  # under FSDP a gather: every rank calls, same order
+                if has:
+                    dw = apply_regression(w, cols, *fit) if m else torch.empty(w.shape[0], len(cols), dtype=w.dtype)
+                    if self.owner is not None:
+                        dw = D.broadcast_(dw, src=self.owner(layer))
+            dev = self.device or self.projections[layer][j].weight.device
+            self.entries[(layer, j)] = (key, cols.to(dev), None if dw is None else dw.to(dev))
 
     def clear(self) -> None:
         """Forget the cached deltas (recomputed at the next :meth:`set`)."""

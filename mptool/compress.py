@@ -508,12 +508,13 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
     if cfg.compensate is None:  # auto: on where the Gram matrices fit the host (recorded as decided)
         from mptool.compensate import fits, gram_bytes
 
-        # every rank reads its host's free memory at its own moment: they act on one decision
-        local = D.processes_per_host()
-        cfg = dataclasses.replace(cfg, compensate=D.every(fits(dims, local)))
+        # every rank reads its host's free memory at its own moment: they act on one decision;
+        # with rank-0 loading each process keeps the Gram matrices of its share of the layers only
+        local, shares = D.processes_per_host(), D.world_size() if rank0_load else 1
+        cfg = dataclasses.replace(cfg, compensate=D.every(fits(dims, local, shares=shares)))
         if not cfg.compensate and main:
-            console.print(f"compensation off: its Gram matrices need {local * gram_bytes(dims) / 2**30:.1f} GiB of "
-                          f"host memory ({local} process(es) on this host), more than half of what is available "
+            console.print(f"compensation off: its Gram matrices need {local * gram_bytes(dims, shares) / 2**30:.1f} GiB "
+                          f"of host memory ({local} process(es) on this host), more than half of what is available "
                           "(--compensate forces it)")
     fixed, budget = plan_target(cfg, dims)
     model, tokenizer = load("loading model")
@@ -749,6 +750,8 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
         if len(rss) > 1:
             extra["processes"] = {"count": len(rss), "sharding": cfg.sharding,
                                   "weights_loaded_by": "rank 0" if rank0_load else "every rank",
+                                  "gram_matrices": (None if not cfg.compensate else "each rank its share of the layers"
+                                                    if rank0_load else "every rank all layers"),
                                   "peak_rss_mb": [timings["peak_rss_mb"], *(round(r, 1) for r in rss[1:])]}
 
         report = build_report(cfg, d, target, dense_count, pruned, dense_ppl, pruned_ppl, timings)

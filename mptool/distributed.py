@@ -120,7 +120,8 @@ def sum_(t: torch.Tensor) -> torch.Tensor:
 def merge_stats_(stats: Any, width: int, dev: torch.device) -> None:
     """Sum one projection's input statistics (:class:`mptool.hooks.InputStats`) over ranks in
     place: counts, sums, sums of squares and Gram matrices add, per-column maxima take the
-    maximum; a rank that saw no token contributes zeros of ``width`` columns."""
+    maximum; a rank that saw no token contributes zeros of ``width`` columns. A Gram with an
+    owner was summed onto it batch by batch already and stays there."""
     zeros = torch.zeros(width, dtype=torch.float64, device=dev)
     stats.n = int(sum_(torch.tensor([float(stats.n)], dtype=torch.float64))[0])
     for name in ("sum", "sumsq", "amax"):
@@ -129,7 +130,7 @@ def merge_stats_(stats: Any, width: int, dev: torch.device) -> None:
         buf = t.to(_comm_device())
         dist.all_reduce(buf, op=dist.ReduceOp.MAX if name == "amax" else dist.ReduceOp.SUM)
         setattr(stats, name, buf.to(dev))
-    if stats.track_gram:  # summed on the host, like the hooks keep it
+    if stats.track_gram and stats.gram_owner is None:  # summed on the host, like the hooks keep it
         g = stats.gram if stats.gram is not None else torch.zeros(width, width, dtype=torch.float64)
         stats.gram = sum_(g)
 
@@ -152,15 +153,31 @@ def union(mask: torch.Tensor) -> torch.Tensor:
     return t.bool().cpu()
 
 
-def broadcast_(t: torch.Tensor) -> torch.Tensor:
-    """Rank 0's values of ``t`` on every rank, in place (through the collective device)."""
+def broadcast_(t: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Rank ``src``'s values of ``t`` on every rank, in place (through the collective device)."""
     if world_size() == 1:
         return t
     buf = t.to(_comm_device()).contiguous()
-    dist.broadcast(buf, src=0)
+    dist.broadcast(buf, src=src)
     if buf is not t:
         t.copy_(buf)
     return t
+
+
+def reduce_to(t: torch.Tensor, dst: int) -> torch.Tensor | None:
+    """``t`` summed over ranks, on rank ``dst`` only (None elsewhere; every rank calls). The
+    result is on the collective device."""
+    if world_size() == 1:
+        return t
+    buf = t.to(_comm_device()).clone()
+    dist.reduce(buf, dst=dst)
+    return buf if rank() == dst else None
+
+
+def owner(layer: int) -> int:
+    """The rank that keeps a layer's share of per-layer state held by one process only (the
+    Gram matrices of compensation under FSDP): layers dealt round-robin."""
+    return layer % world_size()
 
 
 def every(flag: bool) -> bool:

@@ -98,12 +98,29 @@ class InputStats:
     gram: torch.Tensor | None = None
     """``[in, in]`` sum of ``x x^T`` over all tokens seen (only with ``track_gram``), for
     :mod:`mptool.compensate`."""
+    gram_owner: int | None = None
+    """Several processes with the Gram matrices shared out (:func:`mptool.distributed.owner`): the
+    one rank that keeps this Gram. Each batch's is summed over the ranks onto it as it is made (a
+    collective: every rank's hook calls it, in step), so no process ever holds another's."""
+    counting: bool = True
+    """False for a batch run only to keep the collectives in step: nothing of it is recorded."""
 
     def update(self, x: torch.Tensor) -> None:
+        if not self.counting and self.gram_owner is None:
+            return
         x = x.detach().reshape(-1, x.shape[-1]).double()
         if self.track_gram:  # summed on the host: layers x in^2 float64 would crowd a GPU
-            g = (x.T @ x).cpu()
-            self.gram = g if self.gram is None else self.gram.add_(g)
+            g = x.T @ x
+            if self.gram_owner is not None:
+                from mptool import distributed as D
+
+                # the owner adds what the others counted even on a batch it does not count itself
+                g = D.reduce_to(g if self.counting else torch.zeros_like(g), self.gram_owner)
+            if g is not None:
+                g = g.cpu()
+                self.gram = g if self.gram is None else self.gram.add_(g)
+        if not self.counting:
+            return
         s, q, m = x.sum(0), (x * x).sum(0), x.abs().amax(0)
         self.sum = s if self.sum is None else self.sum + s
         self.sumsq = q if self.sumsq is None else self.sumsq + q
@@ -122,13 +139,18 @@ class InputStats:
         return (self.sumsq / self.n - mean * mean).clamp_min(0)
 
 
-def collect_stats(model: Any, gram: bool = False) -> tuple[HookSet, list[InputStats], list[InputStats]]:
+def collect_stats(model: Any, gram: bool = False,
+                  share_grams: bool = False) -> tuple[HookSet, list[InputStats], list[InputStats]]:
     """Hooks that accumulate input statistics of every o_proj and down_proj (``gram``: their
-    input Gram matrices too, float64: ``layers x (hidden^2 + intermediate^2) x 8`` bytes)."""
+    input Gram matrices too, float64: ``layers x (hidden^2 + intermediate^2) x 8`` bytes;
+    ``share_grams``: each layer's on its owner rank only, :attr:`InputStats.gram_owner`)."""
+    from mptool import distributed as D
+
     hooks = HookSet()
     o_stats, d_stats = [], []
-    for o_proj, down in _projections(model):
-        so, sd = InputStats(track_gram=gram), InputStats(track_gram=gram)
+    for layer, (o_proj, down) in enumerate(_projections(model)):
+        owner = D.owner(layer) if gram and share_grams else None
+        so, sd = InputStats(track_gram=gram, gram_owner=owner), InputStats(track_gram=gram, gram_owner=owner)
         o_stats.append(so)
         d_stats.append(sd)
         hooks.handles.append(o_proj.register_forward_pre_hook(lambda m, a, s=so: s.update(a[0])))

@@ -388,6 +388,10 @@ class MaskPrune:
         self.rec: Any = None
         """Recovery that continues this trainer's LoRA (``continue_with``), or None."""
         self.grams, self.comp = None, None
+        self.grams_shared = self.sharded and cfg.select == "learned"
+        """Under FSDP with the learned selection, :meth:`calibrate` leaves each layer's Gram
+        matrices on one process (:func:`mptool.distributed.owner`) and the compensation's solves
+        run there; a one-shot selection compensates the sliced model from all of them."""
         if not defer:
             self.start(init_scores, protected, grams)
 
@@ -420,7 +424,8 @@ class MaskPrune:
 
             self.comp = Compensator(_projections(self.model.base_model.model), grams, d.head_dim,
                                     weight=self._base_weight, gate=lambda: self._masks_on,
-                                    device=self.device, frozen=self._frozen)
+                                    device=self.device, frozen=self._frozen,
+                                    owner=D.owner if self.grams_shared else None)
             self.hooks.handles.extend(self.comp.handles)
 
     @contextlib.contextmanager
@@ -452,7 +457,8 @@ class MaskPrune:
         o_stats = d_stats = None
         if needs_calibration(methods, protect, gram):
             with self._evaluating(dense=True):
-                o_stats, d_stats = calibrate(model, blocks, batch_size, progress, gram, split=True, run=self.model)
+                o_stats, d_stats = calibrate(model, blocks, batch_size, progress, gram, split=True, run=self.model,
+                                             share_grams=self.grams_shared)
         return one_shot_results(model, methods, o_stats, d_stats, protect, gram)
 
     def perplexity(self, ids: torch.Tensor, protocol: Any, dense: bool = False,

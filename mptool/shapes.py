@@ -461,7 +461,8 @@ def snap(d: Dims, kv_heads: float, heads_per_group: float, ffn: float, budget: f
     return min(legal, key=distance)
 
 
-def gram_bytes(d: Dims) -> int:
+def gram_bytes(d: Dims, shares: int = 1) -> int:
     """Host memory of the input Gram matrices (float64) of every o_proj and down_proj that
-    compensation (:mod:`mptool.compensate`) computes from."""
-    return d.num_layers * ((d.num_heads * d.head_dim) ** 2 + d.intermediate_size ** 2) * 8
+    compensation (:mod:`mptool.compensate`) computes from; with ``shares``, of one process's share
+    when the layers are dealt round-robin over that many processes (the most any one holds)."""
+    return -(-d.num_layers // shares) * ((d.num_heads * d.head_dim) ** 2 + d.intermediate_size ** 2) * 8

@@ -162,6 +162,9 @@ def test_the_default_decides_by_the_host_memory_the_gram_matrices_need():
     assert need == d.num_layers * ((d.num_heads * d.head_dim) ** 2 + d.intermediate_size ** 2) * 8
     assert fits(d, available=2 * need) and not fits(d, available=2 * need - 1)
     assert not fits(d, processes=2, available=2 * need)
+    # FSDP with the learned selection: each of 2 processes keeps its share of the 2 layers
+    assert gram_bytes(d, shares=2) == need // 2 and gram_bytes(d, shares=3) == need // 2
+    assert fits(d, processes=2, available=2 * need, shares=2)
 
 
 def test_frozen_kept_columns_keep_their_weights_and_the_rest_is_least_squares():

@@ -70,6 +70,10 @@ def test_two_gloo_processes_match_one(tmp_path, tokenizer_dir, text_file, shardi
     assert "processes" not in r1
     assert r2["processes"]["count"] == 2 and r2["processes"]["sharding"] == sharding
     assert r2["processes"]["weights_loaded_by"] == ("rank 0" if sharding == "fsdp" else "every rank")
+    # compensation ran (auto: the tiny model's Grams fit), under FSDP from Grams shared out by layer
+    assert r1["config"]["compensate"] is True, r1["config"]
+    assert r2["processes"]["gram_matrices"] == ("each rank its share of the layers" if sharding == "fsdp"
+                                                else "every rank all layers")
     assert len(r2["processes"]["peak_rss_mb"]) == 2 and min(r2["processes"]["peak_rss_mb"]) > 0
 
 
@@ -178,6 +182,9 @@ def _rank0_worker(rank: int, port: int, folder: str, out: str) -> None:
 
     from mptool import distributed as D
     from mptool.baselines import calibrate, score
+    from mptool.compensate import Compensator, grams_of
+    from mptool.hooks import _projections
+    from mptool.shapes import Dims
     from mptool.evaluate import PplProtocol, perplexity
     from mptool.families import get_adapter
     from mptool.models import load_model
@@ -196,12 +203,33 @@ def _rank0_worker(rank: int, port: int, folder: str, out: str) -> None:
                     *(sum(getattr(s, k).sum().item() for s in o_stats + d_stats) for k in ("sum", "sumsq", "amax", "gram")),
                     flap.heads.sum().item(), flap.ffn.sum().item()]
 
+        def deltas(grams, owner=None) -> dict[str, float]:
+            """Every compensation delta of one kept structure, from these Gram matrices."""
+            d = Dims.from_config(model.config)
+            g = torch.Generator().manual_seed(2)
+            heads = (torch.rand(d.num_layers, d.num_heads, generator=g) < 0.6).float()
+            ffn = (torch.rand(d.num_layers, d.intermediate_size, generator=g) < 0.5).float()
+            comp = Compensator(_projections(model), grams, d.head_dim, owner=owner, weight=lambda layer, j: (
+                lambda w: w.full_tensor() if hasattr(w, "full_tensor") else w)(_projections(model)[layer][j].weight))
+            comp.set(heads, ffn)
+            comp.remove()
+            return {f"{k[0]},{k[1]}": v[2].double().abs().sum().item() for k, v in comp.entries.items() if v[2] is not None}
+
         if rank == 0:
             result["whole"] = perplexity(model, ids, protocol)
-            result["calibrated"] = summary(*calibrate(model, blocks, batch_size=2, gram=True))
+            whole = calibrate(model, blocks, batch_size=2, gram=True)
+            result["calibrated"] = summary(*whole)
+            result["grams"] = [[s.gram.sum().item() for s in stats] for stats in whole]
+            result["deltas"] = deltas(grams_of(*whole))
         D.fsdp_wrap(model, get_adapter(model.config).decoder_layers(model))
         result["sharded"] = perplexity(model, ids, protocol, split=True)
         result["calibrated_split"] = summary(*calibrate(model, blocks, batch_size=2, gram=True, split=True))
+        # each layer's Gram matrices summed onto its owner only, batch by batch; the solves of
+        # compensation run there and every rank gets every delta
+        shared = calibrate(model, blocks, batch_size=2, gram=True, split=True, share_grams=True)
+        result["shared_grams"] = [[None if s.gram is None else s.gram.sum().item() for s in stats] for stats in shared]
+        result["shared_n"] = sorted({s.n for s in shared[0] + shared[1]})
+        result["shared_deltas"] = deltas(grams_of(*shared), owner=D.owner)
         result["rope"] = [b.sum().item() for _, b in sorted(model.named_buffers())]
         result["rng"] = torch.get_rng_state().sum().item()
         with open(os.path.join(out, f"{rank}.json"), "w") as f:
@@ -219,7 +247,7 @@ def test_rank0_weights_reach_skeletons_and_evaluation_splits_over_ranks(tmp_path
     statistics and scores."""
     import torch.multiprocessing as mp
 
-    folder = save_tiny(family, tokenizer_dir, tmp_path / "m")
+    folder = save_tiny(family, tokenizer_dir, tmp_path / "m", num_hidden_layers=3)  # dealt 2 / 1 to the ranks
     mp.spawn(_rank0_worker, args=(free_port(), str(folder), str(tmp_path)), nprocs=2)
     r0, r1 = (json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1))
     assert (r0["skeleton"], r1["skeleton"]) == (False, True)
@@ -234,3 +262,17 @@ def test_rank0_weights_reach_skeletons_and_evaluation_splits_over_ranks(tmp_path
         assert got[0] == r0["calibrated"][0] == [9 * 12]  # every projection saw every token once
         for a, b in zip(got[1:], r0["calibrated"][1:]):
             assert abs(a - b) <= 1e-9 * max(1.0, abs(b)), (got, r0["calibrated"])
+    # shared Gram matrices: rank r holds those of layers r, r + 2, ... only, each equal to one
+    # process's over all blocks (the other statistics still summed everywhere)
+    for r, got in enumerate((r0, r1)):
+        assert got["shared_n"] == [9 * 12]
+        for held, whole in zip(got["shared_grams"], r0["grams"]):
+            assert [g is not None for g in held] == [layer % 2 == r for layer in range(3)]
+            for g, w in zip(held, whole):
+                assert g is None or abs(g - w) <= 1e-9 * abs(w)
+    # and the deltas each rank ends with, solved on the owners and broadcast, are those of one
+    # process holding every Gram
+    assert r0["deltas"] and r0["shared_deltas"].keys() == r1["shared_deltas"].keys() == r0["deltas"].keys()
+    for key, want in r0["deltas"].items():
+        assert r0["shared_deltas"][key] == r1["shared_deltas"][key]
+        assert abs(r0["shared_deltas"][key] - want) <= 1e-5 * want, (key, r0["shared_deltas"][key], want)
