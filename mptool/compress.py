@@ -505,12 +505,14 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
     if main and source_dtype not in (None, cfg.dtype):
         console.print(f"note: the source weights are {source_dtype}; training runs and the result is written in "
                       f"{cfg.dtype} (--dtype {source_dtype} keeps the source's)")
+    # MaskPrune's learned selection over several processes: each process keeps the Gram matrices
+    # of its share of the layers only (mptool.distributed.owner)
+    shares = D.world_size() if cfg.method == "maskprune" and cfg.maskprune.select == "learned" else 1
     if cfg.compensate is None:  # auto: on where the Gram matrices fit the host (recorded as decided)
         from mptool.compensate import fits, gram_bytes
 
-        # every rank reads its host's free memory at its own moment: they act on one decision;
-        # with rank-0 loading each process keeps the Gram matrices of its share of the layers only
-        local, shares = D.processes_per_host(), D.world_size() if rank0_load else 1
+        # every rank reads its host's free memory at its own moment: they act on one decision
+        local = D.processes_per_host()
         cfg = dataclasses.replace(cfg, compensate=D.every(fits(dims, local, shares=shares)))
         if not cfg.compensate and main:
             console.print(f"compensation off: its Gram matrices need {local * gram_bytes(dims, shares) / 2**30:.1f} GiB "
@@ -595,15 +597,16 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
             from mptool.maskprune import MaskPrune
 
             # the dense model's scores for the initialisation and a one-shot selection, one calibration:
-            # under FSDP on the wrapped model, each process a share of the blocks where its shards are
+            # with several processes on the trainer's model, each process a share of the blocks (under
+            # FSDP where its shards are), and each keeps the Gram matrices of its share of the layers
             methods = tuple(m for m in (mask_cfg.init, mask_cfg.select) if m in ONE_SHOT)
-            if not sharded:
+            if D.world_size() == 1:
                 scored, protected, grams = one_shot_scores(model, methods, calib, mask_cfg.protect, gram=cfg.compensate)
                 check_protected(protected, mask_cfg.protect)
             trainer = MaskPrune(model, blocks, mask_cfg, target=fixed, budget=budget, tp=tuple(cfg.tp),
                                 ffn_multiple=cfg.ffn_multiple, seed=cfg.seed, sharding=cfg.sharding, device=dev,
                                 defer=True)
-            if sharded:
+            if D.world_size() > 1:
                 with step(f"calibrate ({len(calib)} x {calib.shape[1]} tokens over {D.world_size()} processes)",
                           total=len(calib) if needs_calibration(methods, mask_cfg.protect, cfg.compensate) else 0
                           ) as advance:
@@ -751,7 +754,7 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
             extra["processes"] = {"count": len(rss), "sharding": cfg.sharding,
                                   "weights_loaded_by": "rank 0" if rank0_load else "every rank",
                                   "gram_matrices": (None if not cfg.compensate else "each rank its share of the layers"
-                                                    if rank0_load else "every rank all layers"),
+                                                    if shares > 1 else "every rank all layers"),
                                   "peak_rss_mb": [timings["peak_rss_mb"], *(round(r, 1) for r in rss[1:])]}
 
         report = build_report(cfg, d, target, dense_count, pruned, dense_ppl, pruned_ppl, timings)

@@ -388,8 +388,8 @@ class MaskPrune:
         self.rec: Any = None
         """Recovery that continues this trainer's LoRA (``continue_with``), or None."""
         self.grams, self.comp = None, None
-        self.grams_shared = self.sharded and cfg.select == "learned"
-        """Under FSDP with the learned selection, :meth:`calibrate` leaves each layer's Gram
+        self.grams_shared = D.world_size() > 1 and cfg.select == "learned"
+        """Several processes with the learned selection: :meth:`calibrate` leaves each layer's Gram
         matrices on one process (:func:`mptool.distributed.owner`) and the compensation's solves
         run there; a one-shot selection compensates the sliced model from all of them."""
         if not defer:

@@ -70,10 +70,9 @@ def test_two_gloo_processes_match_one(tmp_path, tokenizer_dir, text_file, shardi
     assert "processes" not in r1
     assert r2["processes"]["count"] == 2 and r2["processes"]["sharding"] == sharding
     assert r2["processes"]["weights_loaded_by"] == ("rank 0" if sharding == "fsdp" else "every rank")
-    # compensation ran (auto: the tiny model's Grams fit), under FSDP from Grams shared out by layer
+    # compensation ran (auto: the tiny model's Grams fit), from Grams shared out by layer
     assert r1["config"]["compensate"] is True, r1["config"]
-    assert r2["processes"]["gram_matrices"] == ("each rank its share of the layers" if sharding == "fsdp"
-                                                else "every rank all layers")
+    assert r2["processes"]["gram_matrices"] == "each rank its share of the layers"
     assert len(r2["processes"]["peak_rss_mb"]) == 2 and min(r2["processes"]["peak_rss_mb"]) > 0
 
 
