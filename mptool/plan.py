@@ -25,8 +25,8 @@ weights replicated) or FSDP (weights, LoRA and optimiser states sharded) workers
   the weight dtype; the dense shape without a target, an upper bound), replicated on every
   device; the input Gram matrices it is computed from stay in host memory
   (``layers x ((heads x head_dim)^2 + intermediate^2) x 8`` bytes per process, reported as
-  ``host_gram_bytes``, not in the per-device sum; under FSDP each process keeps those of its
-  share of the layers, ``ceil(layers / processes)`` of them);
+  ``host_gram_bytes``, not in the per-device sum; with several processes (DDP or FSDP) each
+  keeps those of its share of the layers, ``ceil(layers / processes)`` of them);
 * host memory (``host_weights``, not in the per-device sum): the process that loads the weights
   holds the whole dense model in the weight dtype, and at the end the sliced copy beside it (the
   dense weights are reloaded to merge LoRA into); under FSDP only rank 0 loads them and the
@@ -109,7 +109,7 @@ def estimate(d: Dims, p: PlanInput, phase: str = "mask", target: Target | None =
     parts = {"weights": weights, "fsdp_gathered": gathered, "lora_and_optimizer": lora, "masks": masks, "activations": acts,
              "logits": logits, "teacher": teacher, "compensation": comp, "runtime": p.runtime_bytes}
     return {"phase": phase, "per_device_bytes": sum(parts.values()), "parts": parts, "input": asdict(p),
-            "host_gram_bytes": gram_bytes(d, p.gpus if p.sharding == "fsdp" else 1) if p.compensate else 0}
+            "host_gram_bytes": gram_bytes(d, p.gpus) if p.compensate else 0}
 
 
 def host_weights(d: Dims, p: PlanInput, target: Target | None = None) -> dict[str, float]:
@@ -205,6 +205,7 @@ def print_plan(model: str | None, gpus: list[int], gpu_mem_gib: float, base: Pla
         shared = ", ".join(f"{n} GPUs {gram_bytes(d, n) / GIB:.2f}" for n in gpus if n > 1)
         console.print(f"compensation (the default; --no-compensate in compress: none) also holds the input Gram "
                       f"matrices of every o_proj/down_proj in host memory while pruning: "
-                      f"{gram_bytes(d) / GIB:.2f} GiB per process (one process, or each under DDP)"
-                      + (f"; under FSDP each process its share of the layers, GiB per process: {shared}" if shared else ""))
+                      f"{gram_bytes(d) / GIB:.2f} GiB in one process"
+                      + (f"; with several (DDP or FSDP) each its share of the layers, GiB per process: {shared}"
+                         if shared else ""))
     return rows
