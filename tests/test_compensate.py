@@ -45,6 +45,30 @@ def test_delta_is_the_least_squares_optimum_and_beats_the_plain_cut():
     assert delta(w, x.T @ x, torch.arange(12)) is None  # nothing dropped, nothing to add
 
 
+def test_the_solve_falls_back_to_the_host_when_the_gpu_has_no_room(monkeypatch):
+    """The solve runs on the training device (a GPU solves the kept block in milliseconds); when
+    that device is out of memory it runs on the CPU instead and gives the CPU's answer."""
+    import mptool.compensate as C
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(300, 10, dtype=torch.float64, generator=g)
+    kept = torch.tensor([0, 2, 3, 7, 9])
+    tried = []
+    solve = C._regression
+
+    def no_room(gram, kept, width, damp, frozen, device):
+        tried.append(device.type)
+        if device.type != "cpu":
+            raise torch.OutOfMemoryError("no room")
+        return solve(gram, kept, width, damp, frozen, device)
+
+    monkeypatch.setattr(C, "_regression", no_room)
+    use, dropped, coef = C.regression(x.T @ x, kept, 10, device=torch.device("cuda", 0))
+    assert tried == ["cuda", "cpu"] and coef.device.type == "cpu"
+    want = C.regression(x.T @ x, kept, 10)
+    assert torch.equal(coef, want[2]) and torch.equal(dropped, torch.tensor([1, 4, 5, 6, 8]))
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_compensation_changes_only_kept_columns_and_lowers_the_layer_error(family):
     model = tiny_model(family)
