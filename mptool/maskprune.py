@@ -844,7 +844,7 @@ class MaskPrune:
             self._fold(base)
         for p in base.parameters():
             p.requires_grad_(False)
-        return materialize(base, keeps), keeps
+        return materialize(base, keeps, consume=True), keeps  # base is ours: no second copy
 
     def _final_deltas(self) -> dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]:
         """The compensation of the final structure (the units :meth:`keeps` keeps), per (layer,

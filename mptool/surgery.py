@@ -12,7 +12,7 @@ import copy
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -86,12 +86,21 @@ def _head_dims(heads: Sequence[int], head_dim: int) -> torch.Tensor:
 
 
 def slice_state_dict(
-    state: dict[str, torch.Tensor], d: Dims, adapter: FamilyAdapter, keeps: Sequence[LayerKeep]
+    state: dict[str, torch.Tensor], d: Dims, adapter: FamilyAdapter, keeps: Sequence[LayerKeep],
+    release: Callable[[str], None] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Return a new state dict with every layer sliced to its kept units."""
+    """Return a new state dict with every layer sliced to its kept units. ``release(key)``:
+    called as soon as a tensor is sliced, with ``state`` then edited in place and returned, so
+    that the caller can free the dense tensor before the next is cut."""
     check_keeps(d, keeps)
-    out = dict(state)
+    out = state if release is not None else dict(state)
     a = adapter
+
+    def cut(key: str, part: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], idx: torch.Tensor) -> None:
+        out[key] = part(out[key], idx)
+        if release is not None:
+            release(key)
+
     for i, k in enumerate(keeps):
         p = f"{a.layers}.{i}."
         attn, mlp = f"{p}{a.attn}.", f"{p}{a.mlp}."
@@ -102,14 +111,14 @@ def slice_state_dict(
             for suffix in ("weight", "bias"):
                 key = f"{attn}{name}.{suffix}"
                 if key in out:
-                    out[key] = _rows(out[key], idx)
-        out[f"{attn}{a.o}.weight"] = _cols(out[f"{attn}{a.o}.weight"], q_idx)
+                    cut(key, _rows, idx)
+        cut(f"{attn}{a.o}.weight", _cols, q_idx)
         for name in (a.gate, a.up):
             for suffix in ("weight", "bias"):
                 key = f"{mlp}{name}.{suffix}"
                 if key in out:
-                    out[key] = _rows(out[key], ffn_idx)
-        out[f"{mlp}{a.down}.weight"] = _cols(out[f"{mlp}{a.down}.weight"], ffn_idx)
+                    cut(key, _rows, ffn_idx)
+        cut(f"{mlp}{a.down}.weight", _cols, ffn_idx)
     return out
 
 
@@ -150,8 +159,17 @@ def pruned_config(config: Any, t: Target) -> Any:
     return new
 
 
-def materialize(model: Any, keeps: Sequence[LayerKeep]) -> Any:
-    """Return a new model of the right class, sliced to ``keeps`` (the input is not modified).
+def materialize(model: Any, keeps: Sequence[LayerKeep], consume: bool = False) -> Any:
+    """Return a new model of the right class, sliced to ``keeps`` (the input is not modified,
+    unless ``consume``).
+
+    ``consume``: the dense model is used up (its sliced weights are emptied as they are cut, the
+    others move to the new model as they are), so the host never holds the dense model and the
+    sliced copy together, only the dense one and one sliced tensor: the end of a sharded
+    MaskPrune run, where rank 0 holds a 70B model's dense weights (131 GiB in bf16) and would add
+    the sliced copy (68 GiB at 50%). The new model is built on the meta device and takes the
+    tensors as they are (``assign``), its non-persistent buffers (rotary frequencies) the dense
+    model's.
 
     A meta-device skeleton (a rank that holds no weights) gives the sliced skeleton."""
     from transformers import AutoModelForCausalLM
@@ -163,9 +181,29 @@ def materialize(model: Any, keeps: Sequence[LayerKeep]) -> Any:
     if next(model.parameters()).is_meta:
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
-    state = slice_state_dict(model.state_dict(), d, get_adapter(model.config), keeps)
-    new = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    new.load_state_dict(state, strict=True)
+    if consume:
+        params = dict(model.named_parameters(remove_duplicate=False))
+
+        def release(key: str) -> None:
+            params[key].data = torch.empty(0, dtype=dtype)
+
+        state = slice_state_dict(model.state_dict(), d, get_adapter(model.config), keeps, release=release)
+        with torch.device("meta"):
+            new = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        new.load_state_dict(state, strict=True, assign=True)
+        del state
+        for name, buf in model.named_buffers():
+            owner, _, leaf = name.rpartition(".")
+            mod = new.get_submodule(owner)
+            if leaf in mod._buffers and mod._buffers[leaf] is not None and mod._buffers[leaf].is_meta:
+                mod._buffers[leaf] = buf
+        left = [n for n, t in [*new.named_parameters(), *new.named_buffers()] if t.is_meta]
+        if left:
+            raise RuntimeError(f"materialize(consume=True) left tensors on the meta device: {left[:3]}")
+    else:
+        state = slice_state_dict(model.state_dict(), d, get_adapter(model.config), keeps)
+        new = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        new.load_state_dict(state, strict=True)
     new.tie_weights()
     if getattr(model, "generation_config", None) is not None:
         new.generation_config = copy.deepcopy(model.generation_config)

@@ -111,3 +111,29 @@ def test_non_uniform_keeps_are_refused():
     keeps[1].ffn = keeps[1].ffn[:-1]
     with pytest.raises(MptoolError, match="not uniform"):
         check_keeps(d, keeps)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("tied", [False, True])
+def test_consuming_the_dense_model_gives_the_same_model_without_a_second_copy(family, tied):
+    """materialize(consume=True), what a sharded MaskPrune run ends with on rank 0: the same
+    weights, buffers and logits as the copying path, the dense model's sliced weights emptied
+    as they are cut (so the host never holds both), its other tensors moved, not copied."""
+    model = tiny_model(family, tie_word_embeddings=tied)
+    d = Dims.from_config(model.config)
+    keeps = random_keeps(d, granularities(d)["all"], seed=3)
+    copied = materialize(model, keeps)
+    ids = torch.randint(0, d.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    embed = model.get_input_embeddings().weight
+    consumed = materialize(model, keeps, consume=True)
+    a, b = copied.state_dict(), consumed.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(x, y) for (_, x), (_, y) in zip(copied.named_buffers(), consumed.named_buffers()))
+    assert type(consumed) is type(copied) and consumed.config.to_dict() == copied.config.to_dict()
+    with torch.no_grad():
+        assert torch.equal(copied(ids).logits, consumed(ids).logits)
+    # the dense model's projections are emptied; the embedding moved as it is (no copy)
+    sliced = [p for n, p in model.named_parameters() if n.endswith(("q_proj.weight", "down_proj.weight"))]
+    assert sliced and all(p.numel() == 0 for p in sliced)
+    assert consumed.get_input_embeddings().weight.data_ptr() == embed.data_ptr()
+    assert (consumed.get_output_embeddings().weight is consumed.get_input_embeddings().weight) == tied
