@@ -28,8 +28,10 @@ weights replicated) or FSDP (weights, LoRA and optimiser states sharded) workers
   ``host_gram_bytes``, not in the per-device sum; with several processes (DDP or FSDP) each
   keeps those of its share of the layers, ``ceil(layers / processes)`` of them);
 * host memory (``host_weights``, not in the per-device sum): the process that loads the weights
-  holds the whole dense model in the weight dtype, and at the end the sliced copy beside it (the
-  dense weights are reloaded to merge LoRA into); under FSDP only rank 0 loads them and the
+  holds the whole dense model in the weight dtype; at MaskPrune's end it reloads them to merge
+  LoRA into and slices them one tensor at a time into the pruned model (``materialize`` with
+  ``consume``: the dense model plus one tensor), while a one-shot method keeps the dense model
+  beside the sliced copy (the recovery teacher); under FSDP only rank 0 loads them and the
   others take their shards one tensor at a time (about the largest tensor in transit); under DDP
   every process loads them;
 * teacher: mask learning reuses the student's weights with adapters disabled (no copy); recovery
@@ -113,12 +115,14 @@ def estimate(d: Dims, p: PlanInput, phase: str = "mask", target: Target | None =
 
 
 def host_weights(d: Dims, p: PlanInput, target: Target | None = None) -> dict[str, float]:
-    """Host bytes of weights per process (see the module notes): rank 0's (the dense model and the
-    sliced copy at the end) and every other rank's, under ``p.sharding``."""
+    """Host bytes of weights per process (see the module notes): rank 0's under MaskPrune (the
+    dense model and one tensor being sliced) and under a one-shot method (the dense model and the
+    sliced copy), and every other rank's, under ``p.sharding``."""
     dense = total_params(d) * p.dtype_bytes
-    rank0 = dense + total_params(d, target or d.dense_target()) * p.dtype_bytes
     largest = max(d.vocab_size * d.hidden_size, d.intermediate_size * d.hidden_size) * p.dtype_bytes
-    return {"rank0": rank0, "other": largest if p.sharding == "fsdp" else rank0}
+    one_shot = dense + total_params(d, target or d.dense_target()) * p.dtype_bytes
+    return {"rank0": dense + largest, "rank0_one_shot": one_shot,
+            "other": largest if p.sharding == "fsdp" else dense + largest}
 
 
 def plan_table(d: Dims, gpu_counts: list[int], gpu_mem_gib: float, base: PlanInput,
@@ -197,10 +201,11 @@ def print_plan(model: str | None, gpus: list[int], gpu_mem_gib: float, base: Pla
     console = Console(width=140)
     console.print(table)
     fsdp = host_weights(d, replace(base, sharding="fsdp"), student)
-    console.print(f"host memory of weights per process: the loading process holds the dense model and, at the "
-                  f"end, the sliced copy ({fsdp['rank0'] / GIB:.1f} GiB); under FSDP only rank 0 loads, the others "
-                  f"take their shards a tensor at a time (~{fsdp['other'] / GIB:.1f} GiB in transit); under DDP "
-                  "every process loads the whole model")
+    console.print(f"host memory of weights per process: the loading process holds the dense model, which "
+                  f"MaskPrune's end slices a tensor at a time ({fsdp['rank0'] / GIB:.1f} GiB; a one-shot method "
+                  f"keeps it beside the sliced copy: {fsdp['rank0_one_shot'] / GIB:.1f} GiB); under FSDP only rank 0 "
+                  f"loads, the others take their shards a tensor at a time (~{fsdp['other'] / GIB:.1f} GiB in "
+                  "transit); under DDP every process loads the whole model")
     if base.compensate:
         shared = ", ".join(f"{n} GPUs {gram_bytes(d, n) / GIB:.2f}" for n in gpus if n > 1)
         console.print(f"compensation (the default; --no-compensate in compress: none) also holds the input Gram "

@@ -149,13 +149,16 @@ def test_plan_needs_only_a_config_and_checkpointing_cuts_activations(tmp_path):
         assert abs(per[3, sharding] - host * 11 / 32) < 0.01 and abs(per[8, sharding] - host / 8) < 0.01
     res = CliRunner().invoke(app, ["plan", str(folder), "--gpus", "1", "--json", "--no-compensate"])
     assert json.loads(res.stdout)["host_gram_gib"] == 0.0
-    # weights in host memory: the loading process holds the dense model and the sliced copy (the dense
-    # shape without --ratio: twice 8.03 B bf16 parameters); under FSDP the others hold one tensor in transit
-    # (the 128256 x 4096 embedding), under DDP the same as rank 0
+    # weights in host memory: the loading process holds the dense model and, at MaskPrune's end, one
+    # tensor being sliced (at most the 128256 x 4096 embedding); a one-shot method the dense model and
+    # the sliced copy (the dense shape without --ratio: twice 8.03 B bf16 parameters); under FSDP the
+    # others hold one tensor in transit, under DDP the same as rank 0
     host = json.loads(res.stdout)["host_weights_gib"]
     dense = (2 * 128256 * 4096 + 32 * (4096 * (2 * 4096 + 2 * 1024) + 3 * 4096 * 14336 + 2 * 4096) + 4096) * 2 / 1024 ** 3
-    assert abs(host["fsdp"]["rank0"] - 2 * dense) < 0.01 and host["ddp"]["other"] == host["ddp"]["rank0"]
-    assert abs(host["fsdp"]["other"] - 128256 * 4096 * 2 / 1024 ** 3) < 0.01
+    embed = 128256 * 4096 * 2 / 1024 ** 3
+    assert abs(host["fsdp"]["rank0"] - (dense + embed)) < 0.01 and abs(host["fsdp"]["rank0_one_shot"] - 2 * dense) < 0.01
+    assert host["ddp"]["other"] == host["ddp"]["rank0"]
+    assert abs(host["fsdp"]["other"] - embed) < 0.01
 
 
 def test_fsdp_counts_the_gathered_root_and_two_layers():
