@@ -7,6 +7,9 @@
 #   bash benchmarks/fsdp_memory.sh            # about 8 minutes on 2 cores; OUT=/tmp/fsdp-memory
 #   COMPENSATE=--compensate bash benchmarks/fsdp_memory.sh   # with compensation: 4.6 GB of float64
 #                                             # Gram matrices, each process keeping its layers' share
+#   SHAPE="--kv-heads 4 --heads-per-group 4 --ffn 4096"       # a fixed shape instead of --ratio 0.5
+#                                             # (no legal shapes scored: 32 of them, each solved with
+#                                             # compensation in every layer, take 20 min here)
 #
 # Writes $OUT/model (the random model, 2.2 GB), $OUT/pruned (with report.json) and prints the
 # per-rank peaks. Nothing is downloaded: the tokenizer is the embedded SmolLM2's.
@@ -34,6 +37,6 @@ tok.save_pretrained(sys.argv[1])
 PYEOF
 fi
 OMP_NUM_THREADS=1 "$PY" -m torch.distributed.run --nproc-per-node 2 -m mptool.cli compress "$OUT/model" \
-  --ratio 0.5 --max-steps 2 --recovery-steps 0 "${COMPENSATE:---no-compensate}" --calib-tokens 1024 --eval-tokens 512 \
+  ${SHAPE:---ratio 0.5} --max-steps 2 --recovery-steps 0 "${COMPENSATE:---no-compensate}" --calib-tokens 1024 --eval-tokens 512 \
   --seq-len 128 --sharding fsdp --overwrite --out "$OUT/pruned"
 "$PY" -c "import json, sys; print(json.dumps(json.load(open(sys.argv[1]))['processes']))" "$OUT/pruned/report.json"
