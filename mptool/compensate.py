@@ -79,12 +79,23 @@ def _regression(gram: torch.Tensor, kept: torch.Tensor, width: int, damp: float,
 
 @torch.no_grad()
 def apply_regression(weight: torch.Tensor, kept: torch.Tensor, use: torch.Tensor, dropped: torch.Tensor,
-                     coef: torch.Tensor) -> torch.Tensor:
+                     coef: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
     """:func:`delta` from its :func:`regression`: ``W_D R`` on the regressing kept columns, 0 on
-    the frozen ones; computed where ``coef`` is (in float64), in ``weight``'s dtype."""
-    dev = coef.device
+    the frozen ones, in ``weight``'s dtype; computed in float64 on ``device`` (default: where
+    ``coef`` is), on the CPU when that device is out of memory."""
+    dev = torch.device(device) if device is not None else coef.device
+    if dev.type != "cpu":
+        try:
+            return _apply(weight, kept, use, dropped, coef, dev)
+        except torch.OutOfMemoryError:
+            pass
+    return _apply(weight, kept, use, dropped, coef, torch.device("cpu"))
+
+
+def _apply(weight: torch.Tensor, kept: torch.Tensor, use: torch.Tensor, dropped: torch.Tensor,
+           coef: torch.Tensor, dev: torch.device) -> torch.Tensor:
     out = torch.zeros(weight.shape[0], len(kept), dtype=torch.float64, device=dev)
-    out[:, use.to(dev)] = weight.detach()[:, dropped.to(weight.device)].to(dev, torch.float64) @ coef.T
+    out[:, use.to(dev)] = weight.detach()[:, dropped.to(weight.device)].to(dev, torch.float64) @ coef.to(dev).T
     return out.to(weight.dtype)
 
 
@@ -187,10 +198,11 @@ class Compensator:
     recomputed only when its kept set changes (it depends on nothing else). ``gate()`` False (a
     teacher pass with the masks off) or :meth:`set` never called: the plain forward.
 
-    With ``owner`` (several processes, each holding the Gram matrices of its own layers only:
+    With ``owner`` (several processes, each holding at least the Gram matrices of its own layers:
     :func:`mptool.distributed.owner`), a changed layer's solve runs on its owner and the delta is
-    broadcast, so every process ends with every delta and the solves are shared out; every
-    process must call :meth:`set` with the same masks.
+    broadcast, so every process ends with the same deltas and the solves are shared out; every
+    process must call :meth:`set` with the same masks (checked: a mismatch raises on every
+    process instead of hanging at a collective).
     """
 
     def __init__(self, projections: Sequence[tuple[Any, Any]], grams: tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]],
@@ -241,26 +253,40 @@ class Compensator:
                 idx = kept.nonzero().squeeze(1)
                 cols = head_columns(idx, self.head_dim) if j == 0 else idx
                 changed.append((layer, j, key, cols, len(kept) * (self.head_dim if j == 0 else 1)))
+        if self.owner is not None:  # the same changes on every rank, or the collectives below hang
+            mark = [1.0, float(len(changed)), float(sum((2 * layer + j + 1) * (len(cols) + 1)
+                                                          for layer, j, _, cols, _ in changed))]
+            total = D.sum_(torch.tensor(mark, dtype=torch.float64))
+            if not torch.equal(total, total[0] * torch.tensor(mark, dtype=torch.float64)):
+                raise RuntimeError("the processes of this run disagree on the kept units (compensation "
+                                   f"changes on rank {D.rank()}: {[(c[0], c[1]) for c in changed]})")
         if not changed:
             return
-        # the solves first, each on the process holding its Gram (all of them without owners)
+        # the solves first, each on the process holding its Gram (every one without owners); the
+        # coefficients wait on the host, so the device holds one layer's blocks at a time
         mine = [self.owner is None or self.owner(layer) == D.rank() for layer, *_ in changed]
-        fits = [regression(self.grams[j][layer], cols, width, DAMP[j], frozen=self.frozen(layer, j),
-                           device=self.device or self.projections[layer][j].weight.device) if m else None
-                for m, (layer, j, _, cols, width) in zip(mine, changed)]
+        fits = []
+        for m, (layer, j, _, cols, width) in zip(mine, changed):
+            fit = regression(self.grams[j][layer], cols, width, DAMP[j], frozen=self.frozen(layer, j),
+                             device=self._device(layer, j)) if m else None
+            fits.append(None if fit is None else (fit[0], fit[1], fit[2].cpu()))
         found = [f is not None for f in fits]
         if self.owner is not None:  # which deltas exist: their owners know, now every rank does
             found = (D.sum_(torch.tensor(found, dtype=torch.float64)) > 0).tolist()
         for m, fit, has, (layer, j, key, cols, _) in zip(mine, fits, found, changed):
             dw = None
+            dev = self._device(layer, j)
             if has or self.owner is None:
                 w = self.weight(layer, j)  # under FSDP a gather: every rank calls, same order
                 if has:
-                    dw = apply_regression(w, cols, *fit) if m else torch.empty(w.shape[0], len(cols), dtype=w.dtype)
+                    dw = (apply_regression(w, cols, *fit, device=dev) if m
+                          else torch.empty(w.shape[0], len(cols), dtype=w.dtype, device=dev))
                     if self.owner is not None:
                         dw = D.broadcast_(dw, src=self.owner(layer))
-            dev = self.device or self.projections[layer][j].weight.device
             self.entries[(layer, j)] = (key, cols.to(dev), None if dw is None else dw.to(dev))
+
+    def _device(self, layer: int, j: int) -> torch.device:
+        return self.device or self.projections[layer][j].weight.device
 
     def clear(self) -> None:
         """Forget the cached deltas (recomputed at the next :meth:`set`)."""

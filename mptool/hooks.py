@@ -110,12 +110,12 @@ class InputStats:
             return
         x = x.detach().reshape(-1, x.shape[-1]).double()
         if self.track_gram:  # summed on the host: layers x in^2 float64 would crowd a GPU
-            g = x.T @ x
+            g = x.T @ x if self.counting else x.new_zeros(x.shape[1], x.shape[1])
             if self.gram_owner is not None:
                 from mptool import distributed as D
 
                 # the owner adds what the others counted even on a batch it does not count itself
-                g = D.reduce_to(g if self.counting else torch.zeros_like(g), self.gram_owner)
+                g = D.reduce_to(g, self.gram_owner)
             if g is not None:
                 g = g.cpu()
                 self.gram = g if self.gram is None else self.gram.add_(g)

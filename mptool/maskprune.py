@@ -425,7 +425,7 @@ class MaskPrune:
             self.comp = Compensator(_projections(self.model.base_model.model), grams, d.head_dim,
                                     weight=self._base_weight, gate=lambda: self._masks_on,
                                     device=self.device, frozen=self._frozen,
-                                    owner=D.owner if self.grams_shared else None)
+                                    owner=D.owner if D.world_size() > 1 else None)
             self.hooks.handles.extend(self.comp.handles)
 
     @contextlib.contextmanager
@@ -837,9 +837,10 @@ class MaskPrune:
         base = self.model.merge_and_unload().cpu()
         projections = _projections(base)
         with torch.no_grad():
-            for (layer, j), (cols, dw) in deltas.items():
+            for layer, j in list(deltas):  # each moved to the host as it is added, then freed
+                cols, dw = deltas.pop((layer, j))
                 w = projections[layer][j].weight
-                w[:, cols] += dw.to(w.dtype)
+                w[:, cols.to(w.device)] += dw.to(w.device, w.dtype)
         if self._scaled():  # the binary forward ran kept units at scale 1
             self._fold(base)
         for p in base.parameters():
@@ -848,12 +849,15 @@ class MaskPrune:
 
     def _final_deltas(self) -> dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]:
         """The compensation of the final structure (the units :meth:`keeps` keeps), per (layer,
-        projection): (columns, delta) on the CPU; the compensator's cached deltas wherever the
-        last forward already ran that structure."""
+        projection): (columns, delta) where the compensator keeps them (the training device),
+        taken out of it; the compensator's cached deltas wherever the last forward already ran
+        that structure."""
         if self.comp is None:
             return {}
         self._set_final_masks()
-        return {key: (cols.cpu(), dw.cpu()) for key, (_, cols, dw) in self.comp.entries.items() if dw is not None}
+        out = {key: (cols, dw) for key, (_, cols, dw) in self.comp.entries.items() if dw is not None}
+        self.comp.clear()  # the caller holds the only copies: freed as it uses them
+        return out
 
     def _fold(self, base: Any) -> None:
         """Multiply the mask values into the ``o_proj`` / ``down_proj`` input columns."""

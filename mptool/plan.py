@@ -25,8 +25,10 @@ weights replicated) or FSDP (weights, LoRA and optimiser states sharded) workers
   the weight dtype; the dense shape without a target, an upper bound), replicated on every
   device; the input Gram matrices it is computed from stay in host memory
   (``layers x ((heads x head_dim)^2 + intermediate^2) x 8`` bytes per process, reported as
-  ``host_gram_bytes``, not in the per-device sum; with several processes (DDP or FSDP) each
-  keeps those of its share of the layers, ``ceil(layers / processes)`` of them);
+  ``host_gram_bytes``, not in the per-device sum; with several processes (DDP or FSDP) and
+  MaskPrune's learned selection, the default, each keeps those of its share of the layers,
+  ``ceil(layers / processes)`` of them; one-shot methods and selections keep all of them in every
+  process);
 * host memory (``host_weights``, not in the per-device sum): the process that loads the weights
   holds the whole dense model in the weight dtype; at MaskPrune's end it reloads them to merge
   LoRA into and slices them one tensor at a time into the pruned model (``materialize`` with

@@ -67,6 +67,19 @@ def test_the_solve_falls_back_to_the_host_when_the_gpu_has_no_room(monkeypatch):
     assert tried == ["cuda", "cpu"] and coef.device.type == "cpu"
     want = C.regression(x.T @ x, kept, 10)
     assert torch.equal(coef, want[2]) and torch.equal(dropped, torch.tensor([1, 4, 5, 6, 8]))
+    # and so does applying the coefficients to the weight
+    apply = C._apply
+
+    def no_room_either(weight, kept, use, dropped, coef, dev):
+        tried.append(dev.type)
+        if dev.type != "cpu":
+            raise torch.OutOfMemoryError("no room")
+        return apply(weight, kept, use, dropped, coef, dev)
+
+    monkeypatch.setattr(C, "_apply", no_room_either)
+    w = torch.randn(4, 10, dtype=torch.float64, generator=g)
+    dw = C.apply_regression(w, kept, use, dropped, coef, device=torch.device("cuda", 0))
+    assert tried[3:] == ["cuda", "cpu"] and torch.equal(dw, delta(w, x.T @ x, kept))
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -202,10 +202,10 @@ def _rank0_worker(rank: int, port: int, folder: str, out: str) -> None:
                     *(sum(getattr(s, k).sum().item() for s in o_stats + d_stats) for k in ("sum", "sumsq", "amax", "gram")),
                     flap.heads.sum().item(), flap.ffn.sum().item()]
 
-        def deltas(grams, owner=None) -> dict[str, float]:
+        def deltas(grams, owner=None, seed=2) -> dict[str, float]:
             """Every compensation delta of one kept structure, from these Gram matrices."""
             d = Dims.from_config(model.config)
-            g = torch.Generator().manual_seed(2)
+            g = torch.Generator().manual_seed(seed)
             heads = (torch.rand(d.num_layers, d.num_heads, generator=g) < 0.6).float()
             ffn = (torch.rand(d.num_layers, d.intermediate_size, generator=g) < 0.5).float()
             comp = Compensator(_projections(model), grams, d.head_dim, owner=owner, weight=lambda layer, j: (
@@ -229,6 +229,11 @@ def _rank0_worker(rank: int, port: int, folder: str, out: str) -> None:
         result["shared_grams"] = [[None if s.gram is None else s.gram.sum().item() for s in stats] for stats in shared]
         result["shared_n"] = sorted({s.n for s in shared[0] + shared[1]})
         result["shared_deltas"] = deltas(grams_of(*shared), owner=D.owner)
+        try:  # ranks asked for different kept units: an error on both, not a hang at a collective
+            deltas(grams_of(*shared), owner=D.owner, seed=10 + rank)
+            result["mismatch"] = None
+        except RuntimeError as e:
+            result["mismatch"] = str(e)
         result["rope"] = [b.sum().item() for _, b in sorted(model.named_buffers())]
         result["rng"] = torch.get_rng_state().sum().item()
         with open(os.path.join(out, f"{rank}.json"), "w") as f:
@@ -271,6 +276,7 @@ def test_rank0_weights_reach_skeletons_and_evaluation_splits_over_ranks(tmp_path
                 assert g is None or abs(g - w) <= 1e-9 * abs(w)
     # and the deltas each rank ends with, solved on the owners and broadcast, are those of one
     # process holding every Gram
+    assert all("disagree on the kept units" in (r["mismatch"] or "") for r in (r0, r1)), (r0["mismatch"], r1["mismatch"])
     assert r0["deltas"] and r0["shared_deltas"].keys() == r1["shared_deltas"].keys() == r0["deltas"].keys()
     for key, want in r0["deltas"].items():
         assert r0["shared_deltas"][key] == r1["shared_deltas"][key]
