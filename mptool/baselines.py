@@ -231,7 +231,10 @@ def kd_split(model: Any, scores: Scores, cands: list[Target], probe: torch.Tenso
                 from mptool.compensate import Compensator
                 from mptool.hooks import _projections
 
-                comp = Compensator(_projections(model), grams, d.head_dim)
+                from mptool import distributed as D
+
+                # several processes: each solves its share of the layers and hands the deltas out
+                comp = Compensator(_projections(model), grams, d.head_dim, owner=D.owner if D.world_size() > 1 else None)
                 hooks.handles.extend(comp.handles)
             result = score_shapes(cands, keep, lambda: model(probe).logits, teacher, temperature, chunk)
     best = min(result, key=result.get)

@@ -76,6 +76,34 @@ def test_two_gloo_processes_match_one(tmp_path, tokenizer_dir, text_file, shardi
     assert len(r2["processes"]["peak_rss_mb"]) == 2 and min(r2["processes"]["peak_rss_mb"]) > 0
 
 
+def test_a_one_shot_method_with_a_kd_split_over_two_processes_matches_one(tmp_path, tokenizer_dir, text_file):
+    """flap with the KD-chosen shape and compensation, then recovery, under 2-process DDP: the
+    candidates' compensation solved on each layer's owner and handed out, the same shape, units
+    and weights as one process."""
+    from safetensors.torch import load_file
+
+    model = save_tiny("llama", tokenizer_dir, tmp_path / "m")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("recovery:\n  steps: 2\n  batch_size: 4\n  bf16: false\n")
+    args = ["compress", str(model), "--method", "flap", "--split", "kd", "--compensate", "--data", str(text_file),
+            "--eval-data", str(text_file), "--calib-tokens", "512", "--seq-len", "64", "--eval-tokens", "256",
+            "--ratio", "0.5", "--ffn-multiple", "32", "--config", str(recipe)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MPTOOL_QUIET": "1", "TMPDIR": str(tmp_path)}
+    one = subprocess.run([sys.executable, "-m", "mptool.cli", *args, "--out", str(tmp_path / "one")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-port", str(free_port()), "-m", "mptool.cli", *args, "--out", str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    r1, r2 = (json.loads((tmp_path / n / "report.json").read_text()) for n in ("one", "two"))
+    assert r1["candidate_kd"] and r1["candidate_kd"].keys() == r2["candidate_kd"].keys()
+    assert all(abs(r1["candidate_kd"][k] - r2["candidate_kd"][k]) <= 1e-3 for k in r1["candidate_kd"])
+    assert json.loads((tmp_path / "one" / "keeps.json").read_text()) == json.loads((tmp_path / "two" / "keeps.json").read_text())
+    a, b = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= TOL
+
+
 def test_a_model_rank_0_cannot_load_stops_every_process(tmp_path, tokenizer_dir, text_file):
     """Under FSDP only rank 0 reads the weights; when they do not match the config, the other
     ranks (whose skeletons built fine from it) stop too, in seconds, instead of waiting at a
