@@ -45,12 +45,18 @@ def regression(gram: torch.Tensor, kept: torch.Tensor, width: int, damp: float =
     Llama-3-8B's FFN at 50% (7 k kept of 14 k) a solve is ~9e11 float64 operations: tens of
     seconds on one CPU thread (torchrun's default), a fraction of a second on a data-centre GPU
     (estimated, not measured here: no GPU). When the device has no room for it, on the CPU."""
+    return _on_device_or_host(_regression, device, gram, kept, width, damp, frozen)
+
+
+def _on_device_or_host(fn: Any, device: torch.device | None, *args: Any) -> Any:
+    """``fn(*args, device)``, or ``fn(*args, cpu)`` where ``device`` is None, the CPU, or has no
+    room for it beside training (its float64 blocks)."""
     if device is not None and torch.device(device).type != "cpu":
         try:
-            return _regression(gram, kept, width, damp, frozen, torch.device(device))
+            return fn(*args, torch.device(device))
         except torch.OutOfMemoryError:
-            pass  # the blocks did not fit beside training: on the host
-    return _regression(gram, kept, width, damp, frozen, torch.device("cpu"))
+            pass
+    return fn(*args, torch.device("cpu"))
 
 
 def _regression(gram: torch.Tensor, kept: torch.Tensor, width: int, damp: float, frozen: torch.Tensor | None,
@@ -83,13 +89,7 @@ def apply_regression(weight: torch.Tensor, kept: torch.Tensor, use: torch.Tensor
     """:func:`delta` from its :func:`regression`: ``W_D R`` on the regressing kept columns, 0 on
     the frozen ones, in ``weight``'s dtype; computed in float64 on ``device`` (default: where
     ``coef`` is), on the CPU when that device is out of memory."""
-    dev = torch.device(device) if device is not None else coef.device
-    if dev.type != "cpu":
-        try:
-            return _apply(weight, kept, use, dropped, coef, dev)
-        except torch.OutOfMemoryError:
-            pass
-    return _apply(weight, kept, use, dropped, coef, torch.device("cpu"))
+    return _on_device_or_host(_apply, coef.device if device is None else device, weight, kept, use, dropped, coef)
 
 
 def _apply(weight: torch.Tensor, kept: torch.Tensor, use: torch.Tensor, dropped: torch.Tensor,

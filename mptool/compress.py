@@ -25,7 +25,7 @@ from mptool.data import DATA_ORDERS
 from mptool.errors import MptoolError
 from mptool.evaluate import PplProtocol, perplexity
 from mptool.io import atomic_dir, output_problems
-from mptool.maskprune import INITS, LR_SCHEDULES, MASK_NORMS
+from mptool.maskprune import INITS, LR_SCHEDULES, MASK_NORMS, shares_grams
 from mptool.models import check_token_ids, looks_like_path
 from mptool.progress import console, step
 from mptool.shapes import (Dims, Target, balanced_target, candidates, check_ratio, describe, no_target_message,
@@ -505,9 +505,8 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
     if main and source_dtype not in (None, cfg.dtype):
         console.print(f"note: the source weights are {source_dtype}; training runs and the result is written in "
                       f"{cfg.dtype} (--dtype {source_dtype} keeps the source's)")
-    # MaskPrune's learned selection over several processes: each process keeps the Gram matrices
-    # of its share of the layers only (mptool.distributed.owner)
-    shares = D.world_size() if cfg.method == "maskprune" and cfg.maskprune.select == "learned" else 1
+    # each process may keep the Gram matrices of its share of the layers only
+    shares = D.world_size() if cfg.method == "maskprune" and shares_grams(cfg.maskprune.select) else 1
     if cfg.compensate is None:  # auto: on where the Gram matrices fit the host (recorded as decided)
         from mptool.compensate import fits, gram_bytes
 

@@ -310,6 +310,14 @@ def score_shapes(cands: list[Target], keep: Callable[[Target], None], student: C
     return scores
 
 
+def shares_grams(select: str) -> bool:
+    """Whether each process keeps only its share of the layers' Gram matrices
+    (:func:`mptool.distributed.owner`): several processes and the learned selection, whose
+    compensation solves run on the owners; a one-shot selection compensates the sliced model
+    from all of them."""
+    return D.world_size() > 1 and select == "learned"
+
+
 def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
 
@@ -388,10 +396,9 @@ class MaskPrune:
         self.rec: Any = None
         """Recovery that continues this trainer's LoRA (``continue_with``), or None."""
         self.grams, self.comp = None, None
-        self.grams_shared = D.world_size() > 1 and cfg.select == "learned"
-        """Several processes with the learned selection: :meth:`calibrate` leaves each layer's Gram
-        matrices on one process (:func:`mptool.distributed.owner`) and the compensation's solves
-        run there; a one-shot selection compensates the sliced model from all of them."""
+        self.grams_shared = shares_grams(cfg.select)
+        """:meth:`calibrate` leaves each layer's Gram matrices on one process
+        (:func:`shares_grams`)."""
         if not defer:
             self.start(init_scores, protected, grams)
 

@@ -54,29 +54,23 @@ def test_the_solve_falls_back_to_the_host_when_the_gpu_has_no_room(monkeypatch):
     x = torch.randn(300, 10, dtype=torch.float64, generator=g)
     kept = torch.tensor([0, 2, 3, 7, 9])
     tried = []
-    solve = C._regression
 
-    def no_room(gram, kept, width, damp, frozen, device):
-        tried.append(device.type)
-        if device.type != "cpu":
-            raise torch.OutOfMemoryError("no room")
-        return solve(gram, kept, width, damp, frozen, device)
+    def no_room(real):
+        """``real`` on the CPU; on any other device out of memory."""
+        def on(*args):
+            tried.append(args[-1].type)
+            if args[-1].type != "cpu":
+                raise torch.OutOfMemoryError("no room")
+            return real(*args)
+        return on
 
-    monkeypatch.setattr(C, "_regression", no_room)
+    monkeypatch.setattr(C, "_regression", no_room(C._regression))
     use, dropped, coef = C.regression(x.T @ x, kept, 10, device=torch.device("cuda", 0))
     assert tried == ["cuda", "cpu"] and coef.device.type == "cpu"
     want = C.regression(x.T @ x, kept, 10)
     assert torch.equal(coef, want[2]) and torch.equal(dropped, torch.tensor([1, 4, 5, 6, 8]))
     # and so does applying the coefficients to the weight
-    apply = C._apply
-
-    def no_room_either(weight, kept, use, dropped, coef, dev):
-        tried.append(dev.type)
-        if dev.type != "cpu":
-            raise torch.OutOfMemoryError("no room")
-        return apply(weight, kept, use, dropped, coef, dev)
-
-    monkeypatch.setattr(C, "_apply", no_room_either)
+    monkeypatch.setattr(C, "_apply", no_room(C._apply))
     w = torch.randn(4, 10, dtype=torch.float64, generator=g)
     dw = C.apply_regression(w, kept, use, dropped, coef, device=torch.device("cuda", 0))
     assert tried[3:] == ["cuda", "cpu"] and torch.equal(dw, delta(w, x.T @ x, kept))
