@@ -133,8 +133,8 @@ def kept_columns(d: Dims, keep: LayerKeep) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def compensate(model: Any, keeps: Sequence[LayerKeep], o_grams: Sequence[torch.Tensor],
-               d_grams: Sequence[torch.Tensor], into: Any = None,
-               protected: torch.Tensor | None = None) -> None:
+               d_grams: Sequence[torch.Tensor | None], into: Any = None,
+               protected: torch.Tensor | None = None, owner: Any = None) -> None:
     """Add each layer's compensation, computed from ``model``'s (dense) weights, to the kept
     columns of ``o_proj`` / ``down_proj``: of ``model`` itself (slice it with the same ``keeps``
     afterwards), or of ``into``, ``model`` already sliced to ``keeps``
@@ -143,7 +143,13 @@ def compensate(model: Any, keeps: Sequence[LayerKeep], o_grams: Sequence[torch.T
     (:func:`mptool.baselines.calibrate` with ``gram=True``), each solved with its projection's
     :data:`DAMP`; ``protected``: ``[layers,
     intermediate]`` bool, FFN channels kept out of the regression (``delta``'s ``frozen``), as
-    MaskPrune's training ran them."""
+    MaskPrune's training ran them.
+
+    ``owner(layer)`` (several processes, every one with the same ``keeps`` and the dense weights,
+    each with the Gram matrices of its own layers only, None elsewhere: :func:`mptool.distributed.to_owners`):
+    each layer's delta is solved on its owner and broadcast, one at a time, so every process ends
+    with the same weights."""
+    from mptool import distributed as D
     from mptool.hooks import _projections
 
     d = Dims.from_config(model.config)
@@ -151,7 +157,15 @@ def compensate(model: Any, keeps: Sequence[LayerKeep], o_grams: Sequence[torch.T
     dst = src if into is None else _projections(into)
     for i, keep in enumerate(keeps):
         for j, (gram, kept) in enumerate(zip((o_grams[i], d_grams[i]), kept_columns(d, keep))):
-            dw = delta(src[i][j].weight, gram, kept, DAMP[j], frozen=frozen_columns(protected, i, j))
+            w = src[i][j].weight
+            mine = owner is None or owner(i) == D.rank()
+            dw = delta(w, gram, kept, DAMP[j], frozen=frozen_columns(protected, i, j)) if mine else None
+            if owner is not None:  # whether the owner found one, then the delta itself
+                if not D.broadcast_(torch.tensor([float(dw is not None)]), src=owner(i)).item():
+                    continue
+                if dw is None:
+                    dw = torch.empty(w.shape[0], len(kept), dtype=w.dtype, device=w.device)
+                dw = D.broadcast_(dw, src=owner(i))
             if dw is None:
                 continue
             w = dst[i][j].weight
@@ -179,14 +193,21 @@ def available_bytes() -> int | None:
     return None
 
 
-def fits(d: Dims, processes: int = 1, available: int | None = None, shares: int = 1) -> bool:
-    """Whether the Gram matrices of ``processes`` processes on this host take at most half the
-    available host memory (where that is unknown: yes), each process holding all of them or, with
-    ``shares``, its share of the layers (:func:`mptool.shapes.gram_bytes`). The automatic
-    ``compensate`` choice: all of them are 0.6 GB at SmolLM2-135M, 57 GB at Llama-3-8B, 569 GB at
-    Llama-3-70B."""
+def host_gram_bytes(d: Dims, processes: int = 1, shares: int = 1, whole: int = 0) -> int:
+    """Host memory of the Gram matrices of ``processes`` processes on one host, each holding all
+    of them or, with ``shares``, its share of the layers (:func:`mptool.shapes.gram_bytes`), except
+    ``whole`` of them that hold all at once (rank 0 calibrating a one-shot method for the others:
+    counted on every host, to be safe)."""
+    whole = min(whole, processes)
+    return whole * gram_bytes(d) + (processes - whole) * gram_bytes(d, shares)
+
+
+def fits(d: Dims, processes: int = 1, available: int | None = None, shares: int = 1, whole: int = 0) -> bool:
+    """Whether the Gram matrices of this host's processes (:func:`host_gram_bytes`) take at most
+    half the available host memory (where that is unknown: yes). The automatic ``compensate``
+    choice: all of them are 0.6 GB at SmolLM2-135M, 57 GB at Llama-3-8B, 569 GB at Llama-3-70B."""
     available = available_bytes() if available is None else available
-    return available is None or processes * gram_bytes(d, shares) <= available / 2
+    return available is None or host_gram_bytes(d, processes, shares, whole) <= available / 2
 
 
 class Compensator:

@@ -25,7 +25,7 @@ from mptool.data import DATA_ORDERS
 from mptool.errors import MptoolError
 from mptool.evaluate import PplProtocol, perplexity
 from mptool.io import atomic_dir, output_problems
-from mptool.maskprune import INITS, LR_SCHEDULES, MASK_NORMS, shares_grams
+from mptool.maskprune import INITS, LR_SCHEDULES, MASK_NORMS
 from mptool.models import check_token_ids, looks_like_path
 from mptool.progress import console, step
 from mptool.shapes import (Dims, Target, balanced_target, candidates, check_ratio, describe, no_target_message,
@@ -336,12 +336,14 @@ def one_shot_scores(model: Any, methods: tuple[str, ...], blocks: torch.Tensor, 
     ``protect`` 0), and with ``gram`` the input Gram matrices of every o_proj and down_proj
     (for :mod:`mptool.compensate`; else None).
 
-    Under several processes rank 0 alone calibrates and every rank takes its results (the
-    others may hold a weightless skeleton; and one set of numbers for all, so a kernel's rounding
-    on one GPU cannot give one rank other units or other deltas)."""
+    Under several processes rank 0 alone calibrates and every rank takes its scores (one set of
+    numbers for all, so a kernel's rounding on one GPU cannot give one rank other units or other
+    deltas) and the Gram matrices of its share of the layers (:func:`mptool.distributed.to_owners`;
+    None for the others' layers), whose compensation it solves for every rank."""
     from mptool.baselines import Scores, calibrate, one_shot_results
 
     methods = tuple(dict.fromkeys(methods))
+    grams = None
     if D.is_main():
         o_stats = d_stats = None
         if needs_calibration(methods, protect, gram):
@@ -349,13 +351,13 @@ def one_shot_scores(model: Any, methods: tuple[str, ...], blocks: torch.Tensor, 
                 o_stats, d_stats = calibrate(model, blocks, progress=advance, gram=gram)
         scored, protected, grams = one_shot_results(model, methods, o_stats, d_stats, protect, gram)
         flat = [t for s in scored.values() for t in (s.heads, s.groups, s.ffn)] + [protected]
-        flat += [*grams[0], *grams[1]] if grams else []
         if D.world_size() > 1:  # every rank the same numbers on the same device
             flat = [t.cpu() for t in flat]
     flat = D.from_rank0(flat if D.is_main() else None)
     scored = {m: Scores(*flat[3 * i:3 * i + 3]) for i, m in enumerate(methods)}
-    protected, g = flat[3 * len(methods)].bool(), flat[3 * len(methods) + 1:]
-    return scored, protected, (g[:len(g) // 2], g[len(g) // 2:]) if gram else None
+    if gram and D.world_size() > 1:  # rank 0 kept every layer's; the others have none yet
+        grams = tuple(D.to_owners(None if g is None else list(g)) for g in (grams or (None, None)))
+    return scored, flat[3 * len(methods)].bool(), grams if gram else None
 
 
 def check_protected(protected: torch.Tensor, factor: float) -> None:
@@ -505,16 +507,19 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
     if main and source_dtype not in (None, cfg.dtype):
         console.print(f"note: the source weights are {source_dtype}; training runs and the result is written in "
                       f"{cfg.dtype} (--dtype {source_dtype} keeps the source's)")
-    # each process may keep the Gram matrices of its share of the layers only
-    shares = D.world_size() if cfg.method == "maskprune" and shares_grams(cfg.maskprune.select) else 1
+    # several processes: each keeps the Gram matrices of its share of the layers and solves their
+    # compensation for all; a one-shot method's are calibrated on rank 0, which deals them out
+    shares = D.world_size()
+    owners = D.owner if shares > 1 else None
+    whole = int(shares > 1 and cfg.method != "maskprune")
     if cfg.compensate is None:  # auto: on where the Gram matrices fit the host (recorded as decided)
-        from mptool.compensate import fits, gram_bytes
+        from mptool.compensate import fits, host_gram_bytes
 
         # every rank reads its host's free memory at its own moment: they act on one decision
         local = D.processes_per_host()
-        cfg = dataclasses.replace(cfg, compensate=D.every(fits(dims, local, shares=shares)))
+        cfg = dataclasses.replace(cfg, compensate=D.every(fits(dims, local, shares=shares, whole=whole)))
         if not cfg.compensate and main:
-            console.print(f"compensation off: its Gram matrices need {local * gram_bytes(dims, shares) / 2**30:.1f} GiB "
+            console.print(f"compensation off: its Gram matrices need {host_gram_bytes(dims, local, shares, whole) / 2**30:.1f} GiB "
                           f"of host memory ({local} process(es) on this host), more than half of what is available "
                           "(--compensate forces it)")
     fixed, budget = plan_target(cfg, dims)
@@ -666,7 +671,7 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
                 keeps = select(protect(scored[mask_cfg.select], trainer.protected), shape)
                 pruned = materialize(model.cpu(), keeps)
                 if grams is not None:
-                    compensate(model, keeps, *grams, into=pruned, protected=trainer.protected)
+                    compensate(model, keeps, *grams, into=pruned, protected=trainer.protected, owner=owners)
             else:
                 pruned, keeps = trainer.finish(reload=load_dense)
                 model = None  # LoRA was merged into these weights: recovery reloads the dense teacher
@@ -705,7 +710,7 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
             keeps = select(scores, fixed)
             pruned = materialize(model.cpu(), keeps)
             if grams is not None:
-                compensate(model, keeps, *grams, into=pruned)
+                compensate(model, keeps, *grams, into=pruned, owner=owners)
         timings["prune_s"] = round(time.perf_counter() - t0 - timings.get("recovery_s", 0.0), 1)
         target = keeps[0].target()
 
@@ -753,7 +758,7 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
             extra["processes"] = {"count": len(rss), "sharding": cfg.sharding,
                                   "weights_loaded_by": "rank 0" if rank0_load else "every rank",
                                   "gram_matrices": (None if not cfg.compensate else "each rank its share of the layers"
-                                                    if shares > 1 else "every rank all layers"),
+                                                    + (" (rank 0 all of them while it calibrated)" if whole else "")),
                                   "peak_rss_mb": [timings["peak_rss_mb"], *(round(r, 1) for r in rss[1:])]}
 
         report = build_report(cfg, d, target, dense_count, pruned, dense_ppl, pruned_ppl, timings)

@@ -310,14 +310,6 @@ def score_shapes(cands: list[Target], keep: Callable[[Target], None], student: C
     return scores
 
 
-def shares_grams(select: str) -> bool:
-    """Whether each process keeps only its share of the layers' Gram matrices
-    (:func:`mptool.distributed.owner`): several processes and the learned selection, whose
-    compensation solves run on the owners; a one-shot selection compensates the sliced model
-    from all of them."""
-    return D.world_size() > 1 and select == "learned"
-
-
 def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
 
@@ -396,9 +388,6 @@ class MaskPrune:
         self.rec: Any = None
         """Recovery that continues this trainer's LoRA (``continue_with``), or None."""
         self.grams, self.comp = None, None
-        self.grams_shared = shares_grams(cfg.select)
-        """:meth:`calibrate` leaves each layer's Gram matrices on one process
-        (:func:`shares_grams`)."""
         if not defer:
             self.start(init_scores, protected, grams)
 
@@ -465,7 +454,7 @@ class MaskPrune:
         if needs_calibration(methods, protect, gram):
             with self._evaluating(dense=True):
                 o_stats, d_stats = calibrate(model, blocks, batch_size, progress, gram, split=True, run=self.model,
-                                             share_grams=self.grams_shared)
+                                             share_grams=True)
         return one_shot_results(model, methods, o_stats, d_stats, protect, gram)
 
     def perplexity(self, ids: torch.Tensor, protocol: Any, dense: bool = False,

@@ -185,7 +185,7 @@ def test_scaled_forward_with_compensation_finishes_equal_to_the_masked_model():
 
 
 def test_the_default_decides_by_the_host_memory_the_gram_matrices_need():
-    from mptool.compensate import fits, gram_bytes
+    from mptool.compensate import fits, gram_bytes, host_gram_bytes
 
     assert CompressConfig().compensate is None  # auto
     d = Dims.from_config(tiny_model("llama").config)
@@ -196,6 +196,10 @@ def test_the_default_decides_by_the_host_memory_the_gram_matrices_need():
     # FSDP with the learned selection: each of 2 processes keeps its share of the 2 layers
     assert gram_bytes(d, shares=2) == need // 2 and gram_bytes(d, shares=3) == need // 2
     assert fits(d, processes=2, available=2 * need, shares=2)
+    # a one-shot method under 2 processes: rank 0 holds all while it calibrates, the other its share
+    assert host_gram_bytes(d, 2, shares=2, whole=1) == need + need // 2
+    assert fits(d, processes=2, available=3 * need, shares=2, whole=1)
+    assert not fits(d, processes=2, available=3 * need - 1, shares=2, whole=1)
 
 
 def test_frozen_kept_columns_keep_their_weights_and_the_rest_is_least_squares():

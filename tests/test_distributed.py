@@ -76,6 +76,34 @@ def test_two_gloo_processes_match_one(tmp_path, tokenizer_dir, text_file, shardi
     assert len(r2["processes"]["peak_rss_mb"]) == 2 and min(r2["processes"]["peak_rss_mb"]) > 0
 
 
+def test_maskprune_shape_with_a_one_shot_selection_over_two_processes_matches_one(tmp_path, tokenizer_dir, text_file):
+    """``select: flap`` (MaskPrune's learned shape, flap's units, compensation of the dense weights
+    cut to them) under 2-process DDP: the Gram matrices split by layer during calibration and the
+    final compensation solved on their owners, the same units and weights as one process."""
+    from safetensors.torch import load_file
+
+    model = save_tiny("llama", tokenizer_dir, tmp_path / "m")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("maskprune:\n  steps: 2\n  batch_size: 4\n  bf16: false\n  checkpoint_every: 0\n  select: flap\n"
+                      "recovery:\n  steps: 1\n  batch_size: 4\n  bf16: false\n")
+    args = ["compress", str(model), "--compensate", "--data", str(text_file), "--eval-data", str(text_file),
+            "--calib-tokens", "512", "--seq-len", "64", "--eval-tokens", "256", "--ratio", "0.5",
+            "--ffn-multiple", "32", "--config", str(recipe)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MPTOOL_QUIET": "1", "TMPDIR": str(tmp_path)}
+    one = subprocess.run([sys.executable, "-m", "mptool.cli", *args, "--out", str(tmp_path / "one")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-port", str(free_port()), "-m", "mptool.cli", *args, "--out", str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert json.loads((tmp_path / "one" / "keeps.json").read_text()) == json.loads((tmp_path / "two" / "keeps.json").read_text())
+    a, b = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= TOL
+    r2 = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert r2["processes"]["gram_matrices"] == "each rank its share of the layers"
+
+
 def test_a_one_shot_method_with_a_kd_split_over_two_processes_matches_one(tmp_path, tokenizer_dir, text_file):
     """flap with the KD-chosen shape and compensation, then recovery, under 2-process DDP: the
     candidates' compensation solved on each layer's owner and handed out, the same shape, units
@@ -102,6 +130,8 @@ def test_a_one_shot_method_with_a_kd_split_over_two_processes_matches_one(tmp_pa
     assert json.loads((tmp_path / "one" / "keeps.json").read_text()) == json.loads((tmp_path / "two" / "keeps.json").read_text())
     a, b = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
     assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= TOL
+    # rank 0 calibrated and dealt the Gram matrices out; each rank solved its layers for both
+    assert r2["processes"]["gram_matrices"] == "each rank its share of the layers (rank 0 all of them while it calibrated)"
 
 
 def test_a_model_rank_0_cannot_load_stops_every_process(tmp_path, tokenizer_dir, text_file):
@@ -202,6 +232,64 @@ def test_ranks_agree_on_protected_channels_and_on_compensation(tmp_path):
     for rank in (0, 1):
         assert torch.equal(torch.load(tmp_path / f"{rank}.pt", weights_only=True), expected)
         assert json.loads((tmp_path / f"{rank}.every.json").read_text()) == [True, False, False, True, True, True, True]
+
+
+def _deal_worker(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+    from conftest import tiny_model
+
+    from mptool import distributed as D
+    from mptool.baselines import Scores, calibrate, select
+    from mptool.compensate import compensate, grams_of
+    from mptool.shapes import Target
+    from mptool.surgery import materialize
+
+    dist.init_process_group("gloo", rank=rank, world_size=2, init_method=f"tcp://127.0.0.1:{port}")
+    try:
+        model = tiny_model("llama", num_hidden_layers=3)  # the same weights on both ranks
+        g = torch.Generator().manual_seed(3)
+        scores = Scores(torch.rand(3, 4, 2, generator=g), torch.rand(3, 4, generator=g), torch.rand(3, 256, generator=g))
+        keeps = select(scores, Target(3, 1, 96))
+        result = {}
+        grams = None
+        if rank == 0:  # rank 0 alone calibrates, as compress does for a one-shot method
+            blocks = torch.randint(0, 300, (4, 16), generator=torch.Generator().manual_seed(1))
+            grams = grams_of(*calibrate(model, blocks, batch_size=2, gram=True))
+            whole = materialize(model, keeps)
+            compensate(model, keeps, *grams, into=whole)
+            result["whole"] = {k: v.double().sum().item() for k, v in whole.state_dict().items()}
+            result["plain"] = {k: v.double().sum().item() for k, v in materialize(model, keeps).state_dict().items()}
+        sent = [None if grams is None else list(g) for g in (grams or (None, None))]
+        dealt = [D.to_owners(lst) for lst in sent]
+        # layer i's Grams on rank i % 2 only; rank 0 let go of those it sent
+        result["held"] = [[t is not None for t in lst] for lst in dealt]
+        result["rank0_left"] = None if rank else [[t is not None for t in lst] for lst in sent]
+        pruned = materialize(model, keeps)
+        compensate(model, keeps, *dealt, into=pruned, owner=D.owner)
+        result["shared"] = {k: v.double().sum().item() for k, v in pruned.state_dict().items()}
+        with open(os.path.join(out, f"{rank}.deal.json"), "w") as f:
+            json.dump(result, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_one_shot_grams_dealt_to_owners_compensate_as_one_process(tmp_path):
+    """A one-shot method's Gram matrices, calibrated on rank 0, dealt out by layer
+    (:func:`mptool.distributed.to_owners`) and solved by their owners: every rank ends with the
+    weights one process computes from all of them, and none holds more than its share."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_deal_worker, args=(free_port(), str(tmp_path)), nprocs=2)
+    r0, r1 = (json.loads((tmp_path / f"{r}.deal.json").read_text()) for r in (0, 1))
+    assert r0["held"] == [[True, False, True]] * 2 and r1["held"] == [[False, True, False]] * 2
+    assert r0["rank0_left"] == [[True, False, True]] * 2
+    ref = r0["whole"]
+    # compensation moved every o_proj and down_proj (3 layers), and nothing else
+    moved = sorted(k for k in ref if abs(ref[k] - r0["plain"][k]) > 1e-6 * max(1.0, abs(ref[k])))
+    assert moved == sorted(k for k in ref if "o_proj" in k or "down_proj" in k) and len(moved) == 6
+    for shared in (r0["shared"], r1["shared"]):
+        assert shared.keys() == ref.keys()
+        assert all(abs(shared[k] - ref[k]) <= 1e-6 * max(1.0, abs(ref[k])) for k in ref)
 
 
 def _rank0_worker(rank: int, port: int, folder: str, out: str) -> None:
