@@ -10,6 +10,8 @@
 #   SHAPE="--kv-heads 4 --heads-per-group 4 --ffn 4096"       # a fixed shape instead of --ratio 0.5
 #                                             # (no legal shapes scored: 32 of them, each solved with
 #                                             # compensation in every layer, take 20 min here)
+#   METHOD=flap                               # a one-shot method (every rank loads the weights; rank 0
+#                                             # calibrates and deals the Gram matrices out by layer)
 #
 # Writes $OUT/model (the random model, 2.2 GB), $OUT/pruned (with report.json) and prints the
 # per-rank peaks. Nothing is downloaded: the tokenizer is the embedded SmolLM2's.
@@ -37,6 +39,6 @@ tok.save_pretrained(sys.argv[1])
 PYEOF
 fi
 OMP_NUM_THREADS=1 "$PY" -m torch.distributed.run --nproc-per-node 2 -m mptool.cli compress "$OUT/model" \
-  ${SHAPE:---ratio 0.5} --max-steps 2 --recovery-steps 0 "${COMPENSATE:---no-compensate}" --calib-tokens 1024 --eval-tokens 512 \
+  --method "${METHOD:-maskprune}" ${SHAPE:---ratio 0.5} --max-steps 2 --recovery-steps 0 "${COMPENSATE:---no-compensate}" --calib-tokens 1024 --eval-tokens 512 \
   --seq-len 128 --sharding fsdp --overwrite --out "$OUT/pruned"
 "$PY" -c "import json, sys; print(json.dumps(json.load(open(sys.argv[1]))['processes']))" "$OUT/pruned/report.json"

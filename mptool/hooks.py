@@ -108,9 +108,11 @@ class InputStats:
     def update(self, x: torch.Tensor) -> None:
         if not self.counting and self.gram_owner is None:
             return
-        x = x.detach().reshape(-1, x.shape[-1]).double()
+        x = x.detach().reshape(-1, x.shape[-1])
+        if self.counting:
+            x = x.double()
         if self.track_gram:  # summed on the host: layers x in^2 float64 would crowd a GPU
-            g = x.T @ x if self.counting else x.new_zeros(x.shape[1], x.shape[1])
+            g = x.T @ x if self.counting else torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
             if self.gram_owner is not None:
                 from mptool import distributed as D
 
