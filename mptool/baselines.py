@@ -196,8 +196,8 @@ def select(scores: Scores, t: Target) -> list[LayerKeep]:
 
 @torch.no_grad()
 def kd_split(model: Any, scores: Scores, cands: list[Target], probe: torch.Tensor, temperature: float = 1.0,
-             chunk: int | None = 2048, bf16: bool = True,
-             grams: tuple[Any, Any] | None = None) -> tuple[Target, dict[str, float]]:
+             chunk: int | None = 2048, bf16: bool = True, grams: tuple[Any, Any] | None = None,
+             owner: Any = None) -> tuple[Target, dict[str, float]]:
     """The candidate target whose units (by ``scores``) distil best from the dense model.
 
     Each legal candidate is scored by the KD loss, on the ``probe`` batch, of the dense model with
@@ -205,7 +205,10 @@ def kd_split(model: Any, scores: Scores, cands: list[Target], probe: torch.Tenso
     shape rule of MaskPrune (``snap_frac: 0``) applied to a one-shot score, so one-shot methods
     can use a learned split of the budget instead of the fixed "same fraction" rule. With
     ``grams`` each candidate runs with its compensation (:mod:`mptool.compensate`), as MaskPrune's
-    candidates do. Returns (best target, {target: KD loss}, best first).
+    candidates do. ``owner``: every process of a multi-process run calls this, each holding its
+    layers' Gram matrices, and each layer's solves run on its owner
+    (:class:`mptool.compensate.Compensator`); None: this process alone (one process, or rank 0
+    choosing for the others). Returns (best target, {target: KD loss}, best first).
     """
     from mptool.hooks import apply_masks, keeps_to_masks
     from mptool.maskprune import autocast, score_shapes
@@ -231,11 +234,9 @@ def kd_split(model: Any, scores: Scores, cands: list[Target], probe: torch.Tenso
                 from mptool.compensate import Compensator
                 from mptool.hooks import _projections
 
-                from mptool import distributed as D
-
-                # several processes: each solves its share of the layers and hands the deltas out
-                comp = Compensator(_projections(model), grams, d.head_dim, owner=D.owner if D.world_size() > 1 else None)
+                comp = Compensator(_projections(model), grams, d.head_dim, owner=owner)
                 hooks.handles.extend(comp.handles)
-            result = score_shapes(cands, keep, lambda: model(probe).logits, teacher, temperature, chunk)
+            result = score_shapes(cands, keep, lambda: model(probe).logits, teacher, temperature, chunk,
+                                  alone=owner is None)
     best = min(result, key=result.get)
     return best, {str(t): round(v, 4) for t, v in sorted(result.items(), key=lambda kv: kv[1])}

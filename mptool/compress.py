@@ -329,7 +329,7 @@ def trainer_ppl(trainer: Any, ids: torch.Tensor, protocol: PplProtocol, label: s
 
 
 def one_shot_scores(model: Any, methods: tuple[str, ...], blocks: torch.Tensor, protect: float = 0.0,
-                    gram: bool = False) -> tuple[dict[str, Any], torch.Tensor, tuple[list, list] | None]:
+                    gram: bool = False, deal: bool = True) -> tuple[dict[str, Any], torch.Tensor, tuple[list, list] | None]:
     """Unit scores of one-shot methods, from one calibration pass where the model's weights are
     (none when only magnitude is asked for and nothing is protected or compensated), the FFN
     channels that ``protect`` keeps (:func:`mptool.baselines.massive_channels`; none with
@@ -339,7 +339,8 @@ def one_shot_scores(model: Any, methods: tuple[str, ...], blocks: torch.Tensor, 
     Under several processes rank 0 alone calibrates and every rank takes its scores (one set of
     numbers for all, so a kernel's rounding on one GPU cannot give one rank other units or other
     deltas) and the Gram matrices of its share of the layers (:func:`mptool.distributed.to_owners`;
-    None for the others' layers), whose compensation it solves for every rank."""
+    None for the others' layers), whose compensation it solves for every rank; without ``deal``
+    rank 0 keeps them all and the others get None (rank 0 alone holds weights and cuts)."""
     from mptool.baselines import Scores, calibrate, one_shot_results
 
     methods = tuple(dict.fromkeys(methods))
@@ -355,7 +356,7 @@ def one_shot_scores(model: Any, methods: tuple[str, ...], blocks: torch.Tensor, 
             flat = [t.cpu() for t in flat]
     flat = D.from_rank0(flat if D.is_main() else None)
     scored = {m: Scores(*flat[3 * i:3 * i + 3]) for i, m in enumerate(methods)}
-    if gram and D.world_size() > 1:  # rank 0 kept every layer's; the others have none yet
+    if gram and D.world_size() > 1 and deal:  # rank 0 kept every layer's; the others have none yet
         grams = tuple(D.to_owners(None if g is None else list(g)) for g in (grams or (None, None)))
     return scored, flat[3 * len(methods)].bool(), grams if gram else None
 
@@ -473,10 +474,11 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
 
     dev = D.device(cfg.device)
     sharded = D.sharded(cfg.sharding)
-    # under FSDP, MaskPrune with its learned selection needs the whole weights on rank 0 only (to
-    # calibrate, evaluate and write): the other ranks hold meta-device skeletons and take their
-    # shards of rank 0's tensors when FSDP wraps a model (mptool.distributed.fsdp_wrap)
-    rank0_load = sharded and cfg.method == "maskprune" and cfg.maskprune.select == "learned"
+    # under FSDP, MaskPrune with its learned selection and the one-shot methods need the whole
+    # weights on rank 0 only (to calibrate, cut, evaluate and write): the other ranks hold
+    # meta-device skeletons and take their shards of rank 0's tensors when FSDP wraps a model
+    # (mptool.distributed.fsdp_wrap) for mask learning or recovery
+    rank0_load = sharded and (cfg.method != "maskprune" or cfg.maskprune.select == "learned")
     weights_here = main or not rank0_load
 
     def load(what: str) -> tuple[Any, Any]:
@@ -509,14 +511,16 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
                       f"{cfg.dtype} (--dtype {source_dtype} keeps the source's)")
     # several processes: each keeps the Gram matrices of its share of the layers and solves their
     # compensation for all; a one-shot method's are calibrated on rank 0, which deals them out
+    # (under FSDP rank 0 alone cuts a one-shot model: it keeps them all and the others none)
+    alone = rank0_load and cfg.method != "maskprune"
     shares = D.world_size()
-    owners = D.owner if shares > 1 else None
+    owners = D.owner if shares > 1 and not alone else None
     whole = int(shares > 1 and cfg.method != "maskprune")
     if cfg.compensate is None:  # auto: on where the Gram matrices fit the host (recorded as decided)
         from mptool.compensate import fits, host_gram_bytes
 
         # every rank reads its host's free memory at its own moment: they act on one decision
-        local = D.processes_per_host()
+        local = 1 if alone else D.processes_per_host()
         cfg = dataclasses.replace(cfg, compensate=D.every(fits(dims, local, shares=shares, whole=whole)))
         if not cfg.compensate and main:
             console.print(f"compensation off: its Gram matrices need {host_gram_bytes(dims, local, shares, whole) / 2**30:.1f} GiB "
@@ -697,19 +701,21 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
         else:
             from mptool.baselines import select
 
-            scored, _, grams = one_shot_scores(model, (cfg.method,), calib, gram=cfg.compensate)
+            scored, _, grams = one_shot_scores(model, (cfg.method,), calib, gram=cfg.compensate, deal=not alone)
             scores = scored[cfg.method]
             if fixed is None:  # --split kd
                 from mptool.baselines import kd_split
 
                 cands = candidates(d, cfg.ratio_or_default, cfg.tp, cfg.ffn_multiple)
-                with console.status(f"scoring {len(cands)} legal targets by KD on a probe batch"):
-                    fixed, extra["candidate_kd"] = kd_split(model, scores, cands, blocks[: mask_cfg.batch_size],
-                                                            rec_cfg.temperature, rec_cfg.kd_chunk, rec_cfg.bf16,
-                                                            grams=grams)
+                chosen = None
+                if main or not alone:  # every process a share of the solves, or rank 0 alone
+                    with console.status(f"scoring {len(cands)} legal targets by KD on a probe batch"):
+                        chosen = kd_split(model, scores, cands, blocks[: mask_cfg.batch_size], rec_cfg.temperature,
+                                          rec_cfg.kd_chunk, rec_cfg.bf16, grams=grams, owner=owners)
+                fixed, extra["candidate_kd"] = D.object_from_rank0(chosen) if alone else chosen
             keeps = select(scores, fixed)
-            pruned = materialize(model.cpu(), keeps)
-            if grams is not None:
+            pruned = materialize(model if D.on_meta(model) else model.cpu(), keeps)  # a skeleton stays one
+            if grams is not None and (main or not alone):
                 compensate(model, keeps, *grams, into=pruned, owner=owners)
         timings["prune_s"] = round(time.perf_counter() - t0 - timings.get("recovery_s", 0.0), 1)
         target = keeps[0].target()
@@ -757,7 +763,8 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
         if len(rss) > 1:
             extra["processes"] = {"count": len(rss), "sharding": cfg.sharding,
                                   "weights_loaded_by": "rank 0" if rank0_load else "every rank",
-                                  "gram_matrices": (None if not cfg.compensate else "each rank its share of the layers"
+                                  "gram_matrices": (None if not cfg.compensate else "rank 0 all layers" if alone
+                                                    else "each rank its share of the layers"
                                                     + (" (rank 0 all of them while it calibrated)" if whole else "")),
                                   "peak_rss_mb": [timings["peak_rss_mb"], *(round(r, 1) for r in rss[1:])]}
 

@@ -274,6 +274,15 @@ def from_rank0(tensors: list[torch.Tensor] | None) -> list[torch.Tensor]:
     return out
 
 
+def object_from_rank0(obj: Any) -> Any:
+    """Rank 0's picklable ``obj`` (trusted: made by this run's rank 0) on every rank."""
+    if world_size() == 1:
+        return obj
+    box = [obj if is_main() else None]
+    dist.broadcast_object_list(box, src=0, device=_comm_device())
+    return box[0]
+
+
 def to_owners(tensors: list[torch.Tensor | None] | None) -> list[torch.Tensor | None]:
     """Rank 0's per-layer ``tensors`` dealt out: entry ``i`` on rank :func:`owner` ``(i)`` only,
     None on every other rank (the others pass None). Rank 0's entries for other ranks are dropped

@@ -296,17 +296,20 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
 
 
 def score_shapes(cands: list[Target], keep: Callable[[Target], None], student: Callable[[], torch.Tensor],
-                 teacher: torch.Tensor, temperature: float, chunk: int | None = None) -> dict[Target, float]:
+                 teacher: torch.Tensor, temperature: float, chunk: int | None = None,
+                 alone: bool = False) -> dict[Target, float]:
     """The KD loss against ``teacher`` of the model with each candidate's units kept.
 
     ``keep(t)`` sets the masks to the units kept at target ``t``; ``student()`` runs the probe
-    batch. Averaged over ranks, so that every rank fixes the same shape. The rule MaskPrune uses
-    to fix its legal shape, and ``--split kd`` for one-shot methods.
+    batch. Averaged over ranks, so that every rank fixes the same shape (``alone``: this process
+    scores for all, no collective). The rule MaskPrune uses to fix its legal shape, and
+    ``--split kd`` for one-shot methods.
     """
     scores = {}
     for t in cands:
         keep(t)
-        scores[t] = D.mean(kd_loss(student(), teacher, temperature, chunk).item())
+        loss = kd_loss(student(), teacher, temperature, chunk).item()
+        scores[t] = loss if alone else D.mean(loss)
     return scores
 
 

@@ -104,10 +104,13 @@ def test_maskprune_shape_with_a_one_shot_selection_over_two_processes_matches_on
     assert r2["processes"]["gram_matrices"] == "each rank its share of the layers"
 
 
-def test_a_one_shot_method_with_a_kd_split_over_two_processes_matches_one(tmp_path, tokenizer_dir, text_file):
-    """flap with the KD-chosen shape and compensation, then recovery, under 2-process DDP: the
-    candidates' compensation solved on each layer's owner and handed out, the same shape, units
-    and weights as one process."""
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_a_one_shot_method_with_a_kd_split_over_two_processes_matches_one(tmp_path, tokenizer_dir, text_file, sharding):
+    """flap with the KD-chosen shape and compensation, then recovery, under 2 processes: with DDP
+    every rank loads the weights, the Gram matrices are dealt out by layer and the candidates'
+    and the final compensation solved on each layer's owner and handed out; with FSDP rank 0
+    alone loads the weights, chooses the shape and cuts, and rank 1 takes its shards for
+    recovery. Either way the same shape, units and weights as one process."""
     from safetensors.torch import load_file
 
     model = save_tiny("llama", tokenizer_dir, tmp_path / "m")
@@ -121,8 +124,8 @@ def test_a_one_shot_method_with_a_kd_split_over_two_processes_matches_one(tmp_pa
                          env=env, capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                          "--master-port", str(free_port()), "-m", "mptool.cli", *args, "--out", str(tmp_path / "two")],
-                         env=env, capture_output=True, text=True, timeout=600)
+                          "--master-port", str(free_port()), "-m", "mptool.cli", *args, "--sharding", sharding,
+                          "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     r1, r2 = (json.loads((tmp_path / n / "report.json").read_text()) for n in ("one", "two"))
     assert r1["candidate_kd"] and r1["candidate_kd"].keys() == r2["candidate_kd"].keys()
@@ -130,8 +133,13 @@ def test_a_one_shot_method_with_a_kd_split_over_two_processes_matches_one(tmp_pa
     assert json.loads((tmp_path / "one" / "keeps.json").read_text()) == json.loads((tmp_path / "two" / "keeps.json").read_text())
     a, b = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
     assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= TOL
-    # rank 0 calibrated and dealt the Gram matrices out; each rank solved its layers for both
-    assert r2["processes"]["gram_matrices"] == "each rank its share of the layers (rank 0 all of them while it calibrated)"
+    if sharding == "ddp":  # rank 0 calibrated and dealt the Gram matrices out; each rank solved its layers for both
+        assert r2["processes"]["weights_loaded_by"] == "every rank"
+        assert r2["processes"]["gram_matrices"] == "each rank its share of the layers (rank 0 all of them while it calibrated)"
+    else:  # rank 1 held a skeleton until recovery's FSDP wrap gave it its shards of rank 0's cut
+        assert r2["processes"]["weights_loaded_by"] == "rank 0"
+        assert r2["processes"]["gram_matrices"] == "rank 0 all layers"
+    assert r1["recovery"]["tokens"] == r2["recovery"]["tokens"] > 0
 
 
 def test_a_model_rank_0_cannot_load_stops_every_process(tmp_path, tokenizer_dir, text_file):
