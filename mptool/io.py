@@ -195,9 +195,8 @@ def _place_problem(folder: Path, what: str) -> str | None:
         ancestor = ancestor.parent
     if not ancestor.is_dir():
         return f"{what}: {ancestor} is a file, not a folder"
-    if not os.access(ancestor, os.W_OK | os.X_OK) or (why := _cannot_create_in(ancestor)):
-        return f"{what}: cannot write in {ancestor}{f' ({why})' if why else ''}"
-    return None
+    why = "no write permission" if not os.access(ancestor, os.W_OK | os.X_OK) else _cannot_create_in(ancestor)
+    return f"{what}: cannot write in {ancestor} ({why}); give a folder you can write in" if why else None
 
 
 def result_file_problems(files: list[Path], is_ours: Callable[[Path], bool], command: str,

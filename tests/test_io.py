@@ -128,7 +128,18 @@ def test_an_output_place_that_refuses_creation_is_found_up_front(tmp_path, monke
 
     monkeypatch.setattr(tempfile, "mkdtemp", refuse)
     assert output_problems(tmp_path / "x", overwrite=False) == [
-        f"--out {tmp_path / 'x'}: cannot write in {tmp_path} (Read-only file system)"]
+        f"--out {tmp_path / 'x'}: cannot write in {tmp_path} (Read-only file system); give a folder you can write in"]
+
+
+def test_an_output_place_without_write_permission_is_named(tmp_path, monkeypatch):
+    """A folder os.access calls unwritable (a user's missing permission; root never sees it)."""
+    from pathlib import Path
+
+    from mptool.io import output_problems
+
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path)
+    assert output_problems(tmp_path / "a" / "b", overwrite=False) == [
+        f"--out {tmp_path / 'a' / 'b'}: cannot write in {tmp_path} (no write permission); give a folder you can write in"]
 
 
 def test_kill_session_ends_the_child_and_its_workers(tmp_path):
