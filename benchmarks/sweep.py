@@ -135,7 +135,8 @@ def validate(cfg: BenchConfig) -> dict[str, Any]:
             problems.append(f"give the {role} model folder (mptool bench DENSE PRUNED)")
             continue
         if not Path(spec).expanduser().is_dir():
-            problems.append(f"{role} model folder {spec} does not exist; give a Hugging Face model "
+            what = "is a file" if Path(spec).expanduser().exists() else "does not exist"
+            problems.append(f"{role} model folder {spec} {what}; give a Hugging Face model "
                             "folder (config.json + *.safetensors)")
             continue
         try:

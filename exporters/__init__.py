@@ -162,7 +162,8 @@ def validate(cfg: ExportConfig) -> list[str]:
     except MptoolError as e:
         problems.append(str(e))
         return problems
-    problems += output_problems(out, cfg.overwrite, sources=(spec,) if isinstance(spec, Path) else ())
+    problems += output_problems(out if cfg.out is None else cfg.out, cfg.overwrite,  # --out '' is named as given
+                                sources=(spec,) if isinstance(spec, Path) else ())
     if isinstance(spec, Path):
         try:
             config = json.loads((spec / "config.json").read_text())

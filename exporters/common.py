@@ -49,6 +49,9 @@ def compare_logits(got: torch.Tensor, ref: torch.Tensor, tol: Tolerance, what: s
     got, ref = got.float(), ref.float()
     if got.shape != ref.shape:
         raise ParityError(f"{what}: logits shape {tuple(got.shape)} != PyTorch's {tuple(ref.shape)}")
+    if not torch.isfinite(ref).all():
+        raise ParityError(f"{what}: PyTorch's own logits are not finite: the source model's weights hold NaN or "
+                          "Inf, or its activations overflow its dtype; export a checkpoint that computes finite logits")
     diff = float((got - ref).abs().max())
     bound = tol.bound(ref)
     result = {"max_abs_diff": diff, "bound": bound, "ref_max_abs": float(ref.abs().max()),

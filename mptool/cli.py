@@ -317,9 +317,12 @@ def plan(
     base = dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
     import math
 
-    if min(base.batch_size, base.seq_len, base.lora_r, base.dtype_bytes) < 1 or not (math.isfinite(gpu_mem) and gpu_mem > 0):
-        raise MptoolError("--batch-size, --seq-len, --lora-r, --dtype-bytes and --gpu-mem must be positive "
-                          "(and --gpu-mem a finite number of GiB)")
+    bad = [f"--{k.replace('_', '-')} {getattr(base, k)}" for k in ("batch_size", "seq_len", "lora_r", "dtype_bytes")
+           if getattr(base, k) < 1]
+    bad += [] if math.isfinite(gpu_mem) and gpu_mem > 0 else [f"--gpu-mem {gpu_mem:g}"]
+    if bad:
+        raise MptoolError(f"{', '.join(bad)}: must be positive (--gpu-mem a finite number of GiB, "
+                          "the others whole numbers >= 1)")
     if base.dtype_bytes not in (1, 2, 4):
         raise MptoolError(f"--dtype-bytes {base.dtype_bytes} is not a weight size; give 4 (float32), 2 (bf16/fp16) "
                           "or 1 (8-bit)")

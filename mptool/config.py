@@ -282,6 +282,25 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last,
+    so a recipe's first ``ratio:`` would be dropped without a word)."""
+
+
+def _mapping_without_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict:
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} is given twice (line {key_node.start_mark.line + 1}); keep one", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node)
+
+
+_RecipeLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
 def load_config(cls: type[T], path: str | Path | None = None,
                 overrides: dict[str, Any] | None = None) -> T:
     """Defaults, then a YAML recipe, then non-None dotted overrides (CLI flags)."""
@@ -293,7 +312,7 @@ def load_config(cls: type[T], path: str | Path | None = None,
         if not p.is_file():
             raise MptoolError(f"config file {path} does not exist; give a YAML recipe file")
         try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+            loaded = yaml.load(p.read_text(encoding="utf-8"), Loader=_RecipeLoader)  # noqa: S506 (a SafeLoader)
         except UnicodeDecodeError:
             raise MptoolError(f"config file {path} is not UTF-8 text; give a YAML recipe file") from None
         except yaml.YAMLError as e:

@@ -230,8 +230,9 @@ def _read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8-sig")  # a BOM (Windows editors) is not text
     except UnicodeDecodeError as exc:
+        source = "utf-16" if exc.object[:2] in (b"\xff\xfe", b"\xfe\xff") else "latin1"  # a UTF-16 BOM, else a guess
         raise MptoolError(f"data file {path} is not UTF-8 text (byte {exc.start}); convert it, "
-                          "e.g. iconv -f latin1 -t utf-8") from None
+                          f"e.g. iconv -f {source} -t utf-8") from None
     except OSError as exc:
         raise MptoolError(f"cannot read data file {path}: {_one_line(exc)}") from None
 

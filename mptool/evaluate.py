@@ -86,8 +86,21 @@ def perplexity(model: Any, ids: torch.Tensor, protocol: PplProtocol,
         nll_sum, scored = D.sum_(total).tolist()
         scored = int(scored)
     nll = nll_sum / scored
+    if not math.isfinite(nll):
+        raise MptoolError(f"the model's logits are not finite (mean NLL {nll}): {nonfinite_note(model)}")
     return {"ppl": math.exp(nll), "nll": nll, "tokens": scored, "protocol": asdict(protocol),
             "seconds": round(time.perf_counter() - start_time, 2)}
+
+
+def nonfinite_note(model: Any) -> str:
+    """Where a model's non-finite outputs come from, in a few words: the weights that hold NaN or
+    Inf (this process's shards under FSDP), or activations beyond the dtype's range."""
+    from mptool.models import nonfinite_params
+
+    if bad := nonfinite_params(model):
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        return f"the weights hold NaN or Inf ({bad[0]}{more}); give a checkpoint with finite weights"
+    return "the weights are finite, so activations overflow the model's dtype; run it in float32"
 
 
 def _task_loader() -> Any:

@@ -430,6 +430,18 @@ def _in_hub_cache(repo_id: str) -> bool:
         return False
 
 
+def nonfinite_params(model: Any) -> list[str]:
+    """Names of the parameters that hold NaN or Inf (this process's shards under FSDP; a
+    meta-device skeleton holds none)."""
+    bad = []
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            local = p.to_local() if hasattr(p, "to_local") else p
+            if local.device.type != "meta" and not torch.isfinite(local).all():
+                bad.append(name)
+    return bad
+
+
 def weights_problem(path: Path, config: Any) -> str | None:
     """Why the safetensors in ``path`` cannot hold the model ``config`` describes, or None.
 
@@ -512,15 +524,23 @@ def load_model(
             with torch.device("meta"):
                 model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
             info = {}
-        if Path(path).is_dir() and not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
-            raise MptoolError(f"model folder {path} has no tokenizer (tokenizer.json, tokenizer.model or vocab.json); "
-                              "copy the tokenizer files of the model it was made from into it")
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
         why = None
-        if config is not None and isinstance(exc, RuntimeError) and Path(path).is_dir():
-            why = weights_problem(Path(path), config)  # e.g. shapes: transformers points at a log it did not print
+        if config is not None and weights and Path(path).is_dir():
+            # shapes, a bad header, a folder named like a file: transformers says less, or points at a log
+            why = weights_problem(Path(path), config)
         raise MptoolError(f"cannot load model {path}: {why or _one_line(exc)}") from exc
+    if Path(path).is_dir() and not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
+        raise MptoolError(f"model folder {path} has no tokenizer (tokenizer.json, tokenizer.model or vocab.json); "
+                          "copy the tokenizer files of the model it was made from into it")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError, AttributeError) as exc:
+        raise MptoolError(f"cannot load model {path}: its tokenizer files do not load ({_one_line(exc)}); "
+                          "copy in the tokenizer files of the model it was made from") from exc
+    if weights and (bad := nonfinite_params(model)):  # every later number would be nan
+        raise MptoolError(f"cannot load model {path}: its weights hold NaN or Inf ({bad[0]}"
+                          f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}); give a checkpoint with finite weights")
     # transformers fills absent tensors with random values and only logs it: refuse instead
     for kind in ("missing_keys", "mismatched_keys"):
         if keys := sorted(str(k) for k in info.get(kind) or ()):

@@ -94,7 +94,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         problems.append(f"--limit {cfg.limit} must be >= 1 (examples per lm-eval task; leave it out for all)")
     if cfg.data is not None and looks_like_path(cfg.data) and not Path(cfg.data).expanduser().exists():
         problems.append(f"data path {cfg.data} does not exist (give a .txt, .jsonl, a folder or a datasets folder)")
-    if cfg.out:
+    if cfg.out is not None:  # --out '' is refused, not taken for "the default place"
         problems += (output_problems(cfg.out, overwrite=True, flag="--out", folder=False)
                      or result_file_problems([Path(cfg.out).expanduser()], is_eval_result, "mptool eval"))
     if problems:

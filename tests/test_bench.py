@@ -214,6 +214,9 @@ def test_cli_rejects_missing_folder_and_other_family(pair, tmp_path, tokenizer_d
     dense, pruned = pair
     res = run(dense, tmp_path / "nowhere")
     assert res.exit_code == 2 and "pruned model folder" in res.output and "does not exist" in res.output
+    (tmp_path / "a.txt").write_text("text")
+    res = run(dense, tmp_path / "a.txt")
+    assert res.exit_code == 2 and f"pruned model folder {tmp_path / 'a.txt'} is a file" in " ".join(res.output.split())
     res = run()
     assert res.exit_code == 2 and "give the dense model folder" in res.output
 

@@ -481,6 +481,31 @@ def test_a_typed_config_error_names_the_field_and_the_reason(tmp_path):
                          "Field 'head_dim' expected int, got NoneType")
 
 
+def test_a_recipe_that_gives_a_key_twice_or_is_not_yaml_is_refused(tiny_dir, text_file, tmp_path):
+    """YAML keeps the last of two equal keys: the first would be dropped without a word."""
+    recipe = tmp_path / "r.yaml"
+    out = tmp_path / "o"
+    recipe.write_text("ratio: 0.5\nmaskprune:\n  steps: 2\nratio: 0.25\n")
+    res = run("compress", tiny_dir, *small(text_file), "--config", recipe, "--out", out)
+    assert_clean_failure(res, out, f"config file {recipe} is not valid YAML: key 'ratio' is given twice (line 4)")
+    recipe.write_text("maskprune:\n  steps: 2\n  steps: 3\n")
+    res = run("compress", tiny_dir, *small(text_file), "--config", recipe, "--out", out)
+    assert_clean_failure(res, out, "key 'steps' is given twice (line 3)")
+    recipe.write_text("maskprune: [steps: 2\n")
+    res = run("compress", tiny_dir, *small(text_file), "--config", recipe, "--out", out)
+    assert_clean_failure(res, out, f"config file {recipe} is not valid YAML")
+
+
+def test_an_empty_out_is_refused_by_every_command(tiny_dir, text_file, tmp_path, monkeypatch):
+    """eval took --out '' for its default (it wrote into the model folder); export named it '.'."""
+    monkeypatch.chdir(tmp_path)
+    for args in (["eval", tiny_dir, "--data", text_file], ["export", tiny_dir, "--target", "hf"],
+                 ["compress", tiny_dir, *small(text_file)]):
+        res = run(*args, "--out", "")
+        assert_clean_failure(res, tmp_path / "none", "--out '' names no")
+    assert not (tiny_dir / "eval.json").exists()
+
+
 def test_eval_keeps_a_foreign_eval_json_in_the_model_folder(tiny_dir, text_file):
     """The default result file MODEL/eval.json replaces only an earlier eval result."""
     mine = tiny_dir / "eval.json"
@@ -643,6 +668,73 @@ def test_weights_that_do_not_match_the_config_are_refused(tiny_dir, text_file, t
     res = run("compress", tiny_dir, *small(text_file), "--method", "flap", "--out", out)
     assert_clean_failure(res, out, "weights do not match its config.json", "missing keys",
                          "model.layers.1.mlp.down_proj.weight")
+
+
+def test_weights_holding_nan_are_named_by_every_command_that_runs_the_model(tiny_dir, text_file, tmp_path):
+    """A NaN in the source weights: compress and eval used to finish with perplexity nan (exit 0),
+    export blamed its probe text. Loading now names the tensor, before any work, and nothing is
+    written; past loading (a run that diverges, activations that overflow) perplexity and the
+    exporters' parity check say the same of the logits."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(tiny_dir / "model.safetensors")
+    weights["model.layers.1.mlp.down_proj.weight"][3, 5] = float("nan")
+    save_file(weights, tiny_dir / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "o"
+    res = run("compress", tiny_dir, *small(text_file), "--method", "flap", "--out", out)
+    says = "weights hold NaN or Inf (model.layers.1.mlp.down_proj.weight)"
+    assert_clean_failure(res, out, says)
+    res = run("eval", tiny_dir, "--data", text_file, "--eval-tokens", "256", "--out", tmp_path / "e.json")
+    assert_clean_failure(res, tmp_path / "e.json", says)
+    res = run("export", tiny_dir, "--target", "hf", "--out", out)  # found inside its progress display
+    assert res.exit_code == 2 and res.output.strip().splitlines()[-1].startswith("error:"), res.output
+    assert says in res.output.strip().splitlines()[-1] and not out.exists()
+    assert not list(out.parent.glob(f".{out.name}.tmp-*"))
+
+
+def test_logits_that_are_not_finite_are_named_past_loading(monkeypatch):
+    """What loading cannot see (weights going NaN in training, activations overflowing): the
+    perplexity names the weights, or says they are finite; an export's parity check refuses
+    PyTorch's own non-finite logits instead of blaming the engine."""
+    from mptool.errors import MptoolError, ParityError
+    from mptool.evaluate import PplProtocol, perplexity
+    from mptool.exporters.common import Tolerance, compare_logits
+
+    model = tiny_model("llama")
+    ids = torch.arange(1, 40)
+    protocol = PplProtocol(window=16, stride=16, max_tokens=40, text="ids")
+    real = model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, **k: type("Out", (), {"logits": real(*a, **k).logits * float("inf")})())
+    with pytest.raises(MptoolError, match="logits are not finite .* the weights are finite, so activations overflow"):
+        perplexity(model, ids, protocol)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.o_proj.weight[0, 0] = float("nan")
+    with pytest.raises(MptoolError, match=r"weights hold NaN or Inf \(model.layers.0.self_attn.o_proj.weight\)"):
+        perplexity(model, ids, protocol)
+    ref = torch.zeros(2, 5)
+    ref[1, 2] = float("nan")
+    with pytest.raises(ParityError, match="PyTorch's own logits are not finite"):
+        compare_logits(torch.zeros(2, 5), ref, Tolerance(1e-3, 0.0), "probe")
+
+
+@pytest.mark.parametrize("damage,says", [
+    ("truncate", "model.safetensors is not a readable safetensors file"),
+    ("folder", "model.safetensors is not a readable safetensors file"),
+    ("tokenizer", "its tokenizer files do not load"),
+])
+def test_damaged_files_in_a_model_folder_are_named(tiny_dir, text_file, tmp_path, damage, says):
+    """Library errors (a safetensors header, a tokenizer's JSON) name the file that is wrong."""
+    weights = tiny_dir / "model.safetensors"
+    if damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[:100])
+    elif damage == "folder":
+        weights.unlink()
+        weights.mkdir()
+    else:
+        (tiny_dir / "tokenizer.json").write_text("{not json")
+    out = tmp_path / "o"
+    res = run("compress", tiny_dir, *small(text_file), "--method", "flap", "--out", out)
+    assert_clean_failure(res, out, says)
 
 
 def test_missing_model_path(tmp_path, text_file):

@@ -81,8 +81,11 @@ def test_held_out_text_needs_a_test_or_validation_split(tmp_path):
 
 def test_unreadable_text_is_one_line(tmp_path):
     (tmp_path / "latin.txt").write_bytes("Anne Elliot, na\xefve".encode("latin-1"))
-    with pytest.raises(MptoolError, match="is not UTF-8 text"):
+    with pytest.raises(MptoolError, match="is not UTF-8 text .*iconv -f latin1 -t utf-8"):
         load_texts(str(tmp_path / "latin.txt"))
+    (tmp_path / "wide.txt").write_bytes("Anne Elliot".encode("utf-16"))  # with its byte-order mark
+    with pytest.raises(MptoolError, match="is not UTF-8 text .*iconv -f utf-16 -t utf-8"):
+        load_texts(str(tmp_path / "wide.txt"))
     folder = tmp_path / "books"
     folder.mkdir()
     (folder / "a.TXT").write_text("Emma Woodhouse, handsome, clever and rich")

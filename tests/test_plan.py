@@ -103,7 +103,9 @@ def test_plan_cli(tmp_path, tokenizer_dir):
     small = {r["gpus"]: r for r in out["rows"] if r["phase"] == "recovery" and r["sharding"] == "ddp"}
     assert small[1]["per_gpu_bytes"] < rec[1]["per_gpu_bytes"]  # the student is smaller
     bad = CliRunner().invoke(app, ["plan", str(model), "--batch-size", "0"])
-    assert bad.exit_code == 2 and "must be positive" in bad.output
+    assert bad.exit_code == 2 and "--batch-size 0: must be positive" in bad.output
+    bad = CliRunner().invoke(app, ["plan", str(model), "--lora-r", "0", "--gpu-mem", "-5"])
+    assert bad.exit_code == 2 and "--lora-r 0, --gpu-mem -5: must be positive" in bad.output, bad.output
 
 
 def test_plan_needs_only_a_config_and_checkpointing_cuts_activations(tmp_path):
@@ -174,6 +176,13 @@ def test_fsdp_counts_the_gathered_root_and_two_layers():
     assert abs(eight - (root + 2 * layer) * 2 * 7 / 8) < 1e3
 
 
+def merged(recipe, extra: str) -> str:
+    """The recipe with ``extra``'s top-level keys set (a recipe may give a key once only)."""
+    import yaml
+
+    return yaml.safe_dump({**yaml.safe_load(recipe.read_text()), **yaml.safe_load(extra)})
+
+
 def test_plan_reads_a_compress_recipe_and_flags_override_it(tmp_path, tokenizer_dir):
     """`mptool plan -c recipe.yaml` plans for what that compress recipe would run (batch, sequence
     length, LoRA rank, weight dtype, checkpointing, ratio, model); a flag still wins over the recipe."""
@@ -210,7 +219,7 @@ def test_plan_reads_a_compress_recipe_and_flags_override_it(tmp_path, tokenizer_
     for extra, student in (("tp: [1, 2, 4]\nffn_multiple: 128\n", "kv_heads=2 heads_per_group=2 ffn=128"),
                            ("ratio: null\ntarget:\n  ffn: 128\n", "kv_heads=4 heads_per_group=2 ffn=128")):
         shaped = tmp_path / "shaped.yaml"
-        shaped.write_text(recipe.read_text() + extra)
+        shaped.write_text(merged(recipe, extra))
         res = CliRunner().invoke(app, ["plan", "-c", str(shaped), "--gpus", "1", "--json"])
         assert res.exit_code == 0 and json.loads(res.stdout)["recovery_student"] == student, res.output
     res = CliRunner().invoke(app, ["plan", "-c", str(shaped), "--gpus", "1", "--ratio", "0.5"])  # target + ratio
@@ -229,7 +238,7 @@ def test_plan_reads_a_compress_recipe_and_flags_override_it(tmp_path, tokenizer_
                           ("ffn_multiple: 0\n", "--ffn-multiple 0 must be >= 1"),
                           ("dtype: float16\n", "--dtype 'float16' is not one of"),
                           ("ratio: null\ntarget:\n  kv_heads: 0\n", "--kv-heads 0 must be >= 1")):
-        bad.write_text(recipe.read_text() + extra)
+        bad.write_text(merged(recipe, extra))
         res = CliRunner().invoke(app, ["plan", "-c", str(bad), "--gpus", "1"])
         lines = [line for line in res.output.splitlines() if line.strip()]
         assert res.exit_code == 2 and len(lines) == 1 and f"recipe {bad}: " in lines[0] and needle in lines[0], res.output
