@@ -10,8 +10,9 @@
 #   SHAPE="--kv-heads 4 --heads-per-group 4 --ffn 4096"       # a fixed shape instead of --ratio 0.5
 #                                             # (no legal shapes scored: 32 of them, each solved with
 #                                             # compensation in every layer, take 20 min here)
-#   METHOD=flap                               # a one-shot method (every rank loads the weights; rank 0
-#                                             # calibrates and deals the Gram matrices out by layer)
+#   METHOD=flap                               # a one-shot method (under FSDP rank 0 alone loads the
+#                                             # weights, calibrates, keeps every Gram matrix and cuts;
+#                                             # the others get their shards at recovery's wrap)
 #
 # Writes $OUT/model (the random model, 2.2 GB), $OUT/pruned (with report.json) and prints the
 # per-rank peaks. Nothing is downloaded: the tokenizer is the embedded SmolLM2's.

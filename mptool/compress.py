@@ -351,13 +351,14 @@ def one_shot_scores(model: Any, methods: tuple[str, ...], blocks: torch.Tensor, 
             with step(f"calibrate ({len(blocks)} x {blocks.shape[1]} tokens)", total=len(blocks)) as advance:
                 o_stats, d_stats = calibrate(model, blocks, progress=advance, gram=gram)
         scored, protected, grams = one_shot_results(model, methods, o_stats, d_stats, protect, gram)
+        del o_stats, d_stats  # grams holds the Gram matrices now, and to_owners drops each one sent
         flat = [t for s in scored.values() for t in (s.heads, s.groups, s.ffn)] + [protected]
         if D.world_size() > 1:  # every rank the same numbers on the same device
             flat = [t.cpu() for t in flat]
     flat = D.from_rank0(flat if D.is_main() else None)
     scored = {m: Scores(*flat[3 * i:3 * i + 3]) for i, m in enumerate(methods)}
     if gram and D.world_size() > 1 and deal:  # rank 0 kept every layer's; the others have none yet
-        grams = tuple(D.to_owners(None if g is None else list(g)) for g in (grams or (None, None)))
+        grams = tuple(D.to_owners(g) for g in (grams or (None, None)))
     return scored, flat[3 * len(methods)].bool(), grams if gram else None
 
 
@@ -501,10 +502,11 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
     torch.manual_seed(cfg.seed)
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    texts, eval_text, eval_name = load_texts_for(cfg.data)
-    overlap = held_out_overlap(cfg.data, texts, eval_text)
     dims = model_dims(cfg.model, cfg.trust_remote_code)
     context_check(cfg, dims.context)
+    fixed, budget = plan_target(cfg, dims)  # an illegal target is refused before any work
+    texts, eval_text, eval_name = load_texts_for(cfg.data)  # (the default text's first extraction included)
+    overlap = held_out_overlap(cfg.data, texts, eval_text)
     source_dtype = source_weights_dtype(cfg)
     if main and source_dtype not in (None, cfg.dtype):
         console.print(f"note: the source weights are {source_dtype}; training runs and the result is written in "
@@ -526,7 +528,6 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
             console.print(f"compensation off: its Gram matrices need {host_gram_bytes(dims, local, shares, whole) / 2**30:.1f} GiB "
                           f"of host memory ({local} process(es) on this host), more than half of what is available "
                           "(--compensate forces it)")
-    fixed, budget = plan_target(cfg, dims)
     model, tokenizer = load("loading model")
     if not sharded:
         model.to(dev)

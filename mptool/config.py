@@ -290,6 +290,8 @@ class _RecipeLoader(yaml.SafeLoader):
 def _mapping_without_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict:
     seen = set()
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: PyYAML merges it below, and a
+            continue                                   # key merged in may be overridden here
         key = loader.construct_object(key_node)
         if key in seen:
             raise yaml.constructor.ConstructorError(

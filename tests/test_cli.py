@@ -1038,6 +1038,18 @@ def test_an_empty_recipe_section_takes_flags():
     Path(f.name).unlink()
 
 
+
+def test_a_recipe_merge_key_is_yaml_not_a_duplicate(tmp_path):
+    """``<<: *anchor`` merges a block; a key merged in may be overridden beside it (YAML's rule),
+    and only a key written twice by hand is refused."""
+    from mptool.config import CompressConfig, load_config
+
+    (tmp_path / "r.yaml").write_text("recovery: &r {steps: 7, lr: 0.001}\n"
+                                     "maskprune:\n  <<: {steps: 5, lr_mask: 0.01}\n  steps: 9\n")
+    cfg = load_config(CompressConfig, tmp_path / "r.yaml")
+    assert (cfg.maskprune.steps, cfg.maskprune.lr_mask) == (9, 0.01)
+    assert (cfg.recovery.steps, cfg.recovery.lr) == (7, 0.001)
+
 @pytest.mark.parametrize("recipe, says", [
     ("maskprune:\n  steps: true\n", "maskprune.steps must be a number (an integer), got True"),
     ("maskprune:\n  lr_mask: false\n", "maskprune.lr_mask must be a number, got False"),
