@@ -249,7 +249,7 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
         ParityError: the artefact disagrees with PyTorch beyond the target's tolerance; nothing
             is left behind.
     """
-    from mptool.config import save_config, to_dict
+    from mptool.config import save_config, to_dict, with_absolute_paths
     from mptool.errors import MptoolError, ParityError
     from mptool.exporters.card import model_card
     from mptool.exporters.common import artefact_sizes, make_shareable
@@ -291,7 +291,7 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
                 **result,
                 "seconds": round(time.perf_counter() - started, 1),
                 "phase_seconds": clock.seconds,
-                "config": to_dict(resolved),
+                "config": to_dict(with_absolute_paths(resolved)),
                 "environment": _environment(),
             }
             (tmp / "README.md").write_text(model_card(out.name, {**record, "sizes": artefact_sizes(tmp)},

@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-import yaml
 
 from mptool import distributed as D
 from mptool.baselines import METHODS, needs_calibration
 from mptool.compensate import compensate
-from mptool.config import WEIGHT_DTYPE_BYTES, CompressConfig, save_config, seed_problems, to_dict
+from mptool.config import (WEIGHT_DTYPE_BYTES, CompressConfig, save_config, seed_problems, to_dict, to_saved,
+                           with_absolute_paths)
 from mptool.data import DATA_ORDERS
 from mptool.errors import MptoolError
 from mptool.evaluate import PplProtocol, perplexity
@@ -265,14 +265,14 @@ def held_out_overlap(cfg_data: Any, texts: list[str] | None = None, eval_text: s
     """Why the evaluation text is (partly) training text, if it visibly is: the same path for
     both, a training folder holding the default held-out book, or passages of the evaluation
     text found verbatim in the training text (a copy under another name)."""
-    from mptool.data import EVAL_BOOK
+    from mptool.data import EVAL_BOOK, splits_apart
 
     if cfg_data.train is None or not Path(cfg_data.train).expanduser().exists():
         return None
     train = Path(cfg_data.train).expanduser().resolve()
     if cfg_data.eval is not None:
         held = Path(cfg_data.eval).expanduser()
-        if held.exists() and held.resolve() == train:
+        if held.exists() and held.resolve() == train and not splits_apart(train):
             return f"--data and --eval-data are the same ({cfg_data.train})"
     else:
         book = f"{EVAL_BOOK}.txt"
@@ -625,7 +625,7 @@ def compress(cfg: CompressConfig, resume: str | Path | None = None) -> dict[str,
             trainer.start(scored.get(mask_cfg.init), protected, grams)
             if continued:
                 trainer.continue_with(rec_cfg)
-            trainer.extra_files = {"compress-config.yaml": yaml.safe_dump(to_dict(cfg), sort_keys=False)}
+            trainer.extra_files = {"compress-config.yaml": to_saved(cfg)}
             if resume:
                 trainer.load_checkpoint(ckpt)  # with the protected set the run began with
                 if main:  # one writer; the others wait so that nobody appends before the rewrite
@@ -850,7 +850,7 @@ def build_report(cfg: CompressConfig, d: Dims, target: Target, dense_count: int,
         "prunable_removed": round(1 - pruned_desc["prunable_params"] / dense_desc["prunable_params"], 4),
         "ppl_ratio": round(pruned_ppl["ppl"] / dense_ppl["ppl"], 4),
         "compensated": bool(cfg.compensate),  # kept columns absorbed the dropped units (mptool.compensate)
-        "config": to_dict(cfg),
+        "config": to_dict(with_absolute_paths(cfg)),
         "timings": timings,
         "environment": {"python": platform.python_version(), "torch": torch.__version__,
                         "transformers": transformers.__version__, "threads": torch.get_num_threads()},

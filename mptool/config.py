@@ -341,8 +341,32 @@ def load_config(cls: type[T], path: str | Path | None = None,
     return cfg
 
 
+_PATH_FIELDS = ("model", "data", "train", "eval", "text", "out")
+
+
+def with_absolute_paths(cfg: T) -> T:
+    """``cfg`` (nested configs too) with the local paths it names made absolute: the output folder
+    always, an input where it exists here. A saved config, and ``--resume`` that reads it back,
+    then mean the same folders from any working directory; hub ids and dataset names stay as given."""
+    changes: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            changes[f.name] = with_absolute_paths(value)
+        elif f.name in _PATH_FIELDS and isinstance(value, str) and value:
+            path = os.path.expanduser(value)
+            if f.name == "out" or os.path.exists(path):
+                changes[f.name] = os.path.abspath(path)
+    return dataclasses.replace(cfg, **changes)
+
+
+def to_saved(cfg: Any) -> str:
+    """The YAML of a resolved config as written beside an artefact (paths absolute)."""
+    return yaml.safe_dump(to_dict(with_absolute_paths(cfg)), sort_keys=False)
+
+
 def save_config(cfg: Any, path: Path) -> None:
-    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    path.write_text(to_saved(cfg))
 
 
 SEED_MAX = 2**32 - 1  # numpy's bound; torch and random accept it too

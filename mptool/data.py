@@ -265,6 +265,17 @@ SPLITS = {"train": ("train",), "eval": ("test", "validation")}
 from ``test``, else ``validation`` (never ``train``)."""
 
 
+def splits_apart(folder: str | os.PathLike) -> bool:
+    """Whether a ``datasets`` folder gives training and evaluation different splits (its
+    ``dataset_dict.json`` lists ``train`` and ``test`` or ``validation``): then the same folder
+    for --data and --eval-data is still held-out evaluation."""
+    try:
+        splits = json.loads((Path(folder) / "dataset_dict.json").read_text(encoding="utf-8"))["splits"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return isinstance(splits, list) and "train" in splits and any(s in splits for s in SPLITS["eval"])
+
+
 def _pick_split(data: Any, where: str, role: str) -> Any:
     """The split of a ``DatasetDict`` that ``role`` ("train" or "eval") reads; a single split is
     read whatever its name."""

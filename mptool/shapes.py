@@ -390,8 +390,7 @@ def no_target_message(d: Dims, budget: float, tp: Iterable[int] = (1,), ffn_mult
     sizes = ",".join(map(str, tp))
     legal = all_legal(d, tp, ffn_multiple)
     if not legal:
-        return (f"no uniform shape of this model ({d.num_heads} query heads, {d.num_kv_heads} KV heads) loads with "
-                f"tp {sizes} at any ratio; drop the tp sizes that do not divide its head counts")
+        return _no_shape_at_all(d, tp, ffn_multiple)
     dense = prunable_params(d, d.dense_target())
     smallest = min(prunable_params(d, t) for t in legal)
     largest_ratio = math.floor((1 - smallest / dense) * 1000) / 1000
@@ -401,6 +400,23 @@ def no_target_message(d: Dims, budget: float, tp: Iterable[int] = (1,), ffn_mult
     return (f"no legal target keeps at most {budget / dense:.1%} of prunable parameters with tp {sizes} and FFN "
             f"multiple {ffn_multiple}: the smallest legal one keeps {smallest / dense:.1%}, so give --ratio "
             f"{largest_ratio:g} or less")
+
+
+def _no_shape_at_all(d: Dims, tp: tuple[int, ...], ffn_multiple: int) -> str:
+    """Why not one target is legal: the head counts, or no FFN width both a multiple of
+    ``ffn_multiple`` (or the dense width) and divisible by every tp size."""
+    sizes = ",".join(map(str, tp))
+    heads_ok = any(not [p for p in check(d, Target(g, r, d.intermediate_size), tp, ffn_multiple) if "FFN" not in p]
+                   for g in range(1, d.num_kv_heads + 1) for r in range(1, d.heads_per_group + 1))
+    if not heads_ok:
+        return (f"no uniform shape of this model ({d.num_heads} query heads, {d.num_kv_heads} KV heads) loads with "
+                f"tp {sizes} at any ratio; drop the tp sizes that do not divide its head counts")
+    step = math.lcm(*tp)
+    finer = next((m for m in (ffn_multiple >> k for k in range(1, ffn_multiple.bit_length()))
+                  if m and math.lcm(m, step) <= d.intermediate_size), None)
+    hint = f"give --ffn-multiple {finer} or less" if finer else "give other tp sizes"
+    return (f"no FFN width of this model (dense {d.intermediate_size}) is both a multiple of {ffn_multiple} and "
+            f"divisible by tp {sizes}; {hint}")
 
 
 def balanced_target(d: Dims, ratio: float, tp: Iterable[int] = (1,), ffn_multiple: int = 64) -> Target:

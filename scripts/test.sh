@@ -6,7 +6,7 @@ bash scripts/setup.sh
 VENV=${MPTOOL_VENV:-.venv}
 export ORT_DISABLE_TELEMETRY=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 set +e
-"$VENV/bin/python" -m pytest -q "$@"
+"$VENV/bin/python" -m pytest -q --durations=10 "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then

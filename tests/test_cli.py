@@ -82,6 +82,23 @@ def test_a_copy_of_the_training_text_as_eval_data_is_flagged(tmp_path, text_file
     assert held_out_overlap(cfg, [text_file.read_text()], other) is None
 
 
+@pytest.mark.parametrize("splits", [("train", "test"), ("train", "validation"), ("train",), None])
+def test_one_datasets_folder_for_both_texts_is_held_out_only_with_two_splits(tmp_path, splits):
+    """--data DS --eval-data DS reads DS's train split for training and its test (or validation)
+    split for evaluation: held out; with one split, or a plain Dataset, both read the same rows."""
+    from types import SimpleNamespace
+
+    import datasets
+
+    from mptool.compress import held_out_overlap
+
+    rows = datasets.Dataset.from_dict({"text": ["one", "two"]})
+    ds = rows if splits is None else datasets.DatasetDict({s: rows for s in splits})
+    ds.save_to_disk(str(tmp_path / "ds"))
+    why = held_out_overlap(SimpleNamespace(train=str(tmp_path / "ds"), eval=str(tmp_path / "ds")))
+    assert why == (None if splits and len(splits) == 2 else f"--data and --eval-data are the same ({tmp_path / 'ds'})")
+
+
 @pytest.mark.parametrize("order", [None, "sequential"])
 def test_compress_draws_its_blocks_in_the_asked_order(order, tiny_dir, text_file, tmp_path, monkeypatch):
     """One cut of the training text in ``data.order`` (default shuffled: the whole text's blocks in
@@ -367,6 +384,38 @@ def test_killed_run_resumes_to_the_same_result(tiny_dir, text_file, tmp_path, mo
     assert report["before_recovery"]["ppl"] == pytest.approx(full_report["before_recovery"]["ppl"], rel=1e-5)
 
 
+
+def test_a_run_started_with_relative_paths_resumes_from_another_folder(tiny_dir, text_file, tmp_path, monkeypatch):
+    """The checkpoint's config names the model, the texts and --out as absolute paths: resumed from
+    another working directory (a scheduler's resubmission), the run finds its inputs and writes
+    where it was started to; the saved mptool-config.yaml reruns from anywhere too."""
+    import os
+    import shutil
+
+    import yaml
+
+    start, elsewhere = tmp_path / "start", tmp_path / "elsewhere"
+    start.mkdir(), elsewhere.mkdir()
+    shutil.copytree(tiny_dir, start / "model")
+    shutil.copy(text_file, start / "text.txt")
+    monkeypatch.chdir(start)
+    args = [a.replace(str(text_file), "text.txt") for a in maskprune_args(text_file, tmp_path)]
+    res = killed_run(Path("model"), args, Path("out"), monkeypatch, dies_at=5)
+    assert res.exit_code != 0 and (start / "out.ckpt").is_dir()
+    saved = yaml.safe_load((start / "out.ckpt" / "compress-config.yaml").read_text())
+    assert (saved["model"], saved["data"]["train"], saved["out"]) == (
+        str(start / "model"), str(start / "text.txt"), str(start / "out"))
+    monkeypatch.chdir(elsewhere)
+    res = run("compress", "--resume", os.path.relpath(start / "out.ckpt"))
+    assert res.exit_code == 0, res.output
+    assert (start / "out" / "model.safetensors").is_file() and not (elsewhere / "out").exists()
+    recipe = yaml.safe_load((start / "out" / "mptool-config.yaml").read_text())
+    assert recipe["data"]["eval"] == str(start / "text.txt") and recipe["out"] == str(start / "out")
+    res = run("compress", "--config", start / "out" / "mptool-config.yaml", "--method", "magnitude",
+              "--out", "again")
+    assert res.exit_code == 0, res.output
+    assert (elsewhere / "again" / "model.safetensors").is_file()
+
 @pytest.mark.parametrize("method", ["flap", "magnitude"])
 def test_compensation_changes_only_the_kept_columns_of_o_and_down(method, tiny_dir, text_file, tmp_path, monkeypatch):
     """--no-compensate is the plain cut; the default adds the least-squares compensation to the
@@ -579,6 +628,16 @@ def test_shapes_says_when_no_ratio_can_help(tokenizer_dir, tmp_path):
     for method in ("flap", "maskprune"):  # compress: the same, before any work
         res = run("compress", one, "--method", method, "--ratio", "0.3", "--tp", "2", "--out", tmp_path / "o")
         assert_clean_failure(res, tmp_path / "o", "loads with tp 2 at any ratio; drop the tp sizes")
+    # heads 6 over 3 KV heads split over 3 ranks; FFN 64 has no multiple of 64 that 3 divides: name the
+    # FFN and the multiple that works (48 = 3 x 16), not the heads
+    narrow = save_tiny("qwen2", tokenizer_dir, tmp_path / "narrow", intermediate_size=64)
+    says = "no FFN width of this model (dense 64) is both a multiple of 64 and divisible by tp 3; give --ffn-multiple 16 or less"
+    assert_clean_failure(run("shapes", narrow, "--ratio", "0.3", "--tp", "3"), tmp_path / "o", says)
+    assert_clean_failure(run("compress", narrow, "--method", "flap", "--ratio", "0.3", "--tp", "3", "--out",
+                             tmp_path / "o"), tmp_path / "o", says)
+    res = run("shapes", narrow, "--ratio", "0.25", "--tp", "3", "--ffn-multiple", "16", "--json")
+    rows = json.loads(res.output)["targets"] if res.exit_code == 0 else None
+    assert rows and all(row["ffn"] % 48 == 0 for row in rows), res.output
 
 
 def test_only_the_dense_shape_legal_is_not_answered_with_ratio_0(tiny_dir):
