@@ -6,6 +6,7 @@ the refusals do.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -174,8 +175,8 @@ def test_yaml_recipe_builds_the_same_config(tmp_path):
     from mptool.errors import MptoolError
 
     cfg = BenchConfig(dense="a", pruned="b", engines=["vllm"], batch_sizes=[8], vllm=VllmOptions(eager=True))
-    save_config(cfg, tmp_path / "bench.yaml")
-    assert load_config(BenchConfig, tmp_path / "bench.yaml") == cfg
+    save_config(cfg, tmp_path / "bench.yaml")  # the output path saved absolute, the rest as given
+    assert load_config(BenchConfig, tmp_path / "bench.yaml") == dataclasses.replace(cfg, out=os.path.abspath(cfg.out))
     assert load_config(BenchConfig, None, {"dense": "a", "pruned": "b", "engines": ["vllm"],
                                            "batch_sizes": [8], "vllm.eager": True}) == cfg
     (tmp_path / "bad.yaml").write_text("vllm:\n  eagre: true\n")
