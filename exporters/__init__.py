@@ -264,7 +264,7 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
     spec = resolve_model(cfg.model)
     target, dtype, out = cfg.target, cfg.resolved_dtype(source_dtype(spec)), cfg.resolved_out()
     module = _module(target)
-    resolved = dataclasses.replace(cfg, dtype=dtype, out=str(out), model=str(spec))
+    resolved = with_absolute_paths(dataclasses.replace(cfg, dtype=dtype, out=str(out), model=str(spec)))
     with step(f"export {target} ({dtype})", total=1 + len(module.PHASES)) as advance:
         clock = _PhaseClock(advance)
         clock(0, info="load source model, fp32 reference")
@@ -291,7 +291,7 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
                 **result,
                 "seconds": round(time.perf_counter() - started, 1),
                 "phase_seconds": clock.seconds,
-                "config": to_dict(with_absolute_paths(resolved)),
+                "config": to_dict(resolved),
                 "environment": _environment(),
             }
             (tmp / "README.md").write_text(model_card(out.name, {**record, "sizes": artefact_sizes(tmp)},

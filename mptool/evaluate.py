@@ -95,11 +95,10 @@ def perplexity(model: Any, ids: torch.Tensor, protocol: PplProtocol,
 def nonfinite_note(model: Any) -> str:
     """Where a model's non-finite outputs come from, in a few words: the weights that hold NaN or
     Inf (this process's shards under FSDP), or activations beyond the dtype's range."""
-    from mptool.models import nonfinite_params
+    from mptool.models import nonfinite_weights
 
-    if bad := nonfinite_params(model):
-        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
-        return f"the weights hold NaN or Inf ({bad[0]}{more}); give a checkpoint with finite weights"
+    if bad := nonfinite_weights(model):
+        return f"the weights hold {bad}"
     return "the weights are finite, so activations overflow the model's dtype; run it in float32"
 
 

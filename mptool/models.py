@@ -430,16 +430,19 @@ def _in_hub_cache(repo_id: str) -> bool:
         return False
 
 
-def nonfinite_params(model: Any) -> list[str]:
-    """Names of the parameters that hold NaN or Inf (this process's shards under FSDP; a
-    meta-device skeleton holds none)."""
+def nonfinite_weights(model: Any) -> str | None:
+    """Which parameters hold NaN or Inf, for an error line (this process's shards under FSDP; a
+    meta-device skeleton holds none), or None where all are finite."""
     bad = []
     with torch.no_grad():
         for name, p in model.named_parameters():
             local = p.to_local() if hasattr(p, "to_local") else p
             if local.device.type != "meta" and not torch.isfinite(local).all():
                 bad.append(name)
-    return bad
+    if not bad:
+        return None
+    more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+    return f"NaN or Inf ({bad[0]}{more}); give a checkpoint with finite weights"
 
 
 def weights_problem(path: Path, config: Any) -> str | None:
@@ -538,9 +541,8 @@ def load_model(
     except (OSError, ValueError, KeyError, RuntimeError, TypeError, AttributeError) as exc:
         raise MptoolError(f"cannot load model {path}: its tokenizer files do not load ({_one_line(exc)}); "
                           "copy in the tokenizer files of the model it was made from") from exc
-    if weights and (bad := nonfinite_params(model)):  # every later number would be nan
-        raise MptoolError(f"cannot load model {path}: its weights hold NaN or Inf ({bad[0]}"
-                          f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}); give a checkpoint with finite weights")
+    if weights and (bad := nonfinite_weights(model)):  # every later number would be nan
+        raise MptoolError(f"cannot load model {path}: its weights hold {bad}")
     # transformers fills absent tensors with random values and only logs it: refuse instead
     for kind in ("missing_keys", "mismatched_keys"):
         if keys := sorted(str(k) for k in info.get(kind) or ()):
